@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine, skipping what is already there:
+# the C toolchain pieces rdkafka's bundled librdkafka build needs, real Prometheus and Alertmanager,
+# and the tansu Kafka-protocol broker (cached under $SAFECLOCK_CACHE so a second run is instant).
+set -euo pipefail
+
+SAFECLOCK_CACHE=${SAFECLOCK_CACHE:-$HOME/.cache/safeclock}
+TANSU_VERSION=${TANSU_VERSION:-0.6.0}
+export SAFECLOCK_CACHE
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+apt_packages=(cmake libcurl4-openssl-dev libsasl2-dev libssl-dev zlib1g-dev pkg-config
+              prometheus prometheus-alertmanager curl)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts the packaged daemons; the tests run their own on loopback ports.
+  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+tansu_bin="$SAFECLOCK_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+if [ ! -x "$tansu_bin" ]; then
+  log "installing tansu $TANSU_VERSION into $SAFECLOCK_CACHE (about 8 minutes, once per machine)"
+  mkdir -p "$SAFECLOCK_CACHE"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION.partial" >&2
+  rm -rf "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION"
+  mv "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION.partial" "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION"
+fi
+log "tansu: $tansu_bin"
+echo "$tansu_bin"

@@ -1,0 +1,227 @@
+//! Reading records off the wire: decode, validate, and say clearly what is wrong.
+//!
+//! Every consumer goes through [`decode_referral_event`] or [`decode_sla_event`], so a record
+//! that one service rejects is rejected by all of them for the same [`Rejection`] reason, and the
+//! reason is what lands in the dead-letter headers and the invalid-records counter.
+
+use crate::schema::v1::{referral_event::Kind, ReferralEvent, SlaEvent, SlaTransition};
+use crate::schema::to_jiff;
+
+/// Largest record any consumer accepts; bigger ones are dead-lettered unread.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Longest id (event, referral, force) accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a record was refused. `reason()` is a short fixed code (used as a metric label and in
+/// dead-letter headers); `Display` is the human message with the field path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("record is empty")]
+    Empty,
+    #[error("record is {size} bytes, over the {max}-byte limit")]
+    Oversized { size: usize, max: usize },
+    #[error("record is not valid JSON for {schema}: {detail}")]
+    InvalidJson {
+        schema: &'static str,
+        detail: String,
+    },
+    #[error("field `{field}` is required")]
+    MissingField { field: &'static str },
+    #[error("field `{field}` is invalid: {detail}")]
+    InvalidField { field: &'static str, detail: String },
+    #[error("event has no known kind: set exactly one of the event kinds in safeclock.v1.ReferralEvent")]
+    UnknownKind,
+}
+
+impl Rejection {
+    /// A short, fixed reason code: safe as a metric label value.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Empty => "empty",
+            Rejection::Oversized { .. } => "oversized",
+            Rejection::InvalidJson { .. } => "invalid_json",
+            Rejection::MissingField { .. } => "missing_field",
+            Rejection::InvalidField { .. } => "invalid_field",
+            Rejection::UnknownKind => "unknown_event_kind",
+        }
+    }
+}
+
+/// The event kind's name as written in the contract (`referral_received`, `victim_contacted`, ...).
+pub fn kind_name(kind: &Kind) -> &'static str {
+    kind.into()
+}
+
+fn check_size(bytes: &[u8]) -> Result<(), Rejection> {
+    if bytes.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(Rejection::Oversized {
+            size: bytes.len(),
+            max: MAX_RECORD_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::MissingField { field });
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(Rejection::InvalidField {
+            field,
+            detail: format!("longer than {MAX_ID_LEN} characters"),
+        });
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/')))
+    {
+        return Err(Rejection::InvalidField {
+            field,
+            detail: format!(
+                "character {c:?} not allowed (ids are pseudonymous references: letters, digits, - _ . : /)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn json_error(schema: &'static str, e: serde_json::Error) -> Rejection {
+    Rejection::InvalidJson {
+        schema,
+        detail: e.to_string(),
+    }
+}
+
+/// Decodes and validates a referral event from its proto3 JSON bytes.
+///
+/// # Errors
+/// A [`Rejection`] naming the field when the record is empty, oversized, not JSON, lacks a
+/// required field, carries an id with disallowed characters, or has no known event kind.
+pub fn decode_referral_event(bytes: &[u8]) -> Result<ReferralEvent, Rejection> {
+    check_size(bytes)?;
+    let event: ReferralEvent =
+        serde_json::from_slice(bytes).map_err(|e| json_error("safeclock.v1.ReferralEvent", e))?;
+    validate_referral_event(&event)?;
+    Ok(event)
+}
+
+/// Checks the fields every referral event must carry.
+///
+/// # Errors
+/// A [`Rejection`] naming the first field found wrong.
+pub fn validate_referral_event(event: &ReferralEvent) -> Result<(), Rejection> {
+    check_id("eventId", &event.event_id)?;
+    check_id("referralId", &event.referral_id)?;
+    check_id("forceId", &event.force_id)?;
+    let occurred = event
+        .occurred_at
+        .as_ref()
+        .ok_or(Rejection::MissingField {
+            field: "occurredAt",
+        })?;
+    if to_jiff(occurred).is_none() {
+        return Err(Rejection::InvalidField {
+            field: "occurredAt",
+            detail: "timestamp out of range".into(),
+        });
+    }
+    if event.kind.is_none() {
+        return Err(Rejection::UnknownKind);
+    }
+    Ok(())
+}
+
+/// Decodes and validates an SLA event from its proto3 JSON bytes.
+///
+/// # Errors
+/// A [`Rejection`] naming the field when the record is not a usable SLA event.
+pub fn decode_sla_event(bytes: &[u8]) -> Result<SlaEvent, Rejection> {
+    check_size(bytes)?;
+    let event: SlaEvent =
+        serde_json::from_slice(bytes).map_err(|e| json_error("safeclock.v1.SlaEvent", e))?;
+    check_id("slaEventId", &event.sla_event_id)?;
+    check_id("referralId", &event.referral_id)?;
+    check_id("ruleId", &event.rule_id)?;
+    if event.transition() == SlaTransition::Unspecified {
+        return Err(Rejection::MissingField {
+            field: "transition",
+        });
+    }
+    Ok(event)
+}
+
+/// The transition's short name (`breached`, `met_late`, ...): for labels, logs and lines people read.
+pub fn transition_label(t: SlaTransition) -> &'static str {
+    match t {
+        SlaTransition::Unspecified => "unspecified",
+        SlaTransition::Started => "started",
+        SlaTransition::Warning => "warning",
+        SlaTransition::Breached => "breached",
+        SlaTransition::Met => "met",
+        SlaTransition::MetLate => "met_late",
+        SlaTransition::Paused => "paused",
+        SlaTransition::Resumed => "resumed",
+        SlaTransition::Cancelled => "cancelled",
+        SlaTransition::Corrected => "corrected",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"{"eventId":"e-1","referralId":"R-1","forceId":"nottinghamshire",
+        "occurredAt":"2026-11-29T10:00:00Z","sourceSystem":"rms","referralReceived":{"category":"CATEGORY_GROOMING"}}"#;
+
+    #[test]
+    fn decodes_a_valid_event_and_names_its_kind() {
+        let e = decode_referral_event(VALID.as_bytes()).unwrap();
+        assert_eq!(kind_name(e.kind.as_ref().unwrap()), "referral_received");
+    }
+
+    #[test]
+    fn accepts_original_proto_field_names_too() {
+        let json = r#"{"event_id":"e-1","referral_id":"R-1","force_id":"x","occurred_at":"2026-11-29T10:00:00Z","victim_contacted":{}}"#;
+        let e = decode_referral_event(json.as_bytes()).unwrap();
+        assert_eq!(kind_name(e.kind.as_ref().unwrap()), "victim_contacted");
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let no_ref = VALID.replace(r#""referralId":"R-1","#, "");
+        let err = decode_referral_event(no_ref.as_bytes()).unwrap_err();
+        assert_eq!(err, Rejection::MissingField { field: "referralId" });
+        assert!(err.to_string().contains("referralId"));
+
+        let no_kind = VALID.replace(r#","referralReceived":{"category":"CATEGORY_GROOMING"}"#, "");
+        assert_eq!(
+            decode_referral_event(no_kind.as_bytes()).unwrap_err(),
+            Rejection::UnknownKind
+        );
+
+        let bad_time = VALID.replace("2026-11-29T10:00:00Z", "yesterday");
+        assert_eq!(
+            decode_referral_event(bad_time.as_bytes()).unwrap_err().reason(),
+            "invalid_json"
+        );
+
+        let name_in_id = VALID.replace("R-1", "Jane Smith");
+        let err = decode_referral_event(name_in_id.as_bytes()).unwrap_err();
+        assert_eq!(err.reason(), "invalid_field");
+    }
+
+    #[test]
+    fn garbage_and_oversized_records_are_refused() {
+        assert_eq!(decode_referral_event(b"").unwrap_err(), Rejection::Empty);
+        assert_eq!(
+            decode_referral_event(b"\xff\xfe not json").unwrap_err().reason(),
+            "invalid_json"
+        );
+        let big = vec![b' '; MAX_RECORD_BYTES + 1];
+        assert_eq!(decode_referral_event(&big).unwrap_err().reason(), "oversized");
+    }
+}

@@ -1,0 +1,425 @@
+//! Kafka plumbing shared by every service.
+//!
+//! # Delivery contract
+//! Consumers run with `enable.auto.offset.store=false`: a record's offset is stored (and later
+//! committed by librdkafka's auto-commit, or synchronously on shutdown) only after every effect it
+//! caused is durable: output records acknowledged by the broker (producers use `acks=all` and
+//! idempotence), notifications delivered, or the record itself written to the dead-letter topic.
+//! A crash therefore re-delivers records whose effects may already exist; every output carries a
+//! deterministic id so consumers de-duplicate. Nothing is ever acknowledged and then dropped.
+//!
+//! Invalid input never stops a partition: it goes to the dead-letter topic with the original key,
+//! value and headers plus headers saying why, and processing continues with the next record.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use crate::config::{KafkaSettings, Settings};
+use crate::event::Rejection;
+use crate::metrics::ConsumerMetrics;
+use crate::ops::ReadinessHandle;
+
+/// The topics safeclock reads and writes. Names carry a version suffix so a breaking schema
+/// change gets a new topic instead of surprising existing consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Referral lifecycle events from force systems and intake. Key: referral id.
+    ReferralEvents,
+    /// Clock transitions (started, warning, breached, met, ...). Key: referral id.
+    SlaEvents,
+    /// Audit of every escalation attempt, acknowledgement and resolution. Key: escalation id.
+    EscalationLog,
+    /// Records any consumer refused, with the reason in headers. Key: the original key.
+    DeadLetter,
+}
+
+impl Topic {
+    /// Every topic, for creating them at start.
+    pub const ALL: [Topic; 4] = [
+        Topic::ReferralEvents,
+        Topic::SlaEvents,
+        Topic::EscalationLog,
+        Topic::DeadLetter,
+    ];
+
+    /// The name without the deployment's prefix.
+    pub fn base_name(self) -> &'static str {
+        match self {
+            Topic::ReferralEvents => "referral-events.v1",
+            Topic::SlaEvents => "sla-events.v1",
+            Topic::EscalationLog => "escalation-log.v1",
+            Topic::DeadLetter => "dead-letter.v1",
+        }
+    }
+}
+
+/// Header names written on dead-letter records.
+pub mod dlq_headers {
+    pub const REASON: &str = "safeclock.dlq.reason";
+    pub const ERROR: &str = "safeclock.dlq.error";
+    pub const SERVICE: &str = "safeclock.dlq.service";
+    pub const SOURCE_TOPIC: &str = "safeclock.dlq.source.topic";
+    pub const SOURCE_PARTITION: &str = "safeclock.dlq.source.partition";
+    pub const SOURCE_OFFSET: &str = "safeclock.dlq.source.offset";
+}
+
+/// A librdkafka client config with the brokers and every pass-through property.
+pub fn client_config(kafka: &KafkaSettings, extra: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &kafka.brokers);
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in kafka.properties.iter().chain(extra.iter()) {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// A producer for outputs: `acks=all` and idempotent unless the operator overrides it.
+///
+/// # Errors
+/// When librdkafka refuses the configuration (the message names the property).
+pub fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    // Operator properties last, so they win.
+    let base = client_config(&settings.kafka, &settings.kafka.producer_properties);
+    for (k, v) in base.config_map() {
+        cfg.set(k, v);
+    }
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    cfg.create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))
+}
+
+/// Consumer context that logs through `tracing` and marks the consumer ready once the group has
+/// assigned it partitions.
+pub struct ServiceConsumerContext {
+    service: &'static str,
+    ready: ReadinessHandle,
+}
+
+impl ClientContext for ServiceConsumerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(service = self.service, facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(service = self.service, facility = fac, "librdkafka: {log_message}")
+            }
+            _ => tracing::debug!(service = self.service, facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(service = self.service, error.message = %error, "Kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for ServiceConsumerContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(service = self.service, partitions = tpl.count(), "partitions assigned");
+                self.ready.set(true);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(service = self.service, partitions = tpl.count(), "partitions revoked");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(service = self.service, error.message = %e, "rebalance error");
+            }
+        }
+    }
+}
+
+/// The consumer type every service uses.
+pub type ServiceConsumer = StreamConsumer<ServiceConsumerContext>;
+
+/// A group consumer subscribed to `topics`, storing offsets only when told to.
+///
+/// # Errors
+/// When librdkafka refuses the configuration or the subscription.
+pub fn consumer(
+    settings: &Settings,
+    service: &'static str,
+    group_id: &str,
+    topics: &[&str],
+    ready: ReadinessHandle,
+) -> anyhow::Result<ServiceConsumer> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
+    for (k, v) in base.config_map() {
+        cfg.set(k, v);
+    }
+    cfg.set("group.id", group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("client.id", format!("safeclock-{service}"));
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    let consumer: ServiceConsumer = cfg
+        .create_with_context(ServiceConsumerContext { service, ready })
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
+    consumer
+        .subscribe(topics)
+        .map_err(|e| anyhow::anyhow!("cannot subscribe {service} to {topics:?}: {e}"))?;
+    Ok(consumer)
+}
+
+/// Creates any of `topics` that do not exist yet.
+///
+/// # Errors
+/// When the admin request fails for a reason other than "already exists".
+pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&settings.kafka, &BTreeMap::new())
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
+    let names: Vec<String> = topics.iter().map(|t| settings.topic(*t)).collect();
+    let new_topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| {
+            NewTopic::new(
+                n,
+                settings.kafka.partitions,
+                TopicReplication::Fixed(settings.kafka.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create topics {names:?}: {e}"))?;
+    for r in results {
+        match r {
+            Ok(name) => tracing::info!(topic = %name, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => anyhow::bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Enqueues `record`, waiting while the producer's local queue is full, and returns the future of
+/// its delivery report. Enqueuing in order keeps per-partition order.
+///
+/// # Errors
+/// When librdkafka refuses the record for a reason other than a full queue.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, str, [u8]>,
+) -> anyhow::Result<DeliveryFuture> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, r)) => anyhow::bail!("cannot enqueue a record for {}: {e}", r.topic),
+        }
+    }
+}
+
+/// Waits until every delivery in `deliveries` is acknowledged by the broker.
+///
+/// # Errors
+/// The first delivery failure (after librdkafka's own retries), in words.
+pub async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> anyhow::Result<()> {
+    for result in futures::future::join_all(deliveries).await {
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, msg))) => {
+                anyhow::bail!("broker did not acknowledge a record for {}: {e}", msg.topic())
+            }
+            Err(_) => anyhow::bail!("producer dropped a delivery report (shutting down?)"),
+        }
+    }
+    Ok(())
+}
+
+/// Writes refused records to the dead-letter topic.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    service: &'static str,
+    metrics: ConsumerMetrics,
+}
+
+impl DeadLetters {
+    pub fn new(
+        producer: FutureProducer,
+        settings: &Settings,
+        service: &'static str,
+        metrics: ConsumerMetrics,
+    ) -> Self {
+        Self {
+            producer,
+            topic: settings.topic(Topic::DeadLetter),
+            service,
+            metrics,
+        }
+    }
+
+    /// Enqueues `message` on the dead-letter topic with the original key, value and headers plus
+    /// headers for the reason, source topic, partition and offset. Returns the delivery future;
+    /// the source offset may be stored once it resolves.
+    ///
+    /// # Errors
+    /// When the record cannot be enqueued.
+    pub async fn send(
+        &self,
+        message: &BorrowedMessage<'_>,
+        rejection: &Rejection,
+    ) -> anyhow::Result<DeliveryFuture> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for h in original.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let error = rejection.to_string();
+        for (key, value) in [
+            (dlq_headers::REASON, rejection.reason()),
+            (dlq_headers::ERROR, error.as_str()),
+            (dlq_headers::SERVICE, self.service),
+            (dlq_headers::SOURCE_TOPIC, message.topic()),
+            (dlq_headers::SOURCE_PARTITION, partition.as_str()),
+            (dlq_headers::SOURCE_OFFSET, offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let payload = message.payload().unwrap_or_default();
+        let mut record = FutureRecord::<str, [u8]>::to(&self.topic)
+            .payload(payload)
+            .headers(headers);
+        let key = message.key().map(String::from_utf8_lossy);
+        if let Some(k) = key.as_deref() {
+            record = record.key(k);
+        }
+        tracing::warn!(
+            service = self.service,
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            reason = rejection.reason(),
+            error.message = %rejection,
+            "invalid record sent to the dead-letter topic"
+        );
+        self.metrics
+            .invalid
+            .with_label_values(&[self.service, rejection.reason()])
+            .inc();
+        self.metrics
+            .dead_letters
+            .with_label_values(&[self.service])
+            .inc();
+        enqueue(&self.producer, record).await
+    }
+}
+
+/// The highest offset handled per partition in a batch; stored once the batch's effects are
+/// durable.
+#[derive(Debug, Default)]
+pub struct OffsetBook {
+    next: BTreeMap<(String, i32), i64>,
+}
+
+impl OffsetBook {
+    /// Notes that `message` has been handled (its effects are in the batch being awaited).
+    pub fn handled(&mut self, message: &BorrowedMessage<'_>) {
+        let e = self
+            .next
+            .entry((message.topic().to_string(), message.partition()))
+            .or_insert(i64::MIN);
+        *e = (*e).max(message.offset());
+    }
+
+    /// Stores the noted offsets on `consumer` (committed by auto-commit or on shutdown).
+    /// Partitions revoked meanwhile are skipped: their new owner re-processes, and outputs
+    /// de-duplicate by id.
+    pub fn store<C: ConsumerContext>(self, consumer: &StreamConsumer<C>) {
+        for ((topic, partition), offset) in self.next {
+            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                tracing::debug!(topic, partition, offset, error.message = %e, "offset not stored (partition revoked?)");
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next.is_empty()
+    }
+}
+
+/// Receives up to `max` records: waits for the first, then takes whatever is already buffered.
+///
+/// # Errors
+/// A consumer error on the first receive (transient errors are the caller's to log and retry).
+pub async fn next_batch<'a>(
+    consumer: &'a ServiceConsumer,
+    max: usize,
+) -> Result<Vec<BorrowedMessage<'a>>, KafkaError> {
+    let first = consumer.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match consumer.recv().now_or_never() {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => {
+                tracing::debug!(error.message = %e, "consumer error while filling a batch");
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// Commits stored offsets synchronously (on shutdown and after a final drain).
+pub fn commit_stored(consumer: &ServiceConsumer, service: &'static str) {
+    match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        Ok(()) => tracing::info!(service, "offsets committed"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(service, error.message = %e, "final offset commit failed; records since the last commit will be re-processed"),
+    }
+}
+
+/// Runs `f` until it finishes or `shutdown` fires, for loops that must not block shutdown.
+pub async fn or_shutdown<F: Future>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    f: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        out = f => Some(out),
+        _ = shutdown.cancelled() => None,
+    }
+}
