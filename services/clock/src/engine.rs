@@ -30,7 +30,7 @@ use safeclock_common::schema::v1::{
 };
 use safeclock_common::schema::{duration_from_jiff, from_jiff, to_jiff};
 
-use crate::rules::Rule;
+use safeclock_common::rules::Rule;
 
 /// How many stop events that arrived before their start are remembered per referral.
 const MAX_EARLY_STOPS: usize = 8;
@@ -488,7 +488,7 @@ fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::builtin_rules;
+    use safeclock_common::rules::builtin_rules;
     use safeclock_common::schema::v1::{ReferralReceived, ReferralClosed, VictimContacted};
 
     fn ts(s: &str) -> Timestamp {

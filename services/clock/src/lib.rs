@@ -17,7 +17,6 @@
 
 pub mod engine;
 pub mod metrics;
-pub mod rules;
 
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,7 @@ use tracing::Instrument;
 
 use crate::engine::Engine;
 use crate::metrics::ClockMetrics;
-use crate::rules::builtin_rules;
+use safeclock_common::rules::builtin_rules;
 
 const SERVICE: &str = "clock";
 

@@ -8,10 +8,12 @@
 //! injectable notion of "now" ([`time`]) so tests and the demo can run on simulated time.
 
 pub mod config;
+pub mod dedup;
 pub mod event;
 pub mod ids;
 pub mod kafka;
 pub mod metrics;
+pub mod rules;
 pub mod ops;
 pub mod schema;
 pub mod service;

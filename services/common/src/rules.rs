@@ -5,7 +5,7 @@
 //! [`builtin_rules`] without changing the engine's interface.
 
 use jiff::SignedDuration;
-use safeclock_common::schema::v1::Severity;
+use crate::schema::v1::Severity;
 
 /// One timescale.
 #[derive(Debug, Clone)]
@@ -58,4 +58,28 @@ pub fn builtin_rules() -> Vec<Rule> {
         target: SignedDuration::from_hours(24),
         warnings_percent: vec![75],
     }]
+}
+
+/// Bounds a label value to a known set: anything else becomes `other`, so a bad input cannot
+/// create unbounded metric series.
+#[derive(Debug, Clone)]
+pub struct LabelSet {
+    known: std::collections::HashSet<String>,
+}
+
+impl LabelSet {
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(values: I) -> Self {
+        Self {
+            known: values.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// `value` if known, else `"other"`.
+    pub fn bound<'a>(&'a self, value: &'a str) -> &'a str {
+        if self.known.contains(value) {
+            value
+        } else {
+            "other"
+        }
+    }
 }
