@@ -1,1 +1,136 @@
-fn main() {}
+//! `safeclock`: run the services, check configuration, or watch the embedded demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use safeclock::app::{self, Service};
+use safeclock::demo::{self, DemoOptions};
+use safeclock_common::config::{LogFormat, Settings};
+use safeclock_common::shutdown::{cancel_on_signal, CancellationToken};
+use safeclock_common::telemetry;
+use safeclock_common::time::SystemTime;
+
+#[derive(Parser)]
+#[command(name = "safeclock", version, about = "No child-protection referral left waiting: SLA clocks, escalation and metrics on Kafka.")]
+struct Cli {
+    /// Configuration file (TOML); layered over the built-in defaults, under SAFECLOCK__* variables.
+    #[arg(long, global = true, env = "SAFECLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a service (or all of them) against the configured Kafka cluster.
+    Run {
+        #[arg(value_enum)]
+        service: Service,
+    },
+    /// Load and validate the configuration, print a summary, and exit non-zero if it is invalid.
+    CheckConfig,
+    /// Run every service on an in-process Kafka cluster with generated referrals on accelerated
+    /// time, printing warnings, breaches and escalations as they happen.
+    Demo {
+        /// How long to run, in real seconds.
+        #[arg(long, default_value_t = 32.0)]
+        duration: f64,
+        /// Simulated seconds per real second (14400: four hours pass every second).
+        #[arg(long, default_value_t = 14_400.0)]
+        speed: f64,
+        /// Where to serve /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        http: SocketAddr,
+        /// Seed for the generated referrals (same seed, same story).
+        #[arg(long, default_value_t = 2015)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("safeclock: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("safeclock: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            println!(
+                "configuration OK{}",
+                cli.config
+                    .as_ref()
+                    .map(|p| format!(" ({})", p.display()))
+                    .unwrap_or_default()
+            );
+            println!("  brokers:      {}", settings.kafka.brokers);
+            for t in safeclock_common::kafka::Topic::ALL {
+                println!("  topic:        {}", settings.topic(t));
+            }
+            println!("  ops endpoint: {}", settings.ops.listen);
+            println!("  forces:       {}", settings.forces.len());
+            println!(
+                "  receivers:    {}",
+                settings.escalator.webhooks.len() + usize::from(settings.escalator.log_receiver)
+            );
+            Ok(())
+        }
+        Command::Run { service } => {
+            let settings = Arc::new(Settings::load(cli.config.as_deref())?);
+            let format = if cli.log_json {
+                LogFormat::Json
+            } else {
+                settings.telemetry.format
+            };
+            telemetry::init(format, &settings.telemetry.filter);
+            tracing::info!(?service, settings = ?settings, "starting");
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            let running = app::start(
+                settings.clone(),
+                service,
+                Arc::new(SystemTime),
+                settings.ops.listen,
+                shutdown,
+            )
+            .await?;
+            running.wait().await
+        }
+        Command::Demo {
+            duration,
+            speed,
+            http,
+            seed,
+        } => {
+            anyhow::ensure!(duration > 0.0, "--duration must be positive");
+            anyhow::ensure!(speed >= 1.0, "--speed must be at least 1");
+            demo::run(DemoOptions {
+                duration: std::time::Duration::from_secs_f64(duration),
+                speed,
+                http,
+                seed,
+                log_json: cli.log_json,
+            })
+            .await
+        }
+    }
+}
