@@ -1,0 +1,162 @@
+//! Shared test harness: isolated settings per test (unique topic prefix and group ids), a local
+//! webhook that records what it is sent, Kafka helpers to produce and read raw records, and the
+//! end-to-end scenario both the mock-cluster component test and the real-broker integration test
+//! run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod scenario;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use safeclock_common::config::Settings;
+
+/// The broker of the real-broker integration tests, from `SAFECLOCK_TEST_BROKERS`
+/// (`scripts/test.sh` starts tansu and sets it).
+pub fn real_broker() -> String {
+    std::env::var("SAFECLOCK_TEST_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "SAFECLOCK_TEST_BROKERS is not set: run the suite with scripts/test.sh, which installs \
+             and starts a real Kafka-protocol broker (tansu) on a free loopback port"
+        )
+    })
+}
+
+/// Settings isolated for one test: topic prefix and consumer groups of their own.
+pub fn isolated_settings(brokers: &str) -> Settings {
+    let mut s = Settings::defaults().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let tag = &tag[..12];
+    s.kafka.brokers = brokers.to_string();
+    s.kafka.topic_prefix = format!("test-{tag}.");
+    s.kafka.partitions = 3;
+    s.clock.group_id = format!("test-{tag}-clock");
+    s.escalator.group_id = format!("test-{tag}-escalator");
+    s.exporter.group_id = format!("test-{tag}-exporter");
+    s.clock.tick_interval_ms = 50;
+    s.shutdown.grace_period_secs = 10;
+    s.kafka
+        .consumer_properties
+        .insert("fetch.wait.max.ms".into(), "50".into());
+    // A member that died is replaced within seconds rather than the default 45 s.
+    s.kafka
+        .consumer_properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    s.kafka
+        .producer_properties
+        .insert("linger.ms".into(), "1".into());
+    s
+}
+
+/// Produces one raw record and waits for the broker's acknowledgement.
+pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// A consumer reading `topics` from the beginning in a group of its own.
+pub fn reader(brokers: &str, topics: &[&str]) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .unwrap();
+    consumer.subscribe(topics).unwrap();
+    consumer
+}
+
+/// Reads records until `done` says the collection is complete, or panics after `timeout` with
+/// what was read.
+pub async fn read_until(
+    consumer: &StreamConsumer,
+    timeout: Duration,
+    mut done: impl FnMut(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(&got) {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => got.push(m.detach()),
+            Ok(Err(e)) => eprintln!("reader error: {e}"),
+            Err(_) => panic!(
+                "timed out after {timeout:?}; read {} records: {:#?}",
+                got.len(),
+                got.iter()
+                    .map(|m| String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string())
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+    got
+}
+
+/// A header's value as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+}
+
+/// A local webhook receiver that records every JSON body it is sent.
+#[derive(Clone, Default)]
+pub struct RecordingWebhook {
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl RecordingWebhook {
+    /// Starts it on a free loopback port; returns its URL.
+    pub async fn start(&self) -> String {
+        let bodies = self.bodies.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let bodies = bodies.clone();
+                async move {
+                    bodies.lock().unwrap().push(body);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

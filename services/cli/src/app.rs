@@ -77,8 +77,13 @@ pub async fn start(
         time,
     };
     let mut tasks = JoinSet::new();
-    let (ops_addr, ops_task) =
-        ops::bind(ops_listen, registry.clone(), readiness.clone(), shutdown.clone()).await?;
+    let (ops_addr, ops_task) = ops::bind(
+        ops_listen,
+        registry.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     tasks.spawn(async move { ops_task.await? });
     for s in service.expand() {
         let (deps, m, token) = (deps.clone(), consumer_metrics.clone(), shutdown.clone());

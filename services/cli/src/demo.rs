@@ -7,8 +7,8 @@
 //! on-call tool, so escalations travel over real HTTP. The first referral is the origin case: a
 //! report that a 13-year-old was being groomed, left without contact for five days.
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,8 +143,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!("  metrics:  curl http://{}/metrics", running.ops_addr);
     println!("  rule:     victim-contact: child victim contacted within 24 h of the referral (warning at 75 %)");
     println!("  forces:   {}", FORCES.map(|f| f.0).join(", "));
-    println!("  duration: {:.0} s real, about {} simulated; Ctrl-C stops early", options.duration.as_secs_f64(),
-        human(SignedDuration::from_secs_f64(options.duration.as_secs_f64() * options.speed)));
+    println!(
+        "  duration: {:.0} s real, about {} simulated; Ctrl-C stops early",
+        options.duration.as_secs_f64(),
+        human(SignedDuration::from_secs_f64(
+            options.duration.as_secs_f64() * options.speed
+        ))
+    );
     println!();
 
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -184,7 +189,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         human(time.now().duration_since(origin))
     );
-    println!("  referral events sent  {}", generated.load(Ordering::Relaxed));
+    println!(
+        "  referral events sent  {}",
+        generated.load(Ordering::Relaxed)
+    );
     println!(
         "  clocks started {}, warnings {}, breaches {}, met {}, met late {}, cancelled {}, corrected {}",
         n("started"), n("warning"), n("breached"), n("met"), n("met_late"), n("cancelled"), n("corrected")
@@ -281,7 +289,11 @@ fn schedule(
     e: &ReferralEvent,
 ) -> anyhow::Result<()> {
     *seq += 1;
-    plan.push(Reverse((at, *seq, ScheduledRecord::Event(serde_json::to_string(e)?))));
+    plan.push(Reverse((
+        at,
+        *seq,
+        ScheduledRecord::Event(serde_json::to_string(e)?),
+    )));
     Ok(())
 }
 
@@ -336,11 +348,23 @@ fn plan_referral(
     };
     if hours > 0.0 {
         let contact_at = at + SignedDuration::from_secs_f64(hours * 3600.0);
-        let contacted = event(&referral_id, 2, force, contact_at, "niche-rms", Kind::VictimContacted(VictimContacted {}));
+        let contacted = event(
+            &referral_id,
+            2,
+            force,
+            contact_at,
+            "niche-rms",
+            Kind::VictimContacted(VictimContacted {}),
+        );
         schedule(plan, seq, contact_at, &contacted)?;
         if rng.random_range(0..20) == 0 {
             // A source system that sends the same event twice: de-duplicated by event id.
-            schedule(plan, seq, contact_at + SignedDuration::from_mins(5), &contacted)?;
+            schedule(
+                plan,
+                seq,
+                contact_at + SignedDuration::from_mins(5),
+                &contacted,
+            )?;
         }
     } else {
         let closed_at = at + SignedDuration::from_hours(3);
@@ -396,7 +420,14 @@ async fn generate(
     );
     schedule(&mut plan, &mut seq, start, &received)?;
     let five_days = reported + SignedDuration::from_hours(5 * 24);
-    let contacted = event(origin_id, 2, "nottinghamshire", five_days, "niche-rms", Kind::VictimContacted(VictimContacted {}));
+    let contacted = event(
+        origin_id,
+        2,
+        "nottinghamshire",
+        five_days,
+        "niche-rms",
+        Kind::VictimContacted(VictimContacted {}),
+    );
     schedule(&mut plan, &mut seq, five_days, &contacted)?;
     // A record a broken source system sent: no event kind. It lands in the dead-letter topic.
     seq += 1;
@@ -424,7 +455,9 @@ async fn generate(
             next_referral += SignedDuration::from_mins(rng.random_range(20..60));
         }
         while plan.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-            let Some(Reverse((_, _, record))) = plan.pop() else { break };
+            let Some(Reverse((_, _, record))) = plan.pop() else {
+                break;
+            };
             let (key, payload) = match &record {
                 ScheduledRecord::Event(json) => {
                     let key = serde_json::from_str::<ReferralEvent>(json)
@@ -434,7 +467,9 @@ async fn generate(
                 }
                 ScheduledRecord::Garbage(key, bytes) => (key.clone(), bytes.clone()),
             };
-            let rec = FutureRecord::<str, [u8]>::to(&topic).key(&key).payload(&payload);
+            let rec = FutureRecord::<str, [u8]>::to(&topic)
+                .key(&key)
+                .payload(&payload);
             safeclock_common::kafka::enqueue(&producer, rec).await?;
             sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -475,17 +510,35 @@ async fn print_story(
             london(time.now())
         );
         if message.topic() == sla_topic {
-            let Ok(e) = decode_sla_event(payload) else { continue };
+            let Ok(e) = decode_sla_event(payload) else {
+                continue;
+            };
             if !seen.insert(e.sla_event_id.clone()) {
                 continue;
             }
             let what = transition_label(e.transition());
-            *tally.lock().unwrap_or_else(|p| p.into_inner()).transitions.entry(what).or_default() += 1;
+            *tally
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .transitions
+                .entry(what)
+                .or_default() += 1;
             let labels = e.labels.clone().unwrap_or_default();
-            let deadline = e.deadline.as_ref().and_then(to_jiff).map(london).unwrap_or_default();
-            let elapsed = e.elapsed.as_ref().map(|d| human(safeclock_common::schema::duration_to_jiff(d))).unwrap_or_default();
+            let deadline = e
+                .deadline
+                .as_ref()
+                .and_then(to_jiff)
+                .map(london)
+                .unwrap_or_default();
+            let elapsed = e
+                .elapsed
+                .as_ref()
+                .map(|d| human(safeclock_common::schema::duration_to_jiff(d)))
+                .unwrap_or_default();
             let detail = match e.transition() {
-                SlaTransition::Warning => format!("{}% of target used, deadline {deadline}", e.warning_percent),
+                SlaTransition::Warning => {
+                    format!("{}% of target used, deadline {deadline}", e.warning_percent)
+                }
                 SlaTransition::Breached => format!("deadline {deadline} passed with no contact"),
                 SlaTransition::MetLate => format!("contacted after {elapsed} (target 24 h)"),
                 SlaTransition::Corrected => "late event: breach corrected to met".to_string(),
@@ -502,18 +555,26 @@ async fn print_story(
                 labels.child_age_band,
             );
         } else if message.topic() == log_topic {
-            let Ok(r) = serde_json::from_slice::<EscalationRecord>(payload) else { continue };
+            let Ok(r) = serde_json::from_slice::<EscalationRecord>(payload) else {
+                continue;
+            };
             if !seen.insert(format!("{}/{}/{}", r.dedup_key, r.action, r.attempt)) {
                 continue;
             }
             let labels = r.labels.clone().unwrap_or_default();
             let outcome = match r.action() {
                 EscalationAction::Notified => {
-                    tally.lock().unwrap_or_else(|p| p.into_inner()).escalations_delivered += 1;
+                    tally
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .escalations_delivered += 1;
                     format!("delivered (attempt {})", r.attempt)
                 }
                 _ => {
-                    tally.lock().unwrap_or_else(|p| p.into_inner()).escalations_failed += 1;
+                    tally
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .escalations_failed += 1;
                     format!("FAILED after {} attempts: {}", r.attempt, r.error)
                 }
             };

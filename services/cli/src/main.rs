@@ -14,7 +14,11 @@ use safeclock_common::telemetry;
 use safeclock_common::time::SystemTime;
 
 #[derive(Parser)]
-#[command(name = "safeclock", version, about = "No child-protection referral left waiting: SLA clocks, escalation and metrics on Kafka.")]
+#[command(
+    name = "safeclock",
+    version,
+    about = "No child-protection referral left waiting: SLA clocks, escalation and metrics on Kafka."
+)]
 struct Cli {
     /// Configuration file (TOML); layered over the built-in defaults, under SAFECLOCK__* variables.
     #[arg(long, global = true, env = "SAFECLOCK_CONFIG")]
@@ -55,7 +59,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("safeclock: cannot start the async runtime: {e}");

@@ -147,9 +147,10 @@ impl Engine {
     /// Applies one validated referral event at wall-clock time `now`.
     pub fn on_event(&mut self, event: &ReferralEvent, now: Timestamp) -> Vec<SlaEvent> {
         let mut out = Vec::new();
-        let (Some(kind), Some(occurred_at)) =
-            (event.kind.as_ref(), event.occurred_at.as_ref().and_then(to_jiff))
-        else {
+        let (Some(kind), Some(occurred_at)) = (
+            event.kind.as_ref(),
+            event.occurred_at.as_ref().and_then(to_jiff),
+        ) else {
             return out;
         };
         let rule_count = self.rules.len();
@@ -489,7 +490,7 @@ fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
 mod tests {
     use super::*;
     use safeclock_common::rules::builtin_rules;
-    use safeclock_common::schema::v1::{ReferralReceived, ReferralClosed, VictimContacted};
+    use safeclock_common::schema::v1::{ReferralClosed, ReferralReceived, VictimContacted};
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -539,7 +540,10 @@ mod tests {
         assert_eq!(transitions(&out), [SlaTransition::Started]);
         let started = &out[0];
         assert_eq!(started.labels.as_ref().unwrap().category, "grooming");
-        assert_eq!(started.labels.as_ref().unwrap().child_age_band, "aged_13_to_15");
+        assert_eq!(
+            started.labels.as_ref().unwrap().child_age_band,
+            "aged_13_to_15"
+        );
 
         // Nothing due before 75 % of the target.
         assert!(engine.on_tick(ts("2026-11-30T03:59:59Z")).is_empty());
@@ -551,10 +555,16 @@ mod tests {
         assert!(engine.on_tick(ts("2026-11-30T09:59:59Z")).is_empty());
         let breach = engine.on_tick(ts("2026-11-30T10:00:00Z"));
         assert_eq!(transitions(&breach), [SlaTransition::Breached]);
-        assert_eq!(breach[0].deadline, Some(from_jiff(ts("2026-11-30T10:00:00Z"))));
+        assert_eq!(
+            breach[0].deadline,
+            Some(from_jiff(ts("2026-11-30T10:00:00Z")))
+        );
         assert_eq!(engine.stats().breached_open_clocks, 1);
 
-        let late = engine.on_event(&contacted("e2", "2026-12-04T10:00:00Z"), ts("2026-12-04T10:00:00Z"));
+        let late = engine.on_event(
+            &contacted("e2", "2026-12-04T10:00:00Z"),
+            ts("2026-12-04T10:00:00Z"),
+        );
         assert_eq!(transitions(&late), [SlaTransition::MetLate]);
         assert_eq!(
             duration_to_secs(late[0].elapsed.as_ref()),
@@ -572,8 +582,14 @@ mod tests {
     #[test]
     fn met_in_time_cancels_pending_timers() {
         let mut engine = Engine::new(builtin_rules());
-        engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-29T10:00:00Z"));
-        let out = engine.on_event(&contacted("e2", "2026-11-29T12:00:00Z"), ts("2026-11-29T12:00:00Z"));
+        engine.on_event(
+            &received("e1", "2026-11-29T10:00:00Z"),
+            ts("2026-11-29T10:00:00Z"),
+        );
+        let out = engine.on_event(
+            &contacted("e2", "2026-11-29T12:00:00Z"),
+            ts("2026-11-29T12:00:00Z"),
+        );
         assert_eq!(transitions(&out), [SlaTransition::Met]);
         assert!(engine.on_tick(ts("2026-12-01T00:00:00Z")).is_empty());
     }
@@ -582,8 +598,15 @@ mod tests {
     fn duplicates_are_ignored_by_event_id() {
         let mut engine = Engine::new(builtin_rules());
         let now = ts("2026-11-29T10:00:00Z");
-        assert_eq!(engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), now).len(), 1);
-        assert!(engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), now).is_empty());
+        assert_eq!(
+            engine
+                .on_event(&received("e1", "2026-11-29T10:00:00Z"), now)
+                .len(),
+            1
+        );
+        assert!(engine
+            .on_event(&received("e1", "2026-11-29T10:00:00Z"), now)
+            .is_empty());
         assert_eq!(engine.stats().open_clocks, 1);
     }
 
@@ -591,7 +614,10 @@ mod tests {
     fn warnings_already_past_at_start_are_skipped_but_the_deadline_fires() {
         let mut engine = Engine::new(builtin_rules());
         // Recorded 20 hours after it occurred: the 75 % warning (18 h) is already past.
-        engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-30T06:00:00Z"));
+        engine.on_event(
+            &received("e1", "2026-11-29T10:00:00Z"),
+            ts("2026-11-30T06:00:00Z"),
+        );
         let out = engine.on_tick(ts("2026-11-30T10:00:00Z"));
         assert_eq!(transitions(&out), [SlaTransition::Breached]);
     }
@@ -599,11 +625,23 @@ mod tests {
     #[test]
     fn a_late_arriving_stop_that_occurred_in_time_is_met_with_a_correction() {
         let mut engine = Engine::new(builtin_rules());
-        engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-29T10:00:00Z"));
+        engine.on_event(
+            &received("e1", "2026-11-29T10:00:00Z"),
+            ts("2026-11-29T10:00:00Z"),
+        );
         let breach = engine.on_tick(ts("2026-11-30T10:00:01Z"));
-        let breach = breach.iter().find(|e| e.transition() == SlaTransition::Breached).unwrap();
-        let out = engine.on_event(&contacted("e2", "2026-11-30T09:00:00Z"), ts("2026-11-30T11:00:00Z"));
-        assert_eq!(transitions(&out), [SlaTransition::Met, SlaTransition::Corrected]);
+        let breach = breach
+            .iter()
+            .find(|e| e.transition() == SlaTransition::Breached)
+            .unwrap();
+        let out = engine.on_event(
+            &contacted("e2", "2026-11-30T09:00:00Z"),
+            ts("2026-11-30T11:00:00Z"),
+        );
+        assert_eq!(
+            transitions(&out),
+            [SlaTransition::Met, SlaTransition::Corrected]
+        );
         assert_eq!(out[1].corrects_sla_event_id, breach.sla_event_id);
     }
 
@@ -611,9 +649,14 @@ mod tests {
     fn a_stop_arriving_before_its_start_completes_the_clock_when_the_start_arrives() {
         let mut engine = Engine::new(builtin_rules());
         let now = ts("2026-11-29T13:00:00Z");
-        assert!(engine.on_event(&contacted("e2", "2026-11-29T12:00:00Z"), now).is_empty());
+        assert!(engine
+            .on_event(&contacted("e2", "2026-11-29T12:00:00Z"), now)
+            .is_empty());
         let out = engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), now);
-        assert_eq!(transitions(&out), [SlaTransition::Started, SlaTransition::Met]);
+        assert_eq!(
+            transitions(&out),
+            [SlaTransition::Started, SlaTransition::Met]
+        );
         assert_eq!(engine.stats().open_clocks, 0);
         assert!(engine.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
     }
@@ -621,21 +664,35 @@ mod tests {
     #[test]
     fn a_stop_after_the_deadline_before_the_tick_still_breaches_exactly_once() {
         let mut engine = Engine::new(builtin_rules());
-        engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-29T10:00:00Z"));
-        let out = engine.on_event(&contacted("e2", "2026-12-01T10:00:00Z"), ts("2026-12-01T10:00:00Z"));
-        assert_eq!(transitions(&out), [SlaTransition::Breached, SlaTransition::MetLate]);
+        engine.on_event(
+            &received("e1", "2026-11-29T10:00:00Z"),
+            ts("2026-11-29T10:00:00Z"),
+        );
+        let out = engine.on_event(
+            &contacted("e2", "2026-12-01T10:00:00Z"),
+            ts("2026-12-01T10:00:00Z"),
+        );
+        assert_eq!(
+            transitions(&out),
+            [SlaTransition::Breached, SlaTransition::MetLate]
+        );
         assert!(engine.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
     }
 
     #[test]
     fn closing_the_referral_cancels_its_clocks() {
         let mut engine = Engine::new(builtin_rules());
-        engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-29T10:00:00Z"));
+        engine.on_event(
+            &received("e1", "2026-11-29T10:00:00Z"),
+            ts("2026-11-29T10:00:00Z"),
+        );
         let closed = event(
             "e9",
             "R-1",
             "2026-11-29T11:00:00Z",
-            Kind::ReferralClosed(ReferralClosed { outcome: "no-further-action".into() }),
+            Kind::ReferralClosed(ReferralClosed {
+                outcome: "no-further-action".into(),
+            }),
         );
         let out = engine.on_event(&closed, ts("2026-11-29T11:00:00Z"));
         assert_eq!(transitions(&out), [SlaTransition::Cancelled]);
@@ -647,7 +704,10 @@ mod tests {
         let run = || {
             let mut engine = Engine::new(builtin_rules());
             let mut ids = Vec::new();
-            for e in engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), ts("2026-11-29T10:00:00Z")) {
+            for e in engine.on_event(
+                &received("e1", "2026-11-29T10:00:00Z"),
+                ts("2026-11-29T10:00:00Z"),
+            ) {
                 ids.push(e.sla_event_id);
             }
             for e in engine.on_tick(ts("2026-12-01T00:00:00Z")) {

@@ -57,7 +57,12 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     let producer = kafka::producer(&settings)?;
-    let dead_letters = DeadLetters::new(producer.clone(), &settings, SERVICE, consumer_metrics.clone());
+    let dead_letters = DeadLetters::new(
+        producer.clone(),
+        &settings,
+        SERVICE,
+        consumer_metrics.clone(),
+    );
     let mut engine = Engine::new(builtin_rules());
     let mut tick = tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -73,15 +73,26 @@ pub struct KafkaSettings {
 
 /// Property names whose values are secrets and never printed.
 fn is_secret_key(key: &str) -> bool {
-    ["password", "secret", "token", "key.pem", "keystore", "sasl.jaas"]
-        .iter()
-        .any(|s| key.contains(s))
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "keystore",
+        "sasl.jaas",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 fn redacted(map: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
     map.iter()
         .map(|(k, v)| {
-            let shown = if is_secret_key(k) { "<redacted>" } else { v.as_str() };
+            let shown = if is_secret_key(k) {
+                "<redacted>"
+            } else {
+                v.as_str()
+            };
             (k.as_str(), shown)
         })
         .collect()
@@ -239,10 +250,8 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS,
-            config::FileFormat::Toml,
-        ));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
             if !path.is_file() {
                 return Err(invalid(
@@ -384,7 +393,10 @@ impl Settings {
                 return Err(invalid(field("name"), "must not be empty"));
             }
             if !names.insert(w.name.as_str()) {
-                return Err(invalid(field("name"), format!("{:?} is used twice", w.name)));
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is used twice", w.name),
+                ));
             }
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                 return Err(invalid(field("url"), "must be an http:// or https:// URL"));
@@ -437,7 +449,10 @@ mod tests {
             Some(f.path()),
             env(&[
                 ("SAFECLOCK__KAFKA__BROKERS", "env:9093"),
-                ("SAFECLOCK__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+                (
+                    "SAFECLOCK__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                    "SASL_SSL",
+                ),
                 ("SAFECLOCK__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
             ]),
         )
@@ -446,7 +461,10 @@ mod tests {
         assert_eq!(s.clock.tick_interval_ms, 250);
         assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
         let shown = format!("{s:?}");
-        assert!(!shown.contains("hunter2"), "secrets must not print: {shown}");
+        assert!(
+            !shown.contains("hunter2"),
+            "secrets must not print: {shown}"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! that one service rejects is rejected by all of them for the same [`Rejection`] reason, and the
 //! reason is what lands in the dead-letter headers and the invalid-records counter.
 
-use crate::schema::v1::{referral_event::Kind, ReferralEvent, SlaEvent, SlaTransition};
 use crate::schema::to_jiff;
+use crate::schema::v1::{referral_event::Kind, ReferralEvent, SlaEvent, SlaTransition};
 
 /// Largest record any consumer accepts; bigger ones are dead-lettered unread.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -29,7 +29,9 @@ pub enum Rejection {
     MissingField { field: &'static str },
     #[error("field `{field}` is invalid: {detail}")]
     InvalidField { field: &'static str, detail: String },
-    #[error("event has no known kind: set exactly one of the event kinds in safeclock.v1.ReferralEvent")]
+    #[error(
+        "event has no known kind: set exactly one of the event kinds in safeclock.v1.ReferralEvent"
+    )]
     UnknownKind,
 }
 
@@ -117,12 +119,9 @@ pub fn validate_referral_event(event: &ReferralEvent) -> Result<(), Rejection> {
     check_id("eventId", &event.event_id)?;
     check_id("referralId", &event.referral_id)?;
     check_id("forceId", &event.force_id)?;
-    let occurred = event
-        .occurred_at
-        .as_ref()
-        .ok_or(Rejection::MissingField {
-            field: "occurredAt",
-        })?;
+    let occurred = event.occurred_at.as_ref().ok_or(Rejection::MissingField {
+        field: "occurredAt",
+    })?;
     if to_jiff(occurred).is_none() {
         return Err(Rejection::InvalidField {
             field: "occurredAt",
@@ -194,10 +193,18 @@ mod tests {
     fn rejections_name_the_field() {
         let no_ref = VALID.replace(r#""referralId":"R-1","#, "");
         let err = decode_referral_event(no_ref.as_bytes()).unwrap_err();
-        assert_eq!(err, Rejection::MissingField { field: "referralId" });
+        assert_eq!(
+            err,
+            Rejection::MissingField {
+                field: "referralId"
+            }
+        );
         assert!(err.to_string().contains("referralId"));
 
-        let no_kind = VALID.replace(r#","referralReceived":{"category":"CATEGORY_GROOMING"}"#, "");
+        let no_kind = VALID.replace(
+            r#","referralReceived":{"category":"CATEGORY_GROOMING"}"#,
+            "",
+        );
         assert_eq!(
             decode_referral_event(no_kind.as_bytes()).unwrap_err(),
             Rejection::UnknownKind
@@ -205,7 +212,9 @@ mod tests {
 
         let bad_time = VALID.replace("2026-11-29T10:00:00Z", "yesterday");
         assert_eq!(
-            decode_referral_event(bad_time.as_bytes()).unwrap_err().reason(),
+            decode_referral_event(bad_time.as_bytes())
+                .unwrap_err()
+                .reason(),
             "invalid_json"
         );
 
@@ -218,10 +227,15 @@ mod tests {
     fn garbage_and_oversized_records_are_refused() {
         assert_eq!(decode_referral_event(b"").unwrap_err(), Rejection::Empty);
         assert_eq!(
-            decode_referral_event(b"\xff\xfe not json").unwrap_err().reason(),
+            decode_referral_event(b"\xff\xfe not json")
+                .unwrap_err()
+                .reason(),
             "invalid_json"
         );
         let big = vec![b' '; MAX_RECORD_BYTES + 1];
-        assert_eq!(decode_referral_event(&big).unwrap_err().reason(), "oversized");
+        assert_eq!(
+            decode_referral_event(&big).unwrap_err().reason(),
+            "oversized"
+        );
     }
 }

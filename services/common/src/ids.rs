@@ -28,7 +28,10 @@ mod tests {
 
     #[test]
     fn same_cause_same_id_and_parts_do_not_run_together() {
-        assert_eq!(derive_id(&["r", "rule", "breached"]), derive_id(&["r", "rule", "breached"]));
+        assert_eq!(
+            derive_id(&["r", "rule", "breached"]),
+            derive_id(&["r", "rule", "breached"])
+        );
         assert_ne!(derive_id(&["ab", "c"]), derive_id(&["a", "bc"]));
     }
 }

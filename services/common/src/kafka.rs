@@ -118,12 +118,24 @@ impl ClientContext for ServiceConsumerContext {
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                tracing::error!(service = self.service, facility = fac, "librdkafka: {log_message}")
+                tracing::error!(
+                    service = self.service,
+                    facility = fac,
+                    "librdkafka: {log_message}"
+                )
             }
             RDKafkaLogLevel::Warning => {
-                tracing::warn!(service = self.service, facility = fac, "librdkafka: {log_message}")
+                tracing::warn!(
+                    service = self.service,
+                    facility = fac,
+                    "librdkafka: {log_message}"
+                )
             }
-            _ => tracing::debug!(service = self.service, facility = fac, "librdkafka: {log_message}"),
+            _ => tracing::debug!(
+                service = self.service,
+                facility = fac,
+                "librdkafka: {log_message}"
+            ),
         }
     }
 
@@ -136,11 +148,19 @@ impl ConsumerContext for ServiceConsumerContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(service = self.service, partitions = tpl.count(), "partitions assigned");
+                tracing::info!(
+                    service = self.service,
+                    partitions = tpl.count(),
+                    "partitions assigned"
+                );
                 self.ready.set(true);
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(service = self.service, partitions = tpl.count(), "partitions revoked");
+                tracing::info!(
+                    service = self.service,
+                    partitions = tpl.count(),
+                    "partitions revoked"
+                );
             }
             Rebalance::Error(e) => {
                 tracing::warn!(service = self.service, error.message = %e, "rebalance error");
@@ -191,10 +211,9 @@ pub fn consumer(
 /// # Errors
 /// When the admin request fails for a reason other than "already exists".
 pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(&settings.kafka, &BTreeMap::new())
-            .create()
-            .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(&settings.kafka, &BTreeMap::new())
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
     let names: Vec<String> = topics.iter().map(|t| settings.topic(*t)).collect();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -251,7 +270,10 @@ pub async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> anyhow::Result
         match result {
             Ok(Ok(_)) => {}
             Ok(Err((e, msg))) => {
-                anyhow::bail!("broker did not acknowledge a record for {}: {e}", msg.topic())
+                anyhow::bail!(
+                    "broker did not acknowledge a record for {}: {e}",
+                    msg.topic()
+                )
             }
             Err(_) => anyhow::bail!("producer dropped a delivery report (shutting down?)"),
         }
@@ -409,7 +431,9 @@ pub fn commit_stored(consumer: &ServiceConsumer, service: &'static str) {
     match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         Ok(()) => tracing::info!(service, "offsets committed"),
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(service, error.message = %e, "final offset commit failed; records since the last commit will be re-processed"),
+        Err(e) => {
+            tracing::warn!(service, error.message = %e, "final offset commit failed; records since the last commit will be re-processed")
+        }
     }
 }
 

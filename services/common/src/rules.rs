@@ -4,8 +4,8 @@
 //! (files loaded through configuration, with calendars, pauses and per-force overrides) replaces
 //! [`builtin_rules`] without changing the engine's interface.
 
-use jiff::SignedDuration;
 use crate::schema::v1::Severity;
+use jiff::SignedDuration;
 
 /// One timescale.
 #[derive(Debug, Clone)]

@@ -57,7 +57,9 @@ impl TimeSource for AcceleratedTime {
     fn now(&self) -> Timestamp {
         let real = self.origin_real.elapsed().as_secs_f64();
         let sim = SignedDuration::from_secs_f64(real * self.speed);
-        self.origin_sim.saturating_add(sim).unwrap_or(self.origin_sim)
+        self.origin_sim
+            .saturating_add(sim)
+            .unwrap_or(self.origin_sim)
     }
 
     fn speed(&self) -> f64 {

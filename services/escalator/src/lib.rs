@@ -38,7 +38,12 @@ const DEDUP_WINDOW: usize = 200_000;
 
 /// The escalation id of a clock: stable across retries, restarts and levels.
 pub fn escalation_id(event: &SlaEvent) -> String {
-    derive_id(&[&event.referral_id, &event.rule_id, &event.clock_id, "escalation"])
+    derive_id(&[
+        &event.referral_id,
+        &event.rule_id,
+        &event.clock_id,
+        "escalation",
+    ])
 }
 
 /// Which SLA events page someone.
@@ -124,7 +129,9 @@ pub async fn run(
     let metrics = EscalatorMetrics::register(&deps.registry)?;
     let receivers = receivers(&settings)?;
     if receivers.is_empty() {
-        tracing::warn!("no escalation receivers configured: breaches will only reach the escalation log");
+        tracing::warn!(
+            "no escalation receivers configured: breaches will only reach the escalation log"
+        );
     }
     let input = settings.topic(Topic::SlaEvents);
     let log_topic = settings.topic(Topic::EscalationLog);
@@ -136,9 +143,19 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     let producer = kafka::producer(&settings)?;
-    let dead_letters = DeadLetters::new(producer.clone(), &settings, SERVICE, consumer_metrics.clone());
+    let dead_letters = DeadLetters::new(
+        producer.clone(),
+        &settings,
+        SERVICE,
+        consumer_metrics.clone(),
+    );
     let mut seen = RecentIds::new(DEDUP_WINDOW);
-    tracing::info!(input, log_topic, receivers = receivers.len(), "escalator started");
+    tracing::info!(
+        input,
+        log_topic,
+        receivers = receivers.len(),
+        "escalator started"
+    );
 
     loop {
         let batch = tokio::select! {

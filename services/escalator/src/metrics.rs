@@ -28,7 +28,9 @@ impl EscalatorMetrics {
                 "safeclock_escalation_delivery_seconds",
                 "Time from the first delivery attempt to the final outcome, retries included.",
             )
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
             &["receiver"],
         )?;
         let attempts = IntCounterVec::new(

@@ -210,7 +210,11 @@ impl Webhook {
                 Outcome::Delivered { attempts }
             }
             Err(e) => {
-                let kind = if e.retryable { "retryable" } else { "permanent" };
+                let kind = if e.retryable {
+                    "retryable"
+                } else {
+                    "permanent"
+                };
                 metrics.attempts.with_label_values(&[name, kind]).inc();
                 tracing::warn!(receiver = name, attempts, error.message = %e.message, escalation_id = %n.escalation_id, "webhook delivery failed for good");
                 Outcome::Failed {
@@ -294,7 +298,10 @@ mod tests {
         let (url, calls) = webhook_answering(vec![400]).await;
         let metrics = EscalatorMetrics::register(&Registry::new()).unwrap();
         let out = webhook(url, 5).deliver(&notification(), &metrics).await;
-        assert!(matches!(out, Outcome::Failed { attempts: 1, .. }), "{out:?}");
+        assert!(
+            matches!(out, Outcome::Failed { attempts: 1, .. }),
+            "{out:?}"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

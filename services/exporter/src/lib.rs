@@ -14,14 +14,16 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
 use safeclock_common::dedup::RecentIds;
-use safeclock_common::event::{decode_referral_event, decode_sla_event, transition_label, Rejection};
+use safeclock_common::event::{
+    decode_referral_event, decode_sla_event, transition_label, Rejection,
+};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::rules::{builtin_rules, LabelSet};
+use safeclock_common::schema::duration_to_jiff;
 use safeclock_common::schema::v1::{
     referral_event::Kind, Category, ReferralEvent, RiskGrade, SlaEvent, SlaTransition,
 };
-use safeclock_common::schema::duration_to_jiff;
 use safeclock_common::service::ServiceDeps;
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +86,11 @@ impl Recorder {
             SlaTransition::Breached => {
                 self.metrics
                     .breaches
-                    .with_label_values(&[force, rule, &label(event.severity().as_str_name(), "SEVERITY_")])
+                    .with_label_values(&[
+                        force,
+                        rule,
+                        &label(event.severity().as_str_name(), "SEVERITY_"),
+                    ])
                     .inc();
             }
             SlaTransition::Met | SlaTransition::MetLate => {
@@ -102,7 +108,9 @@ impl Recorder {
 }
 
 fn label(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
 }
 
 /// Runs the exporter until `shutdown` is cancelled.
@@ -206,12 +214,27 @@ mod tests {
         let registry = Registry::new();
         let metrics = ExporterMetrics::register(&registry).unwrap();
         let mut r = Recorder::new(metrics.clone(), &["nottinghamshire".to_string()]);
-        let breach = sla("b1", "nottinghamshire", "victim-contact", SlaTransition::Breached, 86_400);
+        let breach = sla(
+            "b1",
+            "nottinghamshire",
+            "victim-contact",
+            SlaTransition::Breached,
+            86_400,
+        );
         r.sla_event(&breach);
         r.sla_event(&breach); // re-delivered: not counted again
-        r.sla_event(&sla("m1", "atlantis", "made-up-rule", SlaTransition::MetLate, 5 * 86_400));
+        r.sla_event(&sla(
+            "m1",
+            "atlantis",
+            "made-up-rule",
+            SlaTransition::MetLate,
+            5 * 86_400,
+        ));
         assert_eq!(
-            metrics.breaches.with_label_values(&["nottinghamshire", "victim-contact", "high"]).get(),
+            metrics
+                .breaches
+                .with_label_values(&["nottinghamshire", "victim-contact", "high"])
+                .get(),
             1
         );
         let h = metrics.time_to_stop.with_label_values(&["other", "other"]);

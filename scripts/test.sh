@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole safeclock test suite, on a fresh machine or a warm one:
+#   1. installs what is missing (Debian packages, the tansu broker into a cache directory);
+#   2. checks formatting and clippy;
+#   3. starts a real Kafka-protocol broker (tansu) on a free loopback port;
+#   4. runs every test: unit, component (in-process mock cluster), integration (real broker);
+#   5. stops what it started, on success and on failure.
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh -p safeclock-clock).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test] %s\n' "$*" >&2; }
+
+tansu=$(bash scripts/install-deps.sh | tail -n 1)
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Build everything before the broker starts, so the broker is not left waiting on a compile.
+log "building tests"
+cargo test --workspace --no-run --quiet "$@"
+
+workdir=$(mktemp -d -t safeclock-test.XXXXXX)
+broker_pid=""
+cleanup() {
+  status=$?
+  if [ -n "$broker_pid" ] && kill -0 "$broker_pid" 2>/dev/null; then
+    kill "$broker_pid" 2>/dev/null || true
+    wait "$broker_pid" 2>/dev/null || true
+  fi
+  if [ $status -ne 0 ] && [ -f "$workdir/tansu.log" ]; then
+    log "tests failed; last lines of the broker log:"
+    tail -n 30 "$workdir/tansu.log" >&2 || true
+  fi
+  rm -rf "$workdir"
+  exit $status
+}
+trap cleanup EXIT INT TERM
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+log "starting tansu on 127.0.0.1:$port"
+"$tansu" broker \
+  --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ >"$workdir/tansu.log" 2>&1 &
+broker_pid=$!
+for _ in $(seq 1 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+  if ! kill -0 "$broker_pid" 2>/dev/null; then log "tansu exited at start"; cat "$workdir/tansu.log" >&2; exit 1; fi
+  sleep 0.1
+done
+export SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
+
+log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS)"
+cargo test --workspace "$@"
