@@ -28,19 +28,12 @@ use safeclock_common::schema::v1::{
     referral_event::Kind, AgeBand, Category, ReferralEvent, RiskGrade, SlaEvent, SlaLabels,
     SlaTransition,
 };
-use safeclock_common::schema::{duration_from_jiff, from_jiff, to_jiff};
+use safeclock_common::schema::{duration_from_jiff, enum_label, from_jiff, to_jiff};
 
 use safeclock_common::rules::Rule;
 
 /// How many stop events that arrived before their start are remembered per referral.
 const MAX_EARLY_STOPS: usize = 8;
-
-/// Turns `CATEGORY_GROOMING` into `grooming`: short, fixed label values.
-fn short_name(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix)
-        .unwrap_or(full)
-        .to_ascii_lowercase()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClockStatus {
@@ -467,16 +460,16 @@ fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
     let set_risk = |labels: &mut SlaLabels, risk: i32| {
         let risk = RiskGrade::try_from(risk).unwrap_or(RiskGrade::Unspecified);
         if risk != RiskGrade::Unspecified {
-            labels.risk = short_name(risk.as_str_name(), "RISK_GRADE_");
+            labels.risk = enum_label(risk.as_str_name(), "RISK_GRADE_");
         }
     };
     match kind {
         Kind::ReferralReceived(r) => {
             let category = Category::try_from(r.category).unwrap_or(Category::Unspecified);
-            labels.category = short_name(category.as_str_name(), "CATEGORY_");
+            labels.category = enum_label(category.as_str_name(), "CATEGORY_");
             set_risk(labels, r.risk);
             let age = AgeBand::try_from(r.child_age_band).unwrap_or(AgeBand::Unspecified);
-            labels.child_age_band = short_name(age.as_str_name(), "AGE_BAND_");
+            labels.child_age_band = enum_label(age.as_str_name(), "AGE_BAND_");
             labels.area = r.area.clone();
             labels.team = r.team.clone();
         }

@@ -447,3 +447,46 @@ pub async fn or_shutdown<F: Future>(
         _ = shutdown.cancelled() => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configured_property_reaches_librdkafka_and_safeclock_keeps_its_own() {
+        let mut settings = Settings::defaults().unwrap();
+        settings.kafka.brokers = "kafka-1:9093".into();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "safeclock"),
+            ("sasl.password", "hunter2"),
+            ("ssl.ca.location", "/etc/ssl/force-ca.pem"),
+        ] {
+            settings.kafka.properties.insert(k.into(), v.into());
+        }
+        settings
+            .kafka
+            .producer_properties
+            .insert("acks".into(), "1".into());
+        let cfg = client_config(&settings.kafka, &settings.kafka.producer_properties);
+        assert_eq!(cfg.get("bootstrap.servers"), Some("kafka-1:9093"));
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(cfg.get("ssl.ca.location"), Some("/etc/ssl/force-ca.pem"));
+        assert_eq!(cfg.get("acks"), Some("1"), "operator overrides win");
+    }
+
+    #[test]
+    fn topic_names_carry_the_prefix_and_a_version() {
+        let settings = Settings::defaults().unwrap();
+        assert_eq!(
+            settings.topic(Topic::ReferralEvents),
+            "safeclock.referral-events.v1"
+        );
+        assert_eq!(
+            settings.topic(Topic::DeadLetter),
+            "safeclock.dead-letter.v1"
+        );
+    }
+}

@@ -137,3 +137,61 @@ pub async fn bind(
     tracing::info!(%addr, "ops endpoint listening (/metrics, /healthz, /readyz)");
     Ok((addr, task))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, raw.split_once("\r\n\r\n").unwrap().1.to_string())
+    }
+
+    #[tokio::test]
+    async fn ready_only_when_every_component_is_consuming() {
+        let registry = Registry::new();
+        let counter = prometheus::IntCounter::new("safeclock_test_total", "test").unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        counter.inc();
+        let readiness = Readiness::default();
+        let shutdown = CancellationToken::new();
+        let (addr, task) = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            registry,
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(
+            get(addr, "/readyz").await.0,
+            503,
+            "no component declared yet"
+        );
+        let clock = readiness.component("clock");
+        let exporter = readiness.component("exporter");
+        clock.set(true);
+        let (status, body) = get(addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("exporter"), "{body}");
+        exporter.set(true);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("safeclock_test_total 1"), "{body}");
+
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

@@ -39,3 +39,12 @@ pub fn duration_from_jiff(d: jiff::SignedDuration) -> ProtoDuration {
 pub fn duration_to_jiff(d: &ProtoDuration) -> jiff::SignedDuration {
     jiff::SignedDuration::new(d.seconds, d.nanos)
 }
+
+/// A contract enum's name as a short label value: `CATEGORY_GROOMING` with prefix `CATEGORY_`
+/// becomes `grooming`. Label values therefore come only from the schema's fixed sets.
+pub fn enum_label(full_name: &str, prefix: &str) -> String {
+    full_name
+        .strip_prefix(prefix)
+        .unwrap_or(full_name)
+        .to_ascii_lowercase()
+}

@@ -20,10 +20,10 @@ use safeclock_common::event::{
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::rules::{builtin_rules, LabelSet};
-use safeclock_common::schema::duration_to_jiff;
 use safeclock_common::schema::v1::{
     referral_event::Kind, Category, ReferralEvent, RiskGrade, SlaEvent, SlaTransition,
 };
+use safeclock_common::schema::{duration_to_jiff, enum_label};
 use safeclock_common::service::ServiceDeps;
 use tokio_util::sync::CancellationToken;
 
@@ -59,8 +59,8 @@ impl Recorder {
                 .referrals_received
                 .with_label_values(&[
                     self.forces.bound(&event.force_id),
-                    &label(category.as_str_name(), "CATEGORY_"),
-                    &label(risk.as_str_name(), "RISK_GRADE_"),
+                    &enum_label(category.as_str_name(), "CATEGORY_"),
+                    &enum_label(risk.as_str_name(), "RISK_GRADE_"),
                 ])
                 .inc();
         }
@@ -89,7 +89,7 @@ impl Recorder {
                     .with_label_values(&[
                         force,
                         rule,
-                        &label(event.severity().as_str_name(), "SEVERITY_"),
+                        &enum_label(event.severity().as_str_name(), "SEVERITY_"),
                     ])
                     .inc();
             }
@@ -105,12 +105,6 @@ impl Recorder {
             _ => {}
         }
     }
-}
-
-fn label(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix)
-        .unwrap_or(full)
-        .to_ascii_lowercase()
 }
 
 /// Runs the exporter until `shutdown` is cancelled.

@@ -1,0 +1,226 @@
+//! The `safeclock` binary as an operator uses it: `check-config`, `demo`, and `run all` against a
+//! real broker with SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
+
+/// A plain HTTP/1.1 GET; returns status and body.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+fn config_file(contents: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(contents.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
+    let valid = config_file(
+        "[kafka]\nbrokers = \"kafka-1:9092,kafka-2:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(valid.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(!stdout.contains("hunter2"));
+
+    for (contents, field) in [
+        ("[clock]\ntick_interval_ms = 0\n", "clock.tick_interval_ms"),
+        ("[kafka]\nbrokers = \"\"\n", "kafka.brokers"),
+        ("[escalator]\nlog_receivr = true\n", "log_receivr"),
+        (
+            "[[escalator.webhooks]]\nname = \"duty\"\nurl = \"duty.example\"\n",
+            "escalator.webhooks[0].url",
+        ),
+    ] {
+        let f = config_file(contents);
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(f.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{contents:?} should be refused");
+        assert!(
+            stderr.contains(field),
+            "error for {contents:?} should name {field}: {stderr}"
+        );
+    }
+
+    // Environment variables override the file and are validated too.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(valid.path())
+        .env("SAFECLOCK__OPS__LISTEN", "nowhere")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+}
+
+#[test]
+fn demo_prints_breaches_and_escalations_serves_metrics_and_exits_zero() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--duration", "10", "--http", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    let mut metrics = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        if metrics.is_none() {
+            if let Some(url) = line.trim().strip_prefix("metrics:  curl http://") {
+                let addr = url.trim_end_matches("/metrics").to_string();
+                // Served while the demo runs.
+                let (status, body) = http_get(&addr, "/metrics").expect("metrics endpoint answers");
+                assert_eq!(status, 200);
+                assert!(body.contains("safeclock_"), "{body}");
+                metrics = Some(addr);
+            }
+        }
+        lines.push(line);
+    }
+    let status = child.wait().unwrap();
+    let text = lines.join("\n");
+    assert!(status.success(), "demo exit status {status}\n{text}");
+    assert!(
+        metrics.is_some(),
+        "the demo printed no metrics address\n{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "demo overran --duration"
+    );
+    assert!(
+        text.contains("BREACHED  nottinghamshire  victim-contact  R-NOTT-ORIGIN"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ESCALATE") && text.contains("duty-inspector"),
+        "{text}"
+    );
+    assert!(text.contains("DEADLTR"), "{text}");
+    assert!(text.contains("summary after"), "{text}");
+}
+
+/// `safeclock run all` against the real broker: becomes ready, serves metrics, and stops cleanly
+/// on SIGTERM within the grace period.
+#[test]
+fn run_all_becomes_ready_and_stops_on_sigterm() {
+    let brokers = std::env::var("SAFECLOCK_TEST_BROKERS").expect(
+        "SAFECLOCK_TEST_BROKERS is not set: run the suite with scripts/test.sh (starts a real broker)",
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ops = format!("127.0.0.1:{port}");
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let mut child = Command::new(BIN)
+        .args(["--log-json", "run", "all"])
+        .env("SAFECLOCK__KAFKA__BROKERS", &brokers)
+        .env("SAFECLOCK__KAFKA__TOPIC_PREFIX", format!("cli-{tag}."))
+        .env("SAFECLOCK__KAFKA__PARTITIONS", "2")
+        .env("SAFECLOCK__CLOCK__GROUP_ID", format!("cli-{tag}-clock"))
+        .env(
+            "SAFECLOCK__ESCALATOR__GROUP_ID",
+            format!("cli-{tag}-escalator"),
+        )
+        .env(
+            "SAFECLOCK__EXPORTER__GROUP_ID",
+            format!("cli-{tag}-exporter"),
+        )
+        .env("SAFECLOCK__OPS__LISTEN", &ops)
+        .env("SAFECLOCK__SHUTDOWN__GRACE_PERIOD_SECS", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, _)) = http_get(&ops, "/readyz") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready within 60 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "safeclock exited early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = http_get(&ops, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("safeclock_clock_open_clocks"), "{body}");
+
+    let sent = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "did not stop within the grace period"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status}: {stderr}");
+    // --log-json: every log line is a JSON object.
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(stderr.contains("SIGTERM received"), "{stderr}");
+    assert!(stderr.contains("clock stopped"), "{stderr}");
+}
