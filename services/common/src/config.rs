@@ -80,6 +80,7 @@ fn is_secret_key(key: &str) -> bool {
         "key.pem",
         "keystore",
         "sasl.jaas",
+        "oauthbearer.config",
     ]
     .iter()
     .any(|s| key.contains(s))
@@ -339,11 +340,15 @@ impl Settings {
             for key in map.keys() {
                 if matches!(
                     key.as_str(),
-                    "bootstrap.servers" | "group.id" | "enable.auto.offset.store"
+                    "bootstrap.servers"
+                        | "group.id"
+                        | "enable.auto.offset.store"
+                        | "enable.auto.commit"
                 ) {
                     return Err(invalid(
                         format!("{section}.{key}"),
-                        "is set by safeclock itself (use kafka.brokers / <service>.group_id)",
+                        "is set by safeclock itself: offsets are stored only once effects are \
+                         durable and committed by librdkafka (use kafka.brokers, <service>.group_id)",
                     ));
                 }
             }

@@ -91,10 +91,19 @@ fn check_id(field: &'static str, value: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Describes a JSON error by its kind and position only: serde's own message can quote the
+/// offending value, and a value in a bad record may be personal data that must not reach logs or
+/// dead-letter headers. The original bytes stay in the dead-letter record for an operator.
 fn json_error(schema: &'static str, e: serde_json::Error) -> Rejection {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "wrong field type or value",
+        serde_json::error::Category::Eof => "unexpected end of input",
+    };
     Rejection::InvalidJson {
         schema,
-        detail: e.to_string(),
+        detail: format!("{kind} at line {} column {}", e.line(), e.column()),
     }
 }
 
@@ -217,6 +226,12 @@ mod tests {
                 .reason(),
             "invalid_json"
         );
+
+        // A wrong value never appears in the error: it could be personal data.
+        let name_as_enum = VALID.replace("CATEGORY_GROOMING", "Jane Smith");
+        let err = decode_referral_event(name_as_enum.as_bytes()).unwrap_err();
+        assert!(!err.to_string().contains("Jane"), "{err}");
+        assert!(err.to_string().contains("at line"), "{err}");
 
         let name_in_id = VALID.replace("R-1", "Jane Smith");
         let err = decode_referral_event(name_in_id.as_bytes()).unwrap_err();

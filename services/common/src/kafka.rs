@@ -184,7 +184,8 @@ pub fn consumer(
     ready: ReadinessHandle,
 ) -> anyhow::Result<ServiceConsumer> {
     let mut cfg = ClientConfig::new();
-    cfg.set("auto.offset.reset", "earliest")
+    cfg.set("client.id", format!("safeclock-{service}"))
+        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.partition.eof", "false")
@@ -194,8 +195,7 @@ pub fn consumer(
         cfg.set(k, v);
     }
     cfg.set("group.id", group_id)
-        .set("enable.auto.offset.store", "false")
-        .set("client.id", format!("safeclock-{service}"));
+        .set("enable.auto.offset.store", "false");
     cfg.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: ServiceConsumer = cfg
         .create_with_context(ServiceConsumerContext { service, ready })

@@ -48,3 +48,133 @@ pub fn enum_label(full_name: &str, prefix: &str) -> String {
         .unwrap_or(full_name)
         .to_ascii_lowercase()
 }
+
+/// The compiled schema (a `FileDescriptorSet`), for validating rule files against the contract.
+pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/safeclock_descriptor.bin"));
+
+/// The type of an event attribute, as far as rule predicates care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttributeType {
+    Bool,
+    String,
+    /// An enum, with its value names (e.g. `RESPONSE_GRADE_EMERGENCY`).
+    Enum(Vec<String>),
+    /// Anything else (numbers, messages): not usable in predicates.
+    Other,
+}
+
+/// One attribute of an event kind.
+#[derive(Debug, Clone)]
+pub struct AttributeInfo {
+    /// Proto field name (`suspect_has_access_to_children`).
+    pub name: String,
+    /// proto3 JSON name (`suspectHasAccessToChildren`).
+    pub json_name: String,
+    pub kind: AttributeType,
+}
+
+/// One event kind of `ReferralEvent.kind`, with its attributes.
+#[derive(Debug, Clone)]
+pub struct EventKindInfo {
+    /// Proto field name of the kind (`suspect_identified`).
+    pub name: String,
+    /// proto3 JSON name (`suspectIdentified`).
+    pub json_name: String,
+    pub attributes: Vec<AttributeInfo>,
+}
+
+/// Every event kind in the contract, read from the compiled schema.
+///
+/// # Errors
+/// Only if the compiled-in descriptor is corrupt (a build problem).
+pub fn event_kinds() -> Result<Vec<EventKindInfo>, prost::DecodeError> {
+    use prost::Message;
+    use prost_types::field_descriptor_proto::Type;
+    let set = prost_types::FileDescriptorSet::decode(DESCRIPTOR)?;
+    let files: Vec<_> = set
+        .file
+        .iter()
+        .filter(|f| f.package() == "safeclock.v1")
+        .collect();
+    let message = |full: &str| {
+        let short = full.trim_start_matches(".safeclock.v1.");
+        files
+            .iter()
+            .flat_map(|f| f.message_type.iter())
+            .find(|m| m.name() == short)
+    };
+    let enum_values = |full: &str| -> Vec<String> {
+        let short = full.trim_start_matches(".safeclock.v1.");
+        files
+            .iter()
+            .flat_map(|f| f.enum_type.iter())
+            .find(|e| e.name() == short)
+            .map(|e| e.value.iter().map(|v| v.name().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let Some(event) = message("ReferralEvent") else {
+        return Ok(Vec::new());
+    };
+    let kind_oneof = event
+        .oneof_decl
+        .iter()
+        .position(|o| o.name() == "kind")
+        .and_then(|i| i32::try_from(i).ok());
+    let mut out = Vec::new();
+    for field in event
+        .field
+        .iter()
+        .filter(|f| f.oneof_index.is_some() && f.oneof_index == kind_oneof)
+    {
+        let attributes = message(field.type_name())
+            .map(|m| {
+                m.field
+                    .iter()
+                    .map(|a| AttributeInfo {
+                        name: a.name().to_string(),
+                        json_name: a.json_name().to_string(),
+                        kind: match a.r#type() {
+                            Type::Bool => AttributeType::Bool,
+                            Type::String => AttributeType::String,
+                            Type::Enum => AttributeType::Enum(enum_values(a.type_name())),
+                            _ => AttributeType::Other,
+                        },
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(EventKindInfo {
+            name: field.name().to_string(),
+            json_name: field.json_name().to_string(),
+            attributes,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_lists_event_kinds_with_typed_attributes() {
+        let kinds = event_kinds().unwrap();
+        assert!(kinds.len() > 40);
+        let suspect = kinds
+            .iter()
+            .find(|k| k.name == "suspect_identified")
+            .unwrap();
+        assert_eq!(suspect.json_name, "suspectIdentified");
+        let access = suspect
+            .attributes
+            .iter()
+            .find(|a| a.name == "suspect_has_access_to_children")
+            .unwrap();
+        assert_eq!(access.json_name, "suspectHasAccessToChildren");
+        assert_eq!(access.kind, AttributeType::Bool);
+        let graded = kinds.iter().find(|k| k.name == "incident_graded").unwrap();
+        assert!(
+            matches!(&graded.attributes[0].kind, AttributeType::Enum(v) if v.contains(&"RESPONSE_GRADE_EMERGENCY".to_string()))
+        );
+    }
+}

@@ -130,7 +130,7 @@ pub async fn run(
     let receivers = receivers(&settings)?;
     if receivers.is_empty() {
         tracing::warn!(
-            "no escalation receivers configured: breaches will only reach the escalation log"
+            "no escalation receivers configured: breaches will reach nobody (set escalator.log_receiver or add escalator.webhooks)"
         );
     }
     let input = settings.topic(Topic::SlaEvents);

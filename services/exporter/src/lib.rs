@@ -39,6 +39,7 @@ pub struct Recorder {
     forces: LabelSet,
     rules: LabelSet,
     seen_sla_events: RecentIds,
+    seen_referral_events: RecentIds,
 }
 
 impl Recorder {
@@ -48,10 +49,14 @@ impl Recorder {
             forces: LabelSet::new(forces.iter().cloned()),
             rules: LabelSet::new(builtin_rules().into_iter().map(|r| r.id)),
             seen_sla_events: RecentIds::new(DEDUP_WINDOW),
+            seen_referral_events: RecentIds::new(DEDUP_WINDOW),
         }
     }
 
     pub fn referral_event(&mut self, event: &ReferralEvent) {
+        if !self.seen_referral_events.first_time(&event.event_id) {
+            return;
+        }
         if let Some(Kind::ReferralReceived(r)) = &event.kind {
             let category = Category::try_from(r.category).unwrap_or(Category::Unspecified);
             let risk = RiskGrade::try_from(r.risk).unwrap_or(RiskGrade::Unspecified);
