@@ -28,7 +28,8 @@ use safeclock_common::event::{decode_sla_event, transition_label};
 use safeclock_common::kafka::{dlq_headers, Topic};
 use safeclock_common::schema::v1::{
     referral_event::Kind, AgeBand, Category, EscalationAction, EscalationRecord, ReferralClosed,
-    ReferralEvent, ReferralReceived, RiskGrade, SlaTransition, VictimContacted,
+    ReferralDecisionMade, ReferralEvent, ReferralReceived, RiskGrade, SlaTransition,
+    VictimContacted,
 };
 use safeclock_common::schema::{from_jiff, to_jiff};
 use safeclock_common::shutdown::{cancel_on_signal, CancellationToken};
@@ -141,7 +142,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!("safeclock demo: every service on an in-process Kafka cluster; simulated time runs {}x faster (1 s = {}).",
         options.speed, human(SignedDuration::from_secs_f64(options.speed)));
     println!("  metrics:  curl http://{}/metrics", running.ops_addr);
-    println!("  rule:     victim-contact: child victim contacted within 24 h of the referral (warning at 75 %)");
+    let policy = safeclock_common::policy::Policy::load(&settings)?;
+    println!(
+        "  rules:    {} timescales from the default pack; this stream exercises victim-contact (24 h) and referral-decision (1 working day)",
+        policy.rules.rules.len()
+    );
     println!("  forces:   {}", FORCES.map(|f| f.0).join(", "));
     println!(
         "  duration: {:.0} s real, about {} simulated; Ctrl-C stops early",
@@ -337,6 +342,20 @@ fn plan_referral(
         }),
     );
     schedule(plan, seq, at, &received)?;
+    // Children's social care decides the type of response, usually the same day.
+    let decided_at = at + SignedDuration::from_secs_f64(rng.random_range(1.0..30.0) * 3600.0);
+    let decided = event(
+        &referral_id,
+        3,
+        force,
+        decided_at,
+        "lcs",
+        Kind::ReferralDecisionMade(ReferralDecisionMade {
+            decision: "section-47".into(),
+            referrer_acknowledged: true,
+        }),
+    );
+    schedule(plan, seq, decided_at, &decided)?;
     // Most children are contacted well within the day; some near the deadline; some late; a few
     // referrals are closed with no further action first.
     let roll = rng.random_range(0..100);
@@ -539,13 +558,20 @@ async fn print_story(
                 SlaTransition::Warning => {
                     format!("{}% of target used, deadline {deadline}", e.warning_percent)
                 }
-                SlaTransition::Breached => format!("deadline {deadline} passed with no contact"),
-                SlaTransition::MetLate => format!("contacted after {elapsed} (target 24 h)"),
+                SlaTransition::Breached => format!("deadline {deadline} passed"),
+                SlaTransition::MetLate => {
+                    let target = e
+                        .target
+                        .as_ref()
+                        .map(|d| human(safeclock_common::schema::duration_to_jiff(d)))
+                        .unwrap_or_default();
+                    format!("stopped after {elapsed} (allowed {target})")
+                }
                 SlaTransition::Corrected => "late event: breach corrected to met".to_string(),
                 _ => continue,
             };
             println!(
-                "{prefix}  {:<9} {:<16} {:<15} {:<14} {}/{}/{}  {detail}",
+                "{prefix}  {:<9} {:<16} {:<17} {:<14} {}/{}/{}  {detail}",
                 what.to_uppercase(),
                 labels.force_id,
                 e.rule_id,
@@ -579,7 +605,7 @@ async fn print_story(
                 }
             };
             println!(
-                "{prefix}  {:<9} {:<16} {:<15} {:<14} -> {} level {}: {outcome}",
+                "{prefix}  {:<9} {:<16} {:<17} {:<14} -> {} level {}: {outcome}",
                 "ESCALATE", labels.force_id, r.rule_id, r.referral_id, r.receiver, r.level
             );
         } else {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use safeclock::app::{self, Service};
 use safeclock::demo::{self, DemoOptions};
 use safeclock_common::config::{LogFormat, Settings};
+use safeclock_common::policy::Policy;
 use safeclock_common::shutdown::{cancel_on_signal, CancellationToken};
 use safeclock_common::telemetry;
 use safeclock_common::time::SystemTime;
@@ -39,6 +40,31 @@ enum Command {
     },
     /// Load and validate the configuration, print a summary, and exit non-zero if it is invalid.
     CheckConfig,
+    /// Print the deadline of a clock: start time plus target on a calendar.
+    Deadline {
+        /// When the clock starts (RFC 3339, e.g. 2026-11-29T10:00:00Z or 2026-11-29T10:00:00+00:00).
+        #[arg(long)]
+        start: String,
+        /// The target: "72h", "28 days", "15 working days", "1 working day", "next school day".
+        #[arg(long)]
+        target: String,
+        /// Calendar name (default: england-and-wales; england-and-wales-schools for "next school day").
+        #[arg(long)]
+        calendar: Option<String>,
+    },
+    /// Replay referral events (JSON lines) offline and print each clock's timeline: which rule
+    /// applied and why, start, warnings, pauses, deadline, outcome.
+    Explain {
+        /// File of referral events, one proto3 JSON record per line.
+        #[arg(long)]
+        events: PathBuf,
+        /// Only this referral.
+        #[arg(long)]
+        referral: Option<String>,
+        /// Run the wall clock up to this time (RFC 3339) after the last event.
+        #[arg(long)]
+        until: Option<String>,
+    },
     /// Run every service on an in-process Kafka cluster with generated referrals on accelerated
     /// time, printing warnings, breaches and escalations as they happen.
     Demo {
@@ -80,8 +106,62 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Deadline {
+            start,
+            target,
+            calendar,
+        } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let policy = Policy::load(&settings)?;
+            let start: jiff::Timestamp = start
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--start {start:?} is not an RFC 3339 time: {e}"))?;
+            let target = safeclock_calendar::Target::parse(&target)?;
+            let name = calendar.unwrap_or_else(|| {
+                if target == safeclock_calendar::Target::NextSchoolDay {
+                    "england-and-wales-schools".into()
+                } else {
+                    "england-and-wales".into()
+                }
+            });
+            let cal = policy.calendars.calendars.get(&name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--calendar {name:?} is not defined (known: {})",
+                    policy
+                        .calendars
+                        .calendars
+                        .names()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            let deadline = cal.deadline(start, &target)?;
+            let local = deadline.to_zoned(safeclock_calendar::london());
+            println!("{}", local.timestamp().display_with_offset(local.offset()));
+            Ok(())
+        }
+        Command::Explain {
+            events,
+            referral,
+            until,
+        } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let policy = Policy::load(&settings)?;
+            let input = std::fs::read_to_string(&events)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", events.display()))?;
+            let until = until
+                .map(|u| {
+                    u.parse::<jiff::Timestamp>()
+                        .map_err(|e| anyhow::anyhow!("--until {u:?} is not an RFC 3339 time: {e}"))
+                })
+                .transpose()?;
+            let x = safeclock_clock::explain::replay(&policy, &input, referral.as_deref(), until);
+            print!("{}", safeclock_clock::explain::render(&policy, &x));
+            Ok(())
+        }
         Command::CheckConfig => {
             let settings = Settings::load(cli.config.as_deref())?;
+            let policy = Policy::load(&settings)?;
             println!(
                 "configuration OK{}",
                 cli.config
@@ -95,6 +175,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             println!("  ops endpoint: {}", settings.ops.listen);
             println!("  forces:       {}", settings.forces.len());
+            println!(
+                "  rules:        {} ({})",
+                policy.rules.rules.len(),
+                if settings.rules.paths.is_empty() {
+                    "built-in default pack".to_string()
+                } else {
+                    format!("{} path(s)", settings.rules.paths.len())
+                }
+            );
+            println!(
+                "  calendars:    {}",
+                policy
+                    .calendars
+                    .calendars
+                    .names()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             println!(
                 "  receivers:    {}",
                 settings.escalator.webhooks.len() + usize::from(settings.escalator.log_receiver)

@@ -87,10 +87,11 @@ fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
 
 #[test]
 fn demo_prints_breaches_and_escalations_serves_metrics_and_exits_zero() {
+    let stderr_file = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(BIN)
         .args(["demo", "--duration", "10", "--http", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr_file.reopen().unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -119,7 +120,8 @@ fn demo_prints_breaches_and_escalations_serves_metrics_and_exits_zero() {
         lines.push(line);
     }
     let status = child.wait().unwrap();
-    let text = lines.join("\n");
+    let stderr = std::fs::read_to_string(stderr_file.path()).unwrap_or_default();
+    let text = format!("{}\n--- stderr ---\n{stderr}", lines.join("\n"));
     assert!(status.success(), "demo exit status {status}\n{text}");
     assert!(
         metrics.is_some(),
@@ -130,7 +132,10 @@ fn demo_prints_breaches_and_escalations_serves_metrics_and_exits_zero() {
         "demo overran --duration"
     );
     assert!(
-        text.contains("BREACHED  nottinghamshire  victim-contact  R-NOTT-ORIGIN"),
+        text.lines().any(|l| l.contains("BREACHED")
+            && l.contains("nottinghamshire")
+            && l.contains("victim-contact")
+            && l.contains("R-NOTT-ORIGIN")),
         "{text}"
     );
     assert!(
@@ -223,4 +228,92 @@ fn run_all_becomes_ready_and_stops_on_sigterm() {
     }
     assert!(stderr.contains("SIGTERM received"), "{stderr}");
     assert!(stderr.contains("clock stopped"), "{stderr}");
+}
+
+#[test]
+fn deadline_prints_the_worked_examples_of_the_working_day_convention() {
+    for (start, target, want) in [
+        (
+            "2022-05-27T10:00:00+01:00",
+            "15 working days",
+            "2022-06-22T00:00:00+01:00",
+        ),
+        (
+            "2026-11-29T10:00:00Z",
+            "1 working day",
+            "2026-12-01T00:00:00+00:00",
+        ),
+        (
+            "2026-12-23T16:00:00Z",
+            "2 working days",
+            "2026-12-30T00:00:00+00:00",
+        ),
+        ("2026-03-27T10:00:00Z", "72h", "2026-03-30T11:00:00+01:00"),
+        (
+            "2026-12-04T19:00:00Z",
+            "next school day",
+            "2026-12-07T08:30:00+00:00",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(["deadline", "--start", start, "--target", target])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "{start} + {target}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args([
+            "deadline",
+            "--start",
+            "2026-11-29T10:00:00Z",
+            "--target",
+            "soonish",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("working days"));
+}
+
+#[test]
+fn explain_prints_the_timeline_of_the_origin_case() {
+    let events = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/cases/grooming-unanswered-5-days.jsonl"
+    );
+    let out = Command::new(BIN)
+        .args(["explain", "--events", events])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let timeline: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("victim-contact: "))
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    let timeline = timeline.join("\n");
+    for want in [
+        "why: started by event",
+        "STARTED",
+        "WARNING",
+        "BREACHED",
+        "MET_LATE",
+        "outcome: met late",
+    ] {
+        assert!(timeline.contains(want), "missing {want:?} in\n{timeline}");
+    }
 }

@@ -5,16 +5,25 @@
 //! still breaches. Both return the SLA events to publish. Everything the engine emits carries an
 //! id derived from its cause, so replaying the same input yields the same records.
 //!
-//! Semantics kept here, each unit-tested on simulated time:
+//! Semantics, each unit-tested on simulated time:
+//! - rules are data ([`RuleSet`]): start, stop, pause, resume, reset and cancel conditions are
+//!   event kinds with attribute predicates; `applies_to` tests the referral's labels;
+//! - the deadline is computed from the start event's `occurred_at` on the rule's calendar
+//!   (24x7, the force's working days, school days) with the force's override, if any;
 //! - duplicates (same event id) are ignored;
 //! - warnings already past when a clock starts are skipped; the deadline always fires;
-//! - a stop whose `occurred_at` is at or before the deadline is `met`, even if it arrives after the
-//!   breach fired, in which case a `corrected` record names the breach it corrects;
-//! - a stop after the deadline is `met_late`, and the clock's single `breached` is emitted first if
-//!   the timer had not fired yet;
+//! - pause/resume shifts the deadline by the time paused;
+//! - re-grading the referral's risk recomputes the target of graded rules, and may breach at
+//!   once (the deadline timer is then already due);
+//! - reset restarts the clock from the reset event (the old clock is cancelled);
+//! - a stop whose `occurred_at` is at or before the deadline is `met`, even if it arrives after
+//!   the breach fired, in which case a `corrected` record names the breach it corrects;
+//! - a stop after the deadline is `met_late`, and the clock's single `breached` is emitted first
+//!   if the timer had not fired yet;
 //! - a stop that arrives before its start is remembered and completes the clock when the start
 //!   arrives;
-//! - a cancel event (e.g. referral closed) cancels open clocks.
+//! - repeating rules start the next clock at the stop time;
+//! - cancel events (e.g. referral closed) cancel open clocks.
 //!
 //! Timers sit in an ordered set keyed by due time, so a tick costs O(log n) per due timer and
 //! nothing for clocks that are not due.
@@ -24,39 +33,62 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use jiff::{SignedDuration, Timestamp};
 use safeclock_common::event::kind_name;
 use safeclock_common::ids::derive_id;
+pub use safeclock_common::policy::CalendarBook;
+use safeclock_common::rules::{Condition, LabelField, Rule, RuleSet, Warning};
 use safeclock_common::schema::v1::{
-    referral_event::Kind, AgeBand, Category, ReferralEvent, RiskGrade, SlaEvent, SlaLabels,
-    SlaTransition,
+    referral_event::Kind, AgeBand, Category, OnlinePriority, ReferralEvent, RiskGrade, SlaEvent,
+    SlaLabels, SlaTransition,
 };
 use safeclock_common::schema::{duration_from_jiff, enum_label, from_jiff, to_jiff};
 
-use safeclock_common::rules::Rule;
-
 /// How many stop events that arrived before their start are remembered per referral.
-const MAX_EARLY_STOPS: usize = 8;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClockStatus {
-    Running,
-    Breached,
-}
+const MAX_EARLY_STOPS: usize = 16;
 
 #[derive(Debug)]
 struct Clock {
-    /// The start event's id: distinguishes successive clocks of one rule on one referral.
+    rule: usize,
+    /// Tells clocks of one rule apart (e.g. the device reference); empty when the rule has none.
+    instance: String,
+    /// The id of the event that started this clock: part of every record id it causes.
     clock_id: String,
     started_at: Timestamp,
-    deadline: Timestamp,
-    status: ClockStatus,
-    /// Id of the `breached` record, for the correction a late `met` issues.
+    /// Deadline from the calendar, before pauses.
+    base_deadline: Timestamp,
+    paused_total: SignedDuration,
+    paused_since: Option<Timestamp>,
+    /// Id of the `breached` record, once emitted.
     breach_id: Option<String>,
-    /// Timers carry the generation they were set for; a finished clock's timers are ignored.
+    /// Bit i set: warning i fired or was skipped.
+    warned: u32,
+    /// Timers carry the generation they were set for; anything that reschedules bumps it.
     generation: u64,
+}
+
+impl Clock {
+    fn deadline(&self) -> Timestamp {
+        self.base_deadline
+            .saturating_add(self.paused_total)
+            .unwrap_or(self.base_deadline)
+    }
+
+    /// Time counted against the target up to `at`: wall time minus pauses.
+    fn elapsed(&self, at: Timestamp) -> SignedDuration {
+        let mut paused = self.paused_total;
+        if let Some(since) = self.paused_since {
+            paused += at.duration_since(since).max(SignedDuration::ZERO);
+        }
+        at.duration_since(self.started_at) - paused
+    }
+
+    fn allowed(&self) -> SignedDuration {
+        self.base_deadline.duration_since(self.started_at)
+    }
 }
 
 #[derive(Debug)]
 struct EarlyStop {
     rule: usize,
+    instance: String,
     occurred_at: Timestamp,
     event_id: String,
 }
@@ -65,14 +97,12 @@ struct EarlyStop {
 struct Referral {
     labels: SlaLabels,
     seen_event_ids: HashSet<String>,
-    /// One slot per rule.
-    clocks: Vec<Option<Clock>>,
+    clocks: Vec<Clock>,
     early_stops: Vec<EarlyStop>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKind {
-    /// Index into the rule's `warnings_percent`.
     Warning(usize),
     Deadline,
 }
@@ -82,7 +112,6 @@ struct Timer {
     at: Timestamp,
     seq: u64,
     referral_id: String,
-    rule: usize,
     generation: u64,
     kind: TimerKind,
 }
@@ -90,25 +119,118 @@ struct Timer {
 /// Counts of what the engine holds, for gauges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
+    pub referrals: usize,
     pub open_clocks: usize,
+    pub paused_clocks: usize,
     pub breached_open_clocks: usize,
     pub pending_timers: usize,
 }
 
-/// The SLA engine for one set of rules.
+/// An open clock, for `explain` and inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenClock {
+    pub rule_id: String,
+    pub clock_id: String,
+    pub instance: String,
+    pub started_at: Timestamp,
+    pub deadline: Timestamp,
+    pub paused: bool,
+    pub breached: bool,
+}
+
+/// The event's JSON form, computed only when a predicate or instance needs an attribute.
+struct LazyJson<'a> {
+    event: &'a ReferralEvent,
+    kind_json: String,
+    value: Option<serde_json::Value>,
+}
+
+impl LazyJson<'_> {
+    fn attribute(&mut self, name: &str) -> Option<&serde_json::Value> {
+        if self.value.is_none() {
+            self.value = Some(serde_json::to_value(self.event).unwrap_or_default());
+        }
+        self.value.as_ref()?.get(&self.kind_json)?.get(name)
+    }
+
+    fn matches(&mut self, condition: &Condition) -> bool {
+        condition.predicates.iter().all(|(attr, accepted)| {
+            let value = self.attribute(attr).cloned();
+            accepted.iter().any(|want| match &value {
+                Some(v) => v == want,
+                // proto3 JSON omits default values: absent means false, "" or the zero enum.
+                None => match want {
+                    serde_json::Value::Bool(b) => !b,
+                    serde_json::Value::String(s) => s.is_empty() || s.ends_with("_UNSPECIFIED"),
+                    _ => false,
+                },
+            })
+        })
+    }
+
+    fn instance(&mut self, attr: Option<&str>) -> String {
+        attr.and_then(|a| self.attribute(a))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+fn camel(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The SLA engine for one rule set.
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<Rule>,
+    calendars: CalendarBook,
+    /// Event kind -> the rules that react to it.
+    by_kind: HashMap<String, Vec<usize>>,
     referrals: HashMap<String, Referral>,
     timers: BTreeSet<Timer>,
     next_seq: u64,
     next_generation: u64,
 }
 
+/// What one event does to one rule's clocks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Matched {
+    start: bool,
+    stop: bool,
+    pause: bool,
+    resume: bool,
+    reset: bool,
+    cancel: bool,
+}
+
 impl Engine {
-    pub fn new(rules: Vec<Rule>) -> Self {
+    pub fn new(rules: RuleSet, calendars: CalendarBook) -> Self {
+        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, rule) in rules.rules.iter().enumerate() {
+            for kind in rule.kinds() {
+                let entry = by_kind.entry(kind.to_string()).or_default();
+                if !entry.contains(&i) {
+                    entry.push(i);
+                }
+            }
+        }
         Self {
-            rules,
+            rules: rules.rules,
+            calendars,
+            by_kind,
             referrals: HashMap::new(),
             timers: BTreeSet::new(),
             next_seq: 0,
@@ -123,158 +245,412 @@ impl Engine {
     /// What the engine holds now.
     pub fn stats(&self) -> EngineStats {
         let mut s = EngineStats {
+            referrals: self.referrals.len(),
             pending_timers: self.timers.len(),
             ..EngineStats::default()
         };
-        for r in self.referrals.values() {
-            for c in r.clocks.iter().flatten() {
-                s.open_clocks += 1;
-                if c.status == ClockStatus::Breached {
-                    s.breached_open_clocks += 1;
-                }
+        for c in self.referrals.values().flat_map(|r| &r.clocks) {
+            s.open_clocks += 1;
+            if c.paused_since.is_some() {
+                s.paused_clocks += 1;
+            }
+            if c.breach_id.is_some() {
+                s.breached_open_clocks += 1;
             }
         }
         s
     }
 
+    /// The open clocks of a referral.
+    pub fn open_clocks(&self, referral_id: &str) -> Vec<OpenClock> {
+        self.referrals
+            .get(referral_id)
+            .map(|r| {
+                r.clocks
+                    .iter()
+                    .map(|c| OpenClock {
+                        rule_id: self.rules[c.rule].id.clone(),
+                        clock_id: c.clock_id.clone(),
+                        instance: c.instance.clone(),
+                        started_at: c.started_at,
+                        deadline: c.deadline(),
+                        paused: c.paused_since.is_some(),
+                        breached: c.breach_id.is_some(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Applies one validated referral event at wall-clock time `now`.
     pub fn on_event(&mut self, event: &ReferralEvent, now: Timestamp) -> Vec<SlaEvent> {
         let mut out = Vec::new();
-        let (Some(kind), Some(occurred_at)) = (
+        let (Some(kind), Some(at)) = (
             event.kind.as_ref(),
             event.occurred_at.as_ref().and_then(to_jiff),
         ) else {
             return out;
         };
-        let rule_count = self.rules.len();
-        let referral = self
-            .referrals
-            .entry(event.referral_id.clone())
-            .or_insert_with(|| Referral {
-                clocks: (0..rule_count).map(|_| None).collect(),
-                ..Referral::default()
-            });
+        let kind_name = kind_name(kind);
+        let reacting = self.by_kind.get(kind_name).cloned().unwrap_or_default();
+        let referral = self.referrals.entry(event.referral_id.clone()).or_default();
         if !referral.seen_event_ids.insert(event.event_id.clone()) {
             return out; // duplicate
         }
+        let risk_before = referral.labels.risk.clone();
         update_labels(&mut referral.labels, &event.force_id, kind);
-        let kind = kind_name(kind);
+        let regraded = referral.labels.risk != risk_before;
 
-        for rule_idx in 0..rule_count {
+        let mut json = LazyJson {
+            event,
+            kind_json: camel(kind_name),
+            value: None,
+        };
+        let ctx = Ctx {
+            referral_id: &event.referral_id,
+            event_id: &event.event_id,
+            at,
+            now,
+        };
+        for rule_idx in reacting {
             let rule = &self.rules[rule_idx];
-            if rule.cancels_on(kind) {
-                if let Some(clock) = referral.clocks[rule_idx].take() {
-                    out.push(transition(
-                        rule,
-                        &event.referral_id,
-                        &referral.labels,
-                        &clock,
-                        SlaTransition::Cancelled,
-                        occurred_at,
-                        now,
-                        &event.event_id,
-                    ));
-                }
-                continue;
-            }
-            if rule.stops_on(kind) {
-                match &referral.clocks[rule_idx] {
-                    Some(clock) if occurred_at >= clock.started_at => {
-                        if let Some(clock) = referral.clocks[rule_idx].take() {
-                            complete(
-                                rule,
-                                &event.referral_id,
-                                &referral.labels,
-                                clock,
-                                occurred_at,
-                                now,
-                                &event.event_id,
-                                &mut out,
-                            );
-                        }
-                    }
-                    Some(_) => {} // a stop from before this clock began belongs to an earlier episode
-                    None => {
-                        if referral.early_stops.len() >= MAX_EARLY_STOPS {
-                            referral.early_stops.remove(0);
-                        }
-                        referral.early_stops.push(EarlyStop {
-                            rule: rule_idx,
-                            occurred_at,
-                            event_id: event.event_id.clone(),
-                        });
-                    }
-                }
-            }
-            if rule.starts_on(kind) && referral.clocks[rule_idx].is_none() {
-                let generation = self.next_generation;
-                self.next_generation += 1;
-                let clock = Clock {
-                    clock_id: event.event_id.clone(),
-                    started_at: occurred_at,
-                    deadline: occurred_at
-                        .saturating_add(rule.target)
-                        .unwrap_or(occurred_at),
-                    status: ClockStatus::Running,
-                    breach_id: None,
-                    generation,
-                };
-                out.push(transition(
-                    rule,
-                    &event.referral_id,
-                    &referral.labels,
-                    &clock,
-                    SlaTransition::Started,
-                    occurred_at,
-                    now,
-                    &event.event_id,
-                ));
-                // A stop that arrived first completes the clock at once.
-                let early = referral
-                    .early_stops
+            let test = |conds: &[Condition], json: &mut LazyJson<'_>| {
+                conds
                     .iter()
-                    .position(|s| s.rule == rule_idx && s.occurred_at >= occurred_at);
-                if let Some(pos) = early {
-                    let stop = referral.early_stops.remove(pos);
-                    complete(
-                        rule,
-                        &event.referral_id,
-                        &referral.labels,
-                        clock,
-                        stop.occurred_at,
-                        now,
-                        &stop.event_id,
-                        &mut out,
-                    );
-                    continue;
+                    .any(|c| c.event == kind_name && json.matches(c))
+            };
+            let m = Matched {
+                start: test(&rule.start, &mut json),
+                stop: test(&rule.stop, &mut json),
+                pause: test(&rule.pause, &mut json),
+                resume: test(&rule.resume, &mut json),
+                reset: test(&rule.reset, &mut json),
+                cancel: test(&rule.cancel, &mut json),
+            };
+            let instance = json.instance(rule.instance.as_deref());
+            self.apply(rule_idx, m, &instance, &ctx, &mut out);
+        }
+        if regraded {
+            self.regrade(&ctx);
+        }
+        // A closed referral with nothing left open is forgotten.
+        if matches!(kind, Kind::ReferralClosed(_)) {
+            if let Some(r) = self.referrals.get(&event.referral_id) {
+                if r.clocks.is_empty() {
+                    self.referrals.remove(&event.referral_id);
                 }
-                for (i, pct) in rule.warnings_percent.iter().enumerate() {
-                    let at = warning_at(&clock, rule.target, *pct);
-                    if at > now {
-                        self.timers.insert(Timer {
-                            at,
-                            seq: self.next_seq,
-                            referral_id: event.referral_id.clone(),
-                            rule: rule_idx,
-                            generation,
-                            kind: TimerKind::Warning(i),
-                        });
-                        self.next_seq += 1;
-                    }
-                }
-                self.timers.insert(Timer {
-                    at: clock.deadline,
-                    seq: self.next_seq,
-                    referral_id: event.referral_id.clone(),
-                    rule: rule_idx,
-                    generation,
-                    kind: TimerKind::Deadline,
-                });
-                self.next_seq += 1;
-                referral.clocks[rule_idx] = Some(clock);
             }
         }
         out
+    }
+
+    fn apply(
+        &mut self,
+        rule_idx: usize,
+        m: Matched,
+        instance: &str,
+        ctx: &Ctx<'_>,
+        out: &mut Vec<SlaEvent>,
+    ) {
+        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
+            return;
+        };
+        // An instance-less event affects every clock of the rule; one that names an instance,
+        // only that clock.
+        let affects =
+            |c: &Clock| c.rule == rule_idx && (instance.is_empty() || c.instance == instance);
+        let rule = &self.rules[rule_idx];
+
+        if m.cancel {
+            let (cancelled, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
+                .into_iter()
+                .partition(|c| affects(c));
+            referral.clocks = kept;
+            for clock in cancelled {
+                out.push(record(
+                    rule,
+                    ctx.referral_id,
+                    &referral.labels,
+                    &clock,
+                    SlaTransition::Cancelled,
+                    ctx.at,
+                    ctx.now,
+                    ctx.event_id,
+                ));
+            }
+            return;
+        }
+        if m.reset {
+            let (reset, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
+                .into_iter()
+                .partition(|c| affects(c));
+            referral.clocks = kept;
+            let restart: Vec<String> = reset.iter().map(|c| c.instance.clone()).collect();
+            for clock in reset {
+                out.push(record(
+                    rule,
+                    ctx.referral_id,
+                    &referral.labels,
+                    &clock,
+                    SlaTransition::Cancelled,
+                    ctx.at,
+                    ctx.now,
+                    ctx.event_id,
+                ));
+            }
+            for inst in restart {
+                self.start_clock(rule_idx, &inst, ctx.event_id, ctx, out);
+            }
+            return;
+        }
+        if m.stop {
+            let pos = referral.clocks.iter().position(|c| {
+                c.rule == rule_idx && c.instance == instance && ctx.at >= c.started_at
+            });
+            match pos {
+                Some(pos) => {
+                    let clock = referral.clocks.remove(pos);
+                    complete(
+                        rule,
+                        ctx.referral_id,
+                        &referral.labels,
+                        clock,
+                        ctx.at,
+                        ctx.now,
+                        ctx.event_id,
+                        out,
+                    );
+                    if rule.repeat {
+                        self.start_clock(rule_idx, instance, ctx.event_id, ctx, out);
+                        return;
+                    }
+                }
+                // An event that both stops and starts the rule (a review that also opens the next
+                // review period) starts a clock below; it is not an early stop.
+                None if m.start => {}
+                None => {
+                    if referral.early_stops.len() >= MAX_EARLY_STOPS {
+                        referral.early_stops.remove(0);
+                    }
+                    referral.early_stops.push(EarlyStop {
+                        rule: rule_idx,
+                        instance: instance.to_string(),
+                        occurred_at: ctx.at,
+                        event_id: ctx.event_id.to_string(),
+                    });
+                }
+            }
+        }
+        if m.pause {
+            for clock in referral.clocks.iter_mut().filter(|c| affects(c)) {
+                if clock.paused_since.is_none() && clock.breach_id.is_none() {
+                    clock.paused_since = Some(ctx.at);
+                    clock.generation = self.next_generation;
+                    self.next_generation += 1;
+                    let mut ev = record(
+                        rule,
+                        ctx.referral_id,
+                        &referral.labels,
+                        clock,
+                        SlaTransition::Paused,
+                        ctx.at,
+                        ctx.now,
+                        ctx.event_id,
+                    );
+                    ev.sla_event_id = derive_id(&[
+                        ctx.referral_id,
+                        &rule.id,
+                        &clock.clock_id,
+                        "paused",
+                        ctx.event_id,
+                    ]);
+                    out.push(ev);
+                }
+            }
+        }
+        if m.resume {
+            let mut resumed = Vec::new();
+            for clock in referral.clocks.iter_mut().filter(|c| affects(c)) {
+                if let Some(since) = clock.paused_since.take() {
+                    clock.paused_total += ctx.at.duration_since(since).max(SignedDuration::ZERO);
+                    let mut ev = record(
+                        rule,
+                        ctx.referral_id,
+                        &referral.labels,
+                        clock,
+                        SlaTransition::Resumed,
+                        ctx.at,
+                        ctx.now,
+                        ctx.event_id,
+                    );
+                    ev.sla_event_id = derive_id(&[
+                        ctx.referral_id,
+                        &rule.id,
+                        &clock.clock_id,
+                        "resumed",
+                        ctx.event_id,
+                    ]);
+                    out.push(ev);
+                    resumed.push(clock.generation);
+                }
+            }
+            for generation in resumed {
+                self.reschedule(ctx.referral_id, generation);
+            }
+        }
+        if m.start {
+            let referral = &self.referrals[ctx.referral_id];
+            let open = referral
+                .clocks
+                .iter()
+                .any(|c| c.rule == rule_idx && c.instance == instance);
+            if !open {
+                self.start_clock(rule_idx, instance, ctx.event_id, ctx, out);
+            }
+        }
+    }
+
+    /// Starts a clock of `rule_idx` at `ctx.at` if the rule applies to the referral.
+    fn start_clock(
+        &mut self,
+        rule_idx: usize,
+        instance: &str,
+        clock_id: &str,
+        ctx: &Ctx<'_>,
+        out: &mut Vec<SlaEvent>,
+    ) {
+        let rule = &self.rules[rule_idx];
+        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
+            return;
+        };
+        if !applies(rule, &referral.labels) {
+            return;
+        }
+        let force = referral.labels.force_id.clone();
+        let Some(base_deadline) =
+            deadline_for(&self.calendars, rule, &force, &referral.labels.risk, ctx.at)
+        else {
+            return;
+        };
+        let mut clock = Clock {
+            rule: rule_idx,
+            instance: instance.to_string(),
+            clock_id: clock_id.to_string(),
+            started_at: ctx.at,
+            base_deadline,
+            paused_total: SignedDuration::ZERO,
+            paused_since: None,
+            breach_id: None,
+            warned: 0,
+            generation: self.next_generation,
+        };
+        self.next_generation += 1;
+        out.push(record(
+            rule,
+            ctx.referral_id,
+            &referral.labels,
+            &clock,
+            SlaTransition::Started,
+            ctx.at,
+            ctx.now,
+            ctx.event_id,
+        ));
+        // A stop that arrived first completes the clock at once.
+        let early = referral
+            .early_stops
+            .iter()
+            .position(|s| s.rule == rule_idx && s.instance == instance && s.occurred_at >= ctx.at);
+        if let Some(pos) = early {
+            let stop = referral.early_stops.remove(pos);
+            complete(
+                rule,
+                ctx.referral_id,
+                &referral.labels,
+                clock,
+                stop.occurred_at,
+                ctx.now,
+                &stop.event_id,
+                out,
+            );
+            return;
+        }
+        // Warnings already past at start are skipped for good.
+        for (i, w) in rule.warnings.iter().enumerate() {
+            if warning_at(&clock, *w).is_none_or(|t| t <= ctx.now) {
+                clock.warned |= 1 << i;
+            }
+        }
+        let generation = clock.generation;
+        referral.clocks.push(clock);
+        self.reschedule(ctx.referral_id, generation);
+    }
+
+    /// Recomputes the deadlines of graded rules after the referral's risk changed.
+    fn regrade(&mut self, ctx: &Ctx<'_>) {
+        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
+            return;
+        };
+        let mut changed = Vec::new();
+        for clock in &mut referral.clocks {
+            let rule = &self.rules[clock.rule];
+            if !rule.graded() || clock.breach_id.is_some() {
+                continue;
+            }
+            let Some(base) = deadline_for(
+                &self.calendars,
+                rule,
+                &referral.labels.force_id,
+                &referral.labels.risk,
+                clock.started_at,
+            ) else {
+                continue;
+            };
+            if base != clock.base_deadline {
+                clock.base_deadline = base;
+                clock.generation = self.next_generation;
+                self.next_generation += 1;
+                changed.push(clock.generation);
+            }
+        }
+        for generation in changed {
+            self.reschedule(ctx.referral_id, generation);
+        }
+    }
+
+    /// Sets timers for the clock of `generation`: its pending warnings and its deadline. Old
+    /// timers of the clock are left to expire unread (their generation no longer matches).
+    fn reschedule(&mut self, referral_id: &str, generation: u64) {
+        let Some(referral) = self.referrals.get(referral_id) else {
+            return;
+        };
+        let Some(clock) = referral.clocks.iter().find(|c| c.generation == generation) else {
+            return;
+        };
+        if clock.paused_since.is_some() {
+            return;
+        }
+        let rule = &self.rules[clock.rule];
+        let mut due = Vec::new();
+        for (i, w) in rule.warnings.iter().enumerate() {
+            if clock.warned & (1 << i) == 0 {
+                if let Some(at) = warning_at(clock, *w) {
+                    due.push((at, TimerKind::Warning(i)));
+                }
+            }
+        }
+        if clock.breach_id.is_none() {
+            due.push((clock.deadline(), TimerKind::Deadline));
+        }
+        for (at, kind) in due {
+            self.timers.insert(Timer {
+                at,
+                seq: self.next_seq,
+                referral_id: referral_id.to_string(),
+                generation,
+                kind,
+            });
+            self.next_seq += 1;
+        }
     }
 
     /// Fires every warning and deadline due at or before `now`.
@@ -287,17 +663,24 @@ impl Engine {
             let Some(referral) = self.referrals.get_mut(&timer.referral_id) else {
                 continue;
             };
-            let rule = &self.rules[timer.rule];
-            let Some(clock) = referral.clocks[timer.rule].as_mut() else {
+            let Some(clock) = referral
+                .clocks
+                .iter_mut()
+                .find(|c| c.generation == timer.generation)
+            else {
                 continue;
             };
-            if clock.generation != timer.generation || clock.status != ClockStatus::Running {
+            if clock.paused_since.is_some() || clock.breach_id.is_some() {
                 continue;
             }
+            let rule = &self.rules[clock.rule];
             match timer.kind {
                 TimerKind::Warning(i) => {
-                    let pct = rule.warnings_percent[i];
-                    let mut ev = transition(
+                    if clock.warned & (1 << i) != 0 {
+                        continue;
+                    }
+                    clock.warned |= 1 << i;
+                    let mut ev = record(
                         rule,
                         &timer.referral_id,
                         &referral.labels,
@@ -307,28 +690,35 @@ impl Engine {
                         now,
                         "",
                     );
-                    ev.warning_percent = pct;
+                    let allowed = clock.allowed().as_secs_f64();
+                    ev.warning_percent = if allowed > 0.0 {
+                        (100.0 * clock.elapsed(timer.at).as_secs_f64() / allowed)
+                            .round()
+                            .clamp(0.0, 100.0) as u32
+                    } else {
+                        0
+                    };
                     ev.sla_event_id = derive_id(&[
                         &timer.referral_id,
                         &rule.id,
                         &clock.clock_id,
                         "warning",
-                        &pct.to_string(),
+                        &rule.warnings[i].label(),
                     ]);
                     out.push(ev);
                 }
                 TimerKind::Deadline => {
-                    let ev = transition(
+                    let deadline = clock.deadline();
+                    let ev = record(
                         rule,
                         &timer.referral_id,
                         &referral.labels,
                         clock,
                         SlaTransition::Breached,
-                        clock.deadline,
+                        deadline,
                         now,
                         "",
                     );
-                    clock.status = ClockStatus::Breached;
                     clock.breach_id = Some(ev.sla_event_id.clone());
                     out.push(ev);
                 }
@@ -338,13 +728,66 @@ impl Engine {
     }
 }
 
-fn warning_at(clock: &Clock, target: SignedDuration, pct: u32) -> Timestamp {
-    let nanos = target.as_nanos() * i128::from(pct) / 100;
-    let offset = SignedDuration::from_nanos(i64::try_from(nanos).unwrap_or(i64::MAX));
-    clock
-        .started_at
-        .saturating_add(offset)
-        .unwrap_or(clock.deadline)
+/// The parts of an input event every transition needs.
+struct Ctx<'a> {
+    referral_id: &'a str,
+    event_id: &'a str,
+    /// The event's `occurred_at`.
+    at: Timestamp,
+    /// Wall-clock time of processing.
+    now: Timestamp,
+}
+
+fn applies(rule: &Rule, labels: &SlaLabels) -> bool {
+    rule.applies_to.iter().all(|(field, values)| {
+        let value = match field {
+            LabelField::Force => &labels.force_id,
+            LabelField::Category => &labels.category,
+            LabelField::Risk => &labels.risk,
+            LabelField::ChildAgeBand => &labels.child_age_band,
+            LabelField::Area => &labels.area,
+            LabelField::Team => &labels.team,
+        };
+        values.contains(value)
+    })
+}
+
+fn deadline_for(
+    book: &CalendarBook,
+    rule: &Rule,
+    force: &str,
+    risk: &str,
+    start: Timestamp,
+) -> Option<Timestamp> {
+    let target = rule.target_for(force, risk);
+    let Some(calendar) = book.resolve(rule.calendar_for(force), force) else {
+        tracing::error!(rule = %rule.id, force, "no calendar for this rule and force; clock not started");
+        return None;
+    };
+    match calendar.deadline(start, target) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(rule = %rule.id, force, error.message = %e, "cannot compute a deadline; clock not started");
+            None
+        }
+    }
+}
+
+fn warning_at(clock: &Clock, warning: Warning) -> Option<Timestamp> {
+    let at = match warning {
+        Warning::Percent(pct) => {
+            let nanos = clock.allowed().as_nanos() * i128::from(pct) / 100;
+            let offset = SignedDuration::from_nanos(i64::try_from(nanos).ok()?);
+            clock
+                .started_at
+                .saturating_add(clock.paused_total)
+                .ok()?
+                .saturating_add(offset)
+                .ok()?
+        }
+        Warning::Before(lead) => clock.deadline().saturating_sub(lead).ok()?,
+    };
+    (at > clock.started_at && at < clock.deadline()).then_some(at)
 }
 
 /// Ends `clock` with a stop that occurred at `stopped_at`.
@@ -359,8 +802,11 @@ fn complete(
     cause: &str,
     out: &mut Vec<SlaEvent>,
 ) {
-    if stopped_at <= clock.deadline {
-        out.push(transition(
+    if let Some(since) = clock.paused_since.take() {
+        clock.paused_total += stopped_at.duration_since(since).max(SignedDuration::ZERO);
+    }
+    if stopped_at <= clock.deadline() {
+        out.push(record(
             rule,
             referral_id,
             labels,
@@ -371,7 +817,7 @@ fn complete(
             cause,
         ));
         if let Some(breach_id) = clock.breach_id.take() {
-            let mut correction = transition(
+            let mut correction = record(
                 rule,
                 referral_id,
                 labels,
@@ -385,23 +831,23 @@ fn complete(
             out.push(correction);
         }
     } else {
-        if clock.status != ClockStatus::Breached {
-            // The timer had not fired yet (or the stop arrived before the tick): the clock still
-            // breached, exactly once.
-            let breach = transition(
+        if clock.breach_id.is_none() {
+            // The timer had not fired yet: the clock still breached, exactly once.
+            let deadline = clock.deadline();
+            let breach = record(
                 rule,
                 referral_id,
                 labels,
                 &clock,
                 SlaTransition::Breached,
-                clock.deadline,
+                deadline,
                 now,
                 "",
             );
-            clock.status = ClockStatus::Breached;
+            clock.breach_id = Some(breach.sla_event_id.clone());
             out.push(breach);
         }
-        out.push(transition(
+        out.push(record(
             rule,
             referral_id,
             labels,
@@ -416,7 +862,7 @@ fn complete(
 
 /// Builds an SLA event for `clock`; its id depends only on the cause.
 #[allow(clippy::too_many_arguments)]
-fn transition(
+fn record(
     rule: &Rule,
     referral_id: &str,
     labels: &SlaLabels,
@@ -428,8 +874,8 @@ fn transition(
 ) -> SlaEvent {
     let name = what.as_str_name();
     let elapsed = match what {
-        SlaTransition::Breached => rule.target,
-        _ => occurred_at.duration_since(clock.started_at),
+        SlaTransition::Breached => clock.allowed(),
+        _ => clock.elapsed(occurred_at),
     };
     SlaEvent {
         sla_event_id: derive_id(&[referral_id, &rule.id, &clock.clock_id, name]),
@@ -440,11 +886,11 @@ fn transition(
         severity: rule.severity as i32,
         labels: Some(labels.clone()),
         started_at: Some(from_jiff(clock.started_at)),
-        deadline: Some(from_jiff(clock.deadline)),
+        deadline: Some(from_jiff(clock.deadline())),
         occurred_at: Some(from_jiff(occurred_at)),
         emitted_at: Some(from_jiff(now)),
         elapsed: Some(duration_from_jiff(elapsed)),
-        target: Some(duration_from_jiff(rule.target)),
+        target: Some(duration_from_jiff(clock.allowed())),
         warning_percent: 0,
         cause_event_id: cause_event_id.to_string(),
         corrects_sla_event_id: String::new(),
@@ -474,242 +920,31 @@ fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
             labels.team = r.team.clone();
         }
         Kind::RiskAssessed(r) => set_risk(labels, r.risk),
+        Kind::ChildMissingReported(r) => set_risk(labels, r.risk),
+        Kind::MissingRiskReviewed(r) => set_risk(labels, r.risk),
+        Kind::OnlineAbuseReferralReceived(r) => {
+            // NCA/CEOP priorities map onto the same four grades.
+            let risk =
+                match OnlinePriority::try_from(r.priority).unwrap_or(OnlinePriority::Unspecified) {
+                    OnlinePriority::Unspecified => RiskGrade::Unspecified,
+                    OnlinePriority::Low => RiskGrade::Low,
+                    OnlinePriority::Medium => RiskGrade::Medium,
+                    OnlinePriority::High => RiskGrade::High,
+                    OnlinePriority::VeryHigh => RiskGrade::VeryHigh,
+                };
+            set_risk(labels, risk as i32);
+        }
+        Kind::ChildDetained(d) => {
+            let age = AgeBand::try_from(d.child_age_band).unwrap_or(AgeBand::Unspecified);
+            if age != AgeBand::Unspecified {
+                labels.child_age_band = enum_label(age.as_str_name(), "AGE_BAND_");
+            }
+        }
         Kind::Allocated(a) if !a.team.is_empty() => labels.team = a.team.clone(),
         _ => {}
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use safeclock_common::rules::builtin_rules;
-    use safeclock_common::schema::v1::{ReferralClosed, ReferralReceived, VictimContacted};
-
-    fn ts(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
-
-    fn event(id: &str, referral: &str, at: &str, kind: Kind) -> ReferralEvent {
-        ReferralEvent {
-            event_id: id.into(),
-            referral_id: referral.into(),
-            force_id: "nottinghamshire".into(),
-            occurred_at: Some(from_jiff(ts(at))),
-            recorded_at: Some(from_jiff(ts(at))),
-            source_system: "test".into(),
-            kind: Some(kind),
-        }
-    }
-
-    fn received(id: &str, at: &str) -> ReferralEvent {
-        event(
-            id,
-            "R-1",
-            at,
-            Kind::ReferralReceived(ReferralReceived {
-                category: Category::Grooming as i32,
-                risk: RiskGrade::High as i32,
-                child_age_band: AgeBand::Aged13To15 as i32,
-                area: "city".into(),
-                team: "mash".into(),
-                referrer: "school".into(),
-            }),
-        )
-    }
-
-    fn contacted(id: &str, at: &str) -> ReferralEvent {
-        event(id, "R-1", at, Kind::VictimContacted(VictimContacted {}))
-    }
-
-    fn transitions(events: &[SlaEvent]) -> Vec<SlaTransition> {
-        events.iter().map(|e| e.transition()).collect()
-    }
-
-    #[test]
-    fn origin_case_breaches_at_24_hours_on_a_quiet_topic_then_met_late_at_five_days() {
-        let mut engine = Engine::new(builtin_rules());
-        let start = "2026-11-29T10:00:00Z";
-        let out = engine.on_event(&received("e1", start), ts(start));
-        assert_eq!(transitions(&out), [SlaTransition::Started]);
-        let started = &out[0];
-        assert_eq!(started.labels.as_ref().unwrap().category, "grooming");
-        assert_eq!(
-            started.labels.as_ref().unwrap().child_age_band,
-            "aged_13_to_15"
-        );
-
-        // Nothing due before 75 % of the target.
-        assert!(engine.on_tick(ts("2026-11-30T03:59:59Z")).is_empty());
-        let warn = engine.on_tick(ts("2026-11-30T04:00:00Z"));
-        assert_eq!(transitions(&warn), [SlaTransition::Warning]);
-        assert_eq!(warn[0].warning_percent, 75);
-
-        // No records arrive; the wall clock alone breaches it.
-        assert!(engine.on_tick(ts("2026-11-30T09:59:59Z")).is_empty());
-        let breach = engine.on_tick(ts("2026-11-30T10:00:00Z"));
-        assert_eq!(transitions(&breach), [SlaTransition::Breached]);
-        assert_eq!(
-            breach[0].deadline,
-            Some(from_jiff(ts("2026-11-30T10:00:00Z")))
-        );
-        assert_eq!(engine.stats().breached_open_clocks, 1);
-
-        let late = engine.on_event(
-            &contacted("e2", "2026-12-04T10:00:00Z"),
-            ts("2026-12-04T10:00:00Z"),
-        );
-        assert_eq!(transitions(&late), [SlaTransition::MetLate]);
-        assert_eq!(
-            duration_to_secs(late[0].elapsed.as_ref()),
-            5 * 24 * 3600,
-            "elapsed is measured in event time"
-        );
-        assert_eq!(engine.stats().open_clocks, 0);
-        assert!(engine.on_tick(ts("2027-01-01T00:00:00Z")).is_empty());
-    }
-
-    fn duration_to_secs(d: Option<&safeclock_common::schema::ProtoDuration>) -> i64 {
-        d.map(|d| d.seconds).unwrap_or_default()
-    }
-
-    #[test]
-    fn met_in_time_cancels_pending_timers() {
-        let mut engine = Engine::new(builtin_rules());
-        engine.on_event(
-            &received("e1", "2026-11-29T10:00:00Z"),
-            ts("2026-11-29T10:00:00Z"),
-        );
-        let out = engine.on_event(
-            &contacted("e2", "2026-11-29T12:00:00Z"),
-            ts("2026-11-29T12:00:00Z"),
-        );
-        assert_eq!(transitions(&out), [SlaTransition::Met]);
-        assert!(engine.on_tick(ts("2026-12-01T00:00:00Z")).is_empty());
-    }
-
-    #[test]
-    fn duplicates_are_ignored_by_event_id() {
-        let mut engine = Engine::new(builtin_rules());
-        let now = ts("2026-11-29T10:00:00Z");
-        assert_eq!(
-            engine
-                .on_event(&received("e1", "2026-11-29T10:00:00Z"), now)
-                .len(),
-            1
-        );
-        assert!(engine
-            .on_event(&received("e1", "2026-11-29T10:00:00Z"), now)
-            .is_empty());
-        assert_eq!(engine.stats().open_clocks, 1);
-    }
-
-    #[test]
-    fn warnings_already_past_at_start_are_skipped_but_the_deadline_fires() {
-        let mut engine = Engine::new(builtin_rules());
-        // Recorded 20 hours after it occurred: the 75 % warning (18 h) is already past.
-        engine.on_event(
-            &received("e1", "2026-11-29T10:00:00Z"),
-            ts("2026-11-30T06:00:00Z"),
-        );
-        let out = engine.on_tick(ts("2026-11-30T10:00:00Z"));
-        assert_eq!(transitions(&out), [SlaTransition::Breached]);
-    }
-
-    #[test]
-    fn a_late_arriving_stop_that_occurred_in_time_is_met_with_a_correction() {
-        let mut engine = Engine::new(builtin_rules());
-        engine.on_event(
-            &received("e1", "2026-11-29T10:00:00Z"),
-            ts("2026-11-29T10:00:00Z"),
-        );
-        let breach = engine.on_tick(ts("2026-11-30T10:00:01Z"));
-        let breach = breach
-            .iter()
-            .find(|e| e.transition() == SlaTransition::Breached)
-            .unwrap();
-        let out = engine.on_event(
-            &contacted("e2", "2026-11-30T09:00:00Z"),
-            ts("2026-11-30T11:00:00Z"),
-        );
-        assert_eq!(
-            transitions(&out),
-            [SlaTransition::Met, SlaTransition::Corrected]
-        );
-        assert_eq!(out[1].corrects_sla_event_id, breach.sla_event_id);
-    }
-
-    #[test]
-    fn a_stop_arriving_before_its_start_completes_the_clock_when_the_start_arrives() {
-        let mut engine = Engine::new(builtin_rules());
-        let now = ts("2026-11-29T13:00:00Z");
-        assert!(engine
-            .on_event(&contacted("e2", "2026-11-29T12:00:00Z"), now)
-            .is_empty());
-        let out = engine.on_event(&received("e1", "2026-11-29T10:00:00Z"), now);
-        assert_eq!(
-            transitions(&out),
-            [SlaTransition::Started, SlaTransition::Met]
-        );
-        assert_eq!(engine.stats().open_clocks, 0);
-        assert!(engine.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
-    }
-
-    #[test]
-    fn a_stop_after_the_deadline_before_the_tick_still_breaches_exactly_once() {
-        let mut engine = Engine::new(builtin_rules());
-        engine.on_event(
-            &received("e1", "2026-11-29T10:00:00Z"),
-            ts("2026-11-29T10:00:00Z"),
-        );
-        let out = engine.on_event(
-            &contacted("e2", "2026-12-01T10:00:00Z"),
-            ts("2026-12-01T10:00:00Z"),
-        );
-        assert_eq!(
-            transitions(&out),
-            [SlaTransition::Breached, SlaTransition::MetLate]
-        );
-        assert!(engine.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
-    }
-
-    #[test]
-    fn closing_the_referral_cancels_its_clocks() {
-        let mut engine = Engine::new(builtin_rules());
-        engine.on_event(
-            &received("e1", "2026-11-29T10:00:00Z"),
-            ts("2026-11-29T10:00:00Z"),
-        );
-        let closed = event(
-            "e9",
-            "R-1",
-            "2026-11-29T11:00:00Z",
-            Kind::ReferralClosed(ReferralClosed {
-                outcome: "no-further-action".into(),
-            }),
-        );
-        let out = engine.on_event(&closed, ts("2026-11-29T11:00:00Z"));
-        assert_eq!(transitions(&out), [SlaTransition::Cancelled]);
-        assert!(engine.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
-    }
-
-    #[test]
-    fn replaying_the_same_input_reproduces_the_same_ids() {
-        let run = || {
-            let mut engine = Engine::new(builtin_rules());
-            let mut ids = Vec::new();
-            for e in engine.on_event(
-                &received("e1", "2026-11-29T10:00:00Z"),
-                ts("2026-11-29T10:00:00Z"),
-            ) {
-                ids.push(e.sla_event_id);
-            }
-            for e in engine.on_tick(ts("2026-12-01T00:00:00Z")) {
-                ids.push(e.sla_event_id);
-            }
-            ids
-        };
-        let first = run();
-        assert_eq!(first.len(), 3);
-        assert_eq!(first, run());
-    }
-}
+#[path = "engine_tests.rs"]
+mod tests;

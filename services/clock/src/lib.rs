@@ -16,6 +16,7 @@
 //! is the next step of the engine's roadmap.
 
 pub mod engine;
+pub mod explain;
 pub mod metrics;
 
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ use tracing::Instrument;
 
 use crate::engine::Engine;
 use crate::metrics::ClockMetrics;
-use safeclock_common::rules::builtin_rules;
+use safeclock_common::policy::Policy;
 
 const SERVICE: &str = "clock";
 
@@ -63,7 +64,8 @@ pub async fn run(
         SERVICE,
         consumer_metrics.clone(),
     );
-    let mut engine = Engine::new(builtin_rules());
+    let policy = Policy::load(&settings)?;
+    let mut engine = Engine::new(policy.rules, policy.calendars);
     let mut tick = tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(input, output, rules = engine.rules().len(), "clock started");

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,33 @@ pub struct Settings {
     pub clock: ClockSettings,
     pub escalator: EscalatorSettings,
     pub exporter: ExporterSettings,
+    pub rules: RulesSettings,
+    pub calendars: CalendarSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesSettings {
+    /// Rule files or directories of `*.toml`; empty means the built-in default pack.
+    /// Relative paths in a config file are relative to that file.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalendarSettings {
+    /// Extra holiday feeds (published bank-holidays JSON format) merged over the built-in one.
+    #[serde(default)]
+    pub holiday_files: Vec<PathBuf>,
+    /// School term closures (TOML) replacing or adding school calendars.
+    #[serde(default)]
+    pub school_terms_file: Option<PathBuf>,
+    /// The working-day calendar of forces not listed in `by_force`.
+    pub default_force_calendar: String,
+    /// Force id -> working-day calendar name (e.g. a Scottish force -> "scotland").
+    #[serde(default)]
+    pub by_force: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -219,6 +246,8 @@ impl fmt::Debug for Settings {
             .field("clock", &self.clock)
             .field("escalator", &self.escalator)
             .field("exporter", &self.exporter)
+            .field("rules", &self.rules)
+            .field("calendars", &self.calendars)
             .finish()
     }
 }
@@ -280,11 +309,29 @@ impl Settings {
                 .source(Some(env)),
         );
         let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            settings.resolve_paths(dir);
+        }
         normalise_property_keys(&mut settings.kafka.properties);
         normalise_property_keys(&mut settings.kafka.consumer_properties);
         normalise_property_keys(&mut settings.kafka.producer_properties);
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Makes relative data paths relative to the config file's directory, never to the
+    /// process's working directory.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.rules.paths.iter_mut().for_each(fix);
+        self.calendars.holiday_files.iter_mut().for_each(fix);
+        if let Some(p) = self.calendars.school_terms_file.as_mut() {
+            fix(p);
+        }
     }
 
     /// Built-in defaults only (the demo and tests start from these).

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod policy;
 pub mod rules;
 pub mod schema;
 pub mod service;

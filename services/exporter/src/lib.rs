@@ -19,7 +19,8 @@ use safeclock_common::event::{
 };
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
-use safeclock_common::rules::{builtin_rules, LabelSet};
+use safeclock_common::policy::Policy;
+use safeclock_common::rules::LabelSet;
 use safeclock_common::schema::v1::{
     referral_event::Kind, Category, ReferralEvent, RiskGrade, SlaEvent, SlaTransition,
 };
@@ -43,11 +44,12 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(metrics: ExporterMetrics, forces: &[String]) -> Self {
+    /// `forces` and `rules` are the label values allowed; anything else is reported as `other`.
+    pub fn new(metrics: ExporterMetrics, forces: &[String], rules: &[String]) -> Self {
         Self {
             metrics,
             forces: LabelSet::new(forces.iter().cloned()),
-            rules: LabelSet::new(builtin_rules().into_iter().map(|r| r.id)),
+            rules: LabelSet::new(rules.iter().cloned()),
             seen_sla_events: RecentIds::new(DEDUP_WINDOW),
             seen_referral_events: RecentIds::new(DEDUP_WINDOW),
         }
@@ -123,7 +125,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
     let metrics = ExporterMetrics::register(&deps.registry)?;
-    let mut recorder = Recorder::new(metrics, &settings.forces);
+    let rule_ids: Vec<String> = Policy::load(&settings)?
+        .rules
+        .rules
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let mut recorder = Recorder::new(metrics, &settings.forces, &rule_ids);
     let referral_topic = settings.topic(Topic::ReferralEvents);
     let sla_topic = settings.topic(Topic::SlaEvents);
     let consumer = kafka::consumer(
@@ -212,7 +220,11 @@ mod tests {
     fn counts_breaches_once_observes_time_to_stop_and_bounds_labels() {
         let registry = Registry::new();
         let metrics = ExporterMetrics::register(&registry).unwrap();
-        let mut r = Recorder::new(metrics.clone(), &["nottinghamshire".to_string()]);
+        let mut r = Recorder::new(
+            metrics.clone(),
+            &["nottinghamshire".to_string()],
+            &["victim-contact".to_string()],
+        );
         let breach = sla(
             "b1",
             "nottinghamshire",
