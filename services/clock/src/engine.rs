@@ -36,10 +36,12 @@ use safeclock_common::ids::derive_id;
 pub use safeclock_common::policy::CalendarBook;
 use safeclock_common::rules::{Condition, LabelField, Rule, RuleSet, Warning};
 use safeclock_common::schema::v1::{
-    referral_event::Kind, AgeBand, Category, OnlinePriority, ReferralEvent, RiskGrade, SlaEvent,
-    SlaLabels, SlaTransition,
+    referral_event::Kind, AgeBand, Category, ClockState, EarlyStopState, OnlinePriority,
+    ReferralEvent, ReferralState, RiskGrade, SlaEvent, SlaLabels, SlaTransition,
 };
-use safeclock_common::schema::{duration_from_jiff, enum_label, from_jiff, to_jiff};
+use safeclock_common::schema::{
+    duration_from_jiff, duration_to_jiff, enum_label, from_jiff, to_jiff,
+};
 
 /// How many stop events that arrived before their start are remembered per referral.
 const MAX_EARLY_STOPS: usize = 16;
@@ -203,6 +205,8 @@ pub struct Engine {
     timers: BTreeSet<Timer>,
     next_seq: u64,
     next_generation: u64,
+    /// Referrals whose state changed since the last [`Engine::take_dirty`].
+    dirty: HashSet<String>,
 }
 
 /// What one event does to one rule's clocks.
@@ -235,7 +239,125 @@ impl Engine {
             timers: BTreeSet::new(),
             next_seq: 0,
             next_generation: 0,
+            dirty: HashSet::new(),
         }
+    }
+
+    /// The referrals whose state changed since the last call: their new state (or its absence)
+    /// must reach the changelog before the inputs that changed them are committed.
+    pub fn take_dirty(&mut self) -> Vec<String> {
+        let mut ids: Vec<String> = self.dirty.drain().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The durable form of a referral's state; `None` once the engine holds nothing for it
+    /// (write a tombstone).
+    pub fn export(&self, referral_id: &str) -> Option<ReferralState> {
+        let r = self.referrals.get(referral_id)?;
+        let mut seen: Vec<String> = r.seen_event_ids.iter().cloned().collect();
+        seen.sort();
+        Some(ReferralState {
+            referral_id: referral_id.to_string(),
+            labels: Some(r.labels.clone()),
+            seen_event_ids: seen,
+            clocks: r
+                .clocks
+                .iter()
+                .map(|c| ClockState {
+                    rule_id: self.rules[c.rule].id.clone(),
+                    instance: c.instance.clone(),
+                    clock_id: c.clock_id.clone(),
+                    started_at: Some(from_jiff(c.started_at)),
+                    base_deadline: Some(from_jiff(c.base_deadline)),
+                    paused_total: Some(duration_from_jiff(c.paused_total)),
+                    paused_since: c.paused_since.map(from_jiff),
+                    breach_id: c.breach_id.clone().unwrap_or_default(),
+                    warned: c.warned,
+                })
+                .collect(),
+            early_stops: r
+                .early_stops
+                .iter()
+                .map(|s| EarlyStopState {
+                    rule_id: self.rules[s.rule].id.clone(),
+                    instance: s.instance.clone(),
+                    occurred_at: Some(from_jiff(s.occurred_at)),
+                    event_id: s.event_id.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Restores a referral's state from the changelog and sets its timers; deadlines already
+    /// passed fire on the next tick. Clocks of rules that no longer exist are dropped.
+    pub fn import(&mut self, state: ReferralState) {
+        let rule_index: HashMap<&str, usize> = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        let mut clocks = Vec::with_capacity(state.clocks.len());
+        for c in state.clocks {
+            let Some(&rule) = rule_index.get(c.rule_id.as_str()) else {
+                tracing::warn!(rule = %c.rule_id, referral_id = %state.referral_id, "restored clock of an unknown rule dropped");
+                continue;
+            };
+            let (Some(started_at), Some(base_deadline)) = (
+                c.started_at.as_ref().and_then(to_jiff),
+                c.base_deadline.as_ref().and_then(to_jiff),
+            ) else {
+                continue;
+            };
+            clocks.push(Clock {
+                rule,
+                instance: c.instance,
+                clock_id: c.clock_id,
+                started_at,
+                base_deadline,
+                paused_total: c
+                    .paused_total
+                    .as_ref()
+                    .map(duration_to_jiff)
+                    .unwrap_or_default(),
+                paused_since: c.paused_since.as_ref().and_then(to_jiff),
+                breach_id: (!c.breach_id.is_empty()).then_some(c.breach_id),
+                warned: c.warned,
+                generation: self.next_generation,
+            });
+            self.next_generation += 1;
+        }
+        let early_stops = state
+            .early_stops
+            .into_iter()
+            .filter_map(|s| {
+                Some(EarlyStop {
+                    rule: *rule_index.get(s.rule_id.as_str())?,
+                    instance: s.instance,
+                    occurred_at: s.occurred_at.as_ref().and_then(to_jiff)?,
+                    event_id: s.event_id,
+                })
+            })
+            .collect();
+        let generations: Vec<u64> = clocks.iter().map(|c| c.generation).collect();
+        self.referrals.insert(
+            state.referral_id.clone(),
+            Referral {
+                labels: state.labels.unwrap_or_default(),
+                seen_event_ids: state.seen_event_ids.into_iter().collect(),
+                clocks,
+                early_stops,
+            },
+        );
+        for generation in generations {
+            self.reschedule(&state.referral_id, generation);
+        }
+    }
+
+    /// Forgets a referral (a tombstone in the changelog).
+    pub fn forget(&mut self, referral_id: &str) {
+        self.referrals.remove(referral_id);
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -297,6 +419,7 @@ impl Engine {
         if !referral.seen_event_ids.insert(event.event_id.clone()) {
             return out; // duplicate
         }
+        self.dirty.insert(event.referral_id.clone());
         let risk_before = referral.labels.risk.clone();
         update_labels(&mut referral.labels, &event.force_id, kind);
         let regraded = referral.labels.risk != risk_before;
@@ -673,6 +796,7 @@ impl Engine {
             if clock.paused_since.is_some() || clock.breach_id.is_some() {
                 continue;
             }
+            self.dirty.insert(timer.referral_id.clone());
             let rule = &self.rules[clock.rule];
             match timer.kind {
                 TimerKind::Warning(i) => {

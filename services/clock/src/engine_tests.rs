@@ -46,6 +46,8 @@ target = "1 working day"
 event = "referral_received"
 [[rule.stop]]
 event = "referral_decision_made"
+[[rule.cancel]]
+event = "referral_closed"
 [rule.overrides.metropolitan]
 target = "24h"
 calendar = "24x7"
@@ -597,4 +599,80 @@ fn replaying_the_same_input_reproduces_the_same_ids() {
     let first = run();
     assert!(first.len() >= 4);
     assert_eq!(first, run());
+}
+
+#[test]
+fn state_restored_from_the_changelog_continues_the_clock_and_fires_overdue_deadlines() {
+    let mut a = engine();
+    a.on_event(
+        &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+        ts("2026-11-29T10:00:00Z"),
+    );
+    a.on_event(
+        &event("e2", "2026-11-29T12:00:00Z", r#""childMissingReported":{}"#),
+        ts("2026-11-29T12:00:00Z"),
+    );
+    a.on_event(
+        &event("e3", "2026-11-29T14:00:00Z", r#""missingChildFound":{}"#),
+        ts("2026-11-29T14:00:00Z"),
+    );
+    let warned = a.on_tick(ts("2026-11-30T06:00:00Z"));
+    assert_eq!(
+        transitions(&warned, "victim-contact"),
+        [SlaTransition::Warning]
+    );
+    let dirty = a.take_dirty();
+    assert_eq!(dirty, ["R-1"]);
+    let state = a.export("R-1").unwrap();
+    // Through the wire format and back, as the changelog carries it.
+    let bytes = prost::Message::encode_to_vec(&state);
+    let state: ReferralState = prost::Message::decode(bytes.as_slice()).unwrap();
+
+    // The same story continued without a restart...
+    let expected = a.on_tick(ts("2026-12-02T00:00:00Z"));
+    // ...and after a crash, restored into a new engine long after the deadline.
+    let mut b = engine();
+    b.import(state);
+    let restored = b.on_tick(ts("2026-12-02T00:00:00Z"));
+    assert_eq!(
+        transitions(&restored, "victim-contact"),
+        [SlaTransition::Breached],
+        "the overdue deadline fires at once, the warning does not repeat"
+    );
+    let ids = |v: &[SlaEvent]| v.iter().map(|e| e.sla_event_id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&restored),
+        ids(&expected),
+        "identical ids, so consumers de-duplicate"
+    );
+    assert_eq!(
+        deadline(of_rule(&restored, "victim-contact")[0]),
+        ts("2026-11-30T12:00:00Z"),
+        "the 2 h pause survives the restore"
+    );
+    // Duplicates are still recognised after the restore.
+    assert!(b
+        .on_event(
+            &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+            ts("2026-12-02T00:00:00Z")
+        )
+        .is_empty());
+}
+
+#[test]
+fn a_closed_referral_is_exported_as_nothing() {
+    let mut e = engine();
+    e.on_event(
+        &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+        ts("2026-11-29T10:00:00Z"),
+    );
+    e.on_event(
+        &event("e2", "2026-11-29T11:00:00Z", r#""referralClosed":{}"#),
+        ts("2026-11-29T11:00:00Z"),
+    );
+    assert_eq!(e.take_dirty(), ["R-1"]);
+    assert!(
+        e.export("R-1").is_none(),
+        "a tombstone goes to the changelog"
+    );
 }

@@ -1,46 +1,179 @@
 //! The clock service: the SLA engine on Kafka.
 //!
 //! Reads `referral-events`, runs a clock for every rule that applies, and publishes each
-//! transition (started, warning, breached, met, met late, cancelled, corrected) to `sla-events`,
-//! keyed by referral id.
+//! transition (started, warning, breached, met, met late, paused, resumed, cancelled, corrected)
+//! to `sla-events`, keyed by referral id.
+//!
+//! # State
+//! One [`Engine`] per assigned input partition. Every referral whose state changes is written to
+//! the compacted `clock-state` changelog, to the same partition number as its input partition.
+//! When a partition is assigned (at start, after a crash, or on a rebalance) its state is
+//! restored from the changelog before any of its records are processed, and its timers are set
+//! again: deadlines that passed while no instance held the partition fire on the next tick. When
+//! a partition is revoked its engine is dropped, so its timers stop firing here.
 //!
 //! # Delivery contract
-//! At-least-once. For each batch of input records, the SLA events they cause (and dead letters
-//! for invalid ones) are produced and acknowledged by the broker before the batch's offsets are
-//! stored for commit. Timer transitions (warnings, breaches) are produced on a wall-clock tick,
-//! whether or not input arrives. SLA event ids are derived from their cause, so re-processing
-//! after a crash reproduces identical ids and consumers de-duplicate.
+//! At-least-once, in this order for every batch of input records and every tick:
+//! 1. the SLA events (and dead letters) are produced and acknowledged by the broker;
+//! 2. then the changed referral states are produced to the changelog and acknowledged;
+//! 3. then the input offsets are stored for commit.
 //!
-//! Open clocks live in memory in this version: a restart rebuilds only what it re-reads after
-//! the committed offsets. The compacted clock-state changelog (restored on partition assignment)
-//! is the next step of the engine's roadmap.
+//! A crash between 1 and 2 restores the older state and re-emits the same transitions with the
+//! same ids (consumers de-duplicate); a crash between 2 and 3 re-reads inputs the restored state
+//! has already seen, which are ignored as duplicates. No transition is lost either way.
 
 pub mod engine;
 pub mod explain;
 pub mod metrics;
+pub mod restore;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use safeclock_common::event::{decode_referral_event, transition_label};
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
+use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
+use safeclock_common::policy::Policy;
 use safeclock_common::schema::v1::SlaEvent;
 use safeclock_common::service::ServiceDeps;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineStats};
 use crate::metrics::ClockMetrics;
-use safeclock_common::policy::Policy;
 
 const SERVICE: &str = "clock";
+
+/// The clock's Kafka side: where it writes, and how.
+struct Outputs {
+    producer: FutureProducer,
+    sla_topic: String,
+    changelog: String,
+    metrics: ClockMetrics,
+}
+
+impl Outputs {
+    async fn publish(&self, event: &SlaEvent) -> anyhow::Result<DeliveryFuture> {
+        let payload = serde_json::to_vec(event)?;
+        self.metrics
+            .emitted
+            .with_label_values(&[transition_label(event.transition())])
+            .inc();
+        let record = FutureRecord::<str, [u8]>::to(&self.sla_topic)
+            .key(&event.referral_id)
+            .payload(&payload);
+        kafka::enqueue(&self.producer, record).await
+    }
+
+    /// Publishes `events`, waits for the broker, then writes the changed state of every engine
+    /// and waits again (see the delivery contract in the module doc).
+    async fn commit_effects(
+        &self,
+        events: &[SlaEvent],
+        mut deliveries: Vec<DeliveryFuture>,
+        engines: &mut BTreeMap<i32, Engine>,
+    ) -> anyhow::Result<()> {
+        for ev in events {
+            deliveries.push(self.publish(ev).await?);
+        }
+        kafka::await_deliveries(deliveries).await?;
+        let mut state_writes = Vec::new();
+        for (partition, engine) in engines.iter_mut() {
+            for referral_id in engine.take_dirty() {
+                let payload = engine
+                    .export(&referral_id)
+                    .map(|s| prost::Message::encode_to_vec(&s));
+                let mut record = FutureRecord::<str, [u8]>::to(&self.changelog)
+                    .partition(*partition)
+                    .key(&referral_id);
+                if let Some(bytes) = payload.as_deref() {
+                    record = record.payload(bytes);
+                }
+                state_writes.push(kafka::enqueue(&self.producer, record).await?);
+            }
+        }
+        self.metrics
+            .state_writes
+            .inc_by(u64::try_from(state_writes.len()).unwrap_or(u64::MAX));
+        kafka::await_deliveries(state_writes).await
+    }
+}
+
+/// Restores engines for newly assigned partitions and drops those of revoked ones.
+async fn sync_assignment(
+    consumer: &ServiceConsumer,
+    input: &str,
+    deps: &ServiceDeps,
+    policy: &Policy,
+    engines: &mut BTreeMap<i32, Engine>,
+    metrics: &ClockMetrics,
+) -> anyhow::Result<()> {
+    let assigned: Vec<i32> = match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements_for_topic(input)
+            .iter()
+            .map(|e| e.partition())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "cannot read the partition assignment");
+            return Ok(());
+        }
+    };
+    engines.retain(|p, _| {
+        let keep = assigned.contains(p);
+        if !keep {
+            tracing::info!(partition = p, "partition revoked: its clocks stop here");
+        }
+        keep
+    });
+    let missing: Vec<i32> = assigned
+        .into_iter()
+        .filter(|p| !engines.contains_key(p))
+        .collect();
+    for p in missing {
+        let started = Instant::now();
+        let (engine, records) =
+            restore::restore_partition(deps.settings.clone(), policy.clone(), p).await?;
+        let stats = engine.stats();
+        metrics
+            .restore_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition = p,
+            records,
+            referrals = stats.referrals,
+            open_clocks = stats.open_clocks,
+            seconds = started.elapsed().as_secs_f64(),
+            "partition state restored"
+        );
+        engines.insert(p, engine);
+    }
+    Ok(())
+}
+
+fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &ClockMetrics) {
+    let mut total = EngineStats::default();
+    for e in engines.values() {
+        let s = e.stats();
+        total.open_clocks += s.open_clocks;
+        total.pending_timers += s.pending_timers;
+        total.paused_clocks += s.paused_clocks;
+        total.breached_open_clocks += s.breached_open_clocks;
+    }
+    let set = |g: &prometheus::IntGauge, v: usize| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+    set(&metrics.open_clocks, total.open_clocks);
+    set(&metrics.pending_timers, total.pending_timers);
+    set(&metrics.partitions, engines.len());
+}
 
 /// Runs the clock service until `shutdown` is cancelled.
 ///
 /// # Errors
-/// When Kafka clients cannot be created or the broker refuses to acknowledge outputs.
+/// When the rules or calendars are invalid, Kafka clients cannot be created, state cannot be
+/// restored, or the broker refuses to acknowledge outputs.
 pub async fn run(
     deps: ServiceDeps,
     consumer_metrics: ConsumerMetrics,
@@ -48,8 +181,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
     let metrics = ClockMetrics::register(&deps.registry)?;
+    let policy = Policy::load(&settings)?;
     let input = settings.topic(Topic::ReferralEvents);
-    let output = settings.topic(Topic::SlaEvents);
     let consumer = kafka::consumer(
         &settings,
         SERVICE,
@@ -58,34 +191,35 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     let producer = kafka::producer(&settings)?;
-    let dead_letters = DeadLetters::new(
-        producer.clone(),
-        &settings,
-        SERVICE,
-        consumer_metrics.clone(),
-    );
-    let policy = Policy::load(&settings)?;
-    let mut engine = Engine::new(policy.rules, policy.calendars);
+    let outputs = Outputs {
+        producer: producer.clone(),
+        sla_topic: settings.topic(Topic::SlaEvents),
+        changelog: settings.topic(Topic::ClockState),
+        metrics: metrics.clone(),
+    };
+    restore::check_copartitioned(&settings).await?;
+    let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
+    let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!(input, output, rules = engine.rules().len(), "clock started");
+    tracing::info!(
+        input,
+        output = outputs.sla_topic,
+        changelog = outputs.changelog,
+        rules = policy.rules.rules.len(),
+        "clock started"
+    );
 
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                let due = engine.on_tick(deps.time.now());
-                if !due.is_empty() {
-                    let mut deliveries = Vec::with_capacity(due.len());
-                    for ev in &due {
-                        deliveries.push(publish(&producer, &output, ev, &metrics).await?);
-                    }
-                    kafka::await_deliveries(deliveries).await?;
-                }
-                let stats = engine.stats();
-                metrics.open_clocks.set(i64::try_from(stats.open_clocks).unwrap_or(i64::MAX));
-                metrics.pending_timers.set(i64::try_from(stats.pending_timers).unwrap_or(i64::MAX));
+                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics).await?;
+                let now = deps.time.now();
+                let due: Vec<SlaEvent> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
+                outputs.commit_effects(&due, Vec::new(), &mut engines).await?;
+                update_gauges(&engines, &metrics);
             }
             batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
                 let batch = match batch {
@@ -97,26 +231,31 @@ pub async fn run(
                     }
                 };
                 let started = Instant::now();
-                let mut deliveries = Vec::new();
+                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics).await?;
+                let mut events = Vec::new();
+                let mut dead = Vec::new();
                 let mut offsets = OffsetBook::default();
                 for message in &batch {
                     consumer_metrics.consumed.with_label_values(&[SERVICE, message.topic()]).inc();
                     let span = tracing::debug_span!("record", topic = message.topic(), partition = message.partition(), offset = message.offset());
-                    async {
-                        match decode_referral_event(message.payload().unwrap_or_default()) {
-                            Err(rejection) => deliveries.push(dead_letters.send(message, &rejection).await?),
-                            Ok(event) => {
-                                tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
-                                for ev in engine.on_event(&event, deps.time.now()) {
-                                    deliveries.push(publish(&producer, &output, &ev, &metrics).await?);
-                                }
-                            }
+                    let _enter = span.enter();
+                    let Some(engine) = engines.get_mut(&message.partition()) else {
+                        // Revoked between the fetch and now: its new owner processes it.
+                        continue;
+                    };
+                    match decode_referral_event(message.payload().unwrap_or_default()) {
+                        Err(rejection) => {
+                            drop(_enter);
+                            dead.push(dead_letters.send(message, &rejection).instrument(span.clone()).await?);
                         }
-                        anyhow::Ok(())
-                    }.instrument(span).await?;
+                        Ok(event) => {
+                            tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
+                            events.extend(engine.on_event(&event, deps.time.now()));
+                        }
+                    }
                     offsets.handled(message);
                 }
-                kafka::await_deliveries(deliveries).await?;
+                outputs.commit_effects(&events, dead, &mut engines).await?;
                 offsets.store(&consumer);
                 consumer_metrics.batch_seconds.with_label_values(&[SERVICE]).observe(started.elapsed().as_secs_f64());
             }
@@ -125,21 +264,4 @@ pub async fn run(
     kafka::commit_stored(&consumer, SERVICE);
     tracing::info!("clock stopped");
     Ok(())
-}
-
-async fn publish(
-    producer: &FutureProducer,
-    topic: &str,
-    event: &SlaEvent,
-    metrics: &ClockMetrics,
-) -> anyhow::Result<DeliveryFuture> {
-    let payload = serde_json::to_vec(event)?;
-    metrics
-        .emitted
-        .with_label_values(&[transition_label(event.transition())])
-        .inc();
-    let record = FutureRecord::<str, [u8]>::to(topic)
-        .key(&event.referral_id)
-        .payload(&payload);
-    kafka::enqueue(producer, record).await
 }

@@ -1,7 +1,7 @@
 //! The clock service's own metrics. (Responsiveness metrics for dashboards come from the
 //! exporter, which reads the SLA events this service publishes.)
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct ClockMetrics {
@@ -11,6 +11,12 @@ pub struct ClockMetrics {
     pub pending_timers: IntGauge,
     /// `safeclock_clock_sla_events_emitted_total{transition}`.
     pub emitted: IntCounterVec,
+    /// `safeclock_clock_partitions`: input partitions this instance holds.
+    pub partitions: IntGauge,
+    /// `safeclock_clock_state_writes_total`: referral states written to the changelog.
+    pub state_writes: IntCounter,
+    /// `safeclock_clock_restore_seconds`: time to restore one partition from the changelog.
+    pub restore_seconds: Histogram,
 }
 
 impl ClockMetrics {
@@ -32,6 +38,26 @@ impl ClockMetrics {
             ),
             &["transition"],
         )?;
+        let partitions = IntGauge::new(
+            "safeclock_clock_partitions",
+            "Input partitions held (and restored) by this instance.",
+        )?;
+        let state_writes = IntCounter::new(
+            "safeclock_clock_state_writes_total",
+            "Referral states (or tombstones) written to the clock-state changelog.",
+        )?;
+        let restore_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "safeclock_clock_restore_seconds",
+                "Time to restore one partition's clocks from the changelog.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
+        )?;
+        registry.register(Box::new(partitions.clone()))?;
+        registry.register(Box::new(state_writes.clone()))?;
+        registry.register(Box::new(restore_seconds.clone()))?;
         registry.register(Box::new(open_clocks.clone()))?;
         registry.register(Box::new(pending_timers.clone()))?;
         registry.register(Box::new(emitted.clone()))?;
@@ -39,6 +65,9 @@ impl ClockMetrics {
             open_clocks,
             pending_timers,
             emitted,
+            partitions,
+            state_writes,
+            restore_seconds,
         })
     }
 }

@@ -41,16 +41,25 @@ pub enum Topic {
     EscalationLog,
     /// Records any consumer refused, with the reason in headers. Key: the original key.
     DeadLetter,
+    /// The clock's durable state (compacted; binary protobuf). Key: referral id. Partitioned
+    /// like `ReferralEvents`.
+    ClockState,
 }
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 4] = [
+    pub const ALL: [Topic; 5] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
         Topic::EscalationLog,
         Topic::DeadLetter,
+        Topic::ClockState,
     ];
+
+    /// Whether only the latest record per key matters (the topic is compacted).
+    pub fn compacted(self) -> bool {
+        matches!(self, Topic::ClockState)
+    }
 
     /// The name without the deployment's prefix.
     pub fn base_name(self) -> &'static str {
@@ -59,6 +68,7 @@ impl Topic {
             Topic::SlaEvents => "sla-events.v1",
             Topic::EscalationLog => "escalation-log.v1",
             Topic::DeadLetter => "dead-letter.v1",
+            Topic::ClockState => "clock-state.v1",
         }
     }
 }
@@ -217,12 +227,18 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
     let names: Vec<String> = topics.iter().map(|t| settings.topic(*t)).collect();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| {
-            NewTopic::new(
+        .zip(topics)
+        .map(|(n, t)| {
+            let topic = NewTopic::new(
                 n,
                 settings.kafka.partitions,
                 TopicReplication::Fixed(settings.kafka.replication_factor),
-            )
+            );
+            if t.compacted() {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
