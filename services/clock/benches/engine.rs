@@ -1,0 +1,258 @@
+//! Engine benchmarks, without Kafka, on one core: `cargo bench -p safeclock-clock --bench engine`.
+//!
+//! 1. throughput: events/s through `Engine::on_event` (+ ticks) for a realistic mix of referral
+//!    events under the default rule pack;
+//! 2. memory: heap bytes per open clock with 1,000,000 open clocks (counted by a global allocator
+//!    wrapper, so the figure is exact for the engine's own allocations);
+//! 3. restore: time to rebuild the engine from changelog records (decode + import) for 1,000,000
+//!    open clocks.
+//!
+//! Sizes can be reduced for a quick run: `SAFECLOCK_BENCH_CLOCKS=100000`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// The counting allocator below is the only unsafe code in the workspace: it wraps the system
+// allocator to measure the engine's heap exactly.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Instant;
+
+use jiff::{SignedDuration, Timestamp};
+use safeclock_clock::engine::Engine;
+use safeclock_common::policy::{CalendarBook, Policy};
+use safeclock_common::rules::RuleSet;
+use safeclock_common::schema::from_jiff;
+use safeclock_common::schema::v1::{
+    referral_event::Kind, AgeBand, Allocated, Category, DeviceExamined, DeviceSeized,
+    ReferralClosed, ReferralDecisionMade, ReferralEvent, ReferralReceived, ReferralState,
+    RiskAssessed, RiskGrade, VictimContacted,
+};
+
+struct Counting;
+static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every method delegates to the system allocator with the caller's arguments unchanged;
+// the counter is only arithmetic.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        ALLOCATED.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATED.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn event(referral: &str, n: u32, at: Timestamp, kind: Kind) -> ReferralEvent {
+    ReferralEvent {
+        event_id: format!("{referral}-e{n}"),
+        referral_id: referral.to_string(),
+        force_id: "nottinghamshire".into(),
+        occurred_at: Some(from_jiff(at)),
+        recorded_at: Some(from_jiff(at)),
+        source_system: "bench".into(),
+        kind: Some(kind),
+    }
+}
+
+fn received(referral: &str, at: Timestamp, i: usize) -> ReferralEvent {
+    let categories = [
+        Category::Grooming,
+        Category::Neglect,
+        Category::PhysicalAbuse,
+        Category::OnlineAbuse,
+        Category::ChildSexualAbuse,
+    ];
+    event(
+        referral,
+        1,
+        at,
+        Kind::ReferralReceived(ReferralReceived {
+            category: categories[i % categories.len()] as i32,
+            risk: [RiskGrade::Low, RiskGrade::Medium, RiskGrade::High][i % 3] as i32,
+            child_age_band: AgeBand::Aged13To15 as i32,
+            area: "city".into(),
+            team: "mash".into(),
+            referrer: "school".into(),
+        }),
+    )
+}
+
+/// A realistic stream: each referral is received, decided, allocated, its victim contacted,
+/// sometimes re-graded, sometimes a device seized and examined, and finally closed.
+fn stream(referrals: usize, start: Timestamp) -> Vec<ReferralEvent> {
+    let mut out = Vec::with_capacity(referrals * 7);
+    for i in 0..referrals {
+        let r = format!("R-B-{i:08}");
+        let t = start + SignedDuration::from_secs(i as i64 * 30);
+        out.push(received(&r, t, i));
+        out.push(event(
+            &r,
+            2,
+            t + SignedDuration::from_hours(3),
+            Kind::ReferralDecisionMade(ReferralDecisionMade {
+                decision: "section-47".into(),
+                referrer_acknowledged: true,
+            }),
+        ));
+        out.push(event(
+            &r,
+            3,
+            t + SignedDuration::from_hours(4),
+            Kind::Allocated(Allocated {
+                team: "pvp".into(),
+                specialist_trained: true,
+            }),
+        ));
+        out.push(event(
+            &r,
+            4,
+            t + SignedDuration::from_hours(6),
+            Kind::VictimContacted(VictimContacted {}),
+        ));
+        if i % 4 == 0 {
+            out.push(event(
+                &r,
+                5,
+                t + SignedDuration::from_hours(7),
+                Kind::RiskAssessed(RiskAssessed {
+                    risk: RiskGrade::High as i32,
+                }),
+            ));
+        }
+        if i % 5 == 0 {
+            out.push(event(
+                &r,
+                6,
+                t + SignedDuration::from_hours(8),
+                Kind::DeviceSeized(DeviceSeized {
+                    device_ref: "DEV-1".into(),
+                }),
+            ));
+            out.push(event(
+                &r,
+                7,
+                t + SignedDuration::from_hours(200),
+                Kind::DeviceExamined(DeviceExamined {
+                    device_ref: "DEV-1".into(),
+                }),
+            ));
+        }
+        out.push(event(
+            &r,
+            8,
+            t + SignedDuration::from_hours(300),
+            Kind::ReferralClosed(ReferralClosed {
+                outcome: "charged".into(),
+            }),
+        ));
+    }
+    // Arrival order: by event time, so clocks overlap as in a live stream.
+    out.sort_by_key(|e| (e.occurred_at.unwrap().seconds, e.event_id.clone()));
+    out
+}
+
+fn policy() -> Policy {
+    Policy {
+        rules: RuleSet::default_pack().unwrap(),
+        calendars: CalendarBook::builtin(),
+    }
+}
+
+fn main() {
+    let clocks_target: usize = std::env::var("SAFECLOCK_BENCH_CLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let policy = policy();
+    let start: Timestamp = "2026-01-05T09:00:00Z".parse().unwrap();
+
+    // 1. Throughput.
+    let referrals = (clocks_target / 5).max(1000);
+    let events = stream(referrals, start);
+    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    let t = Instant::now();
+    let mut emitted = 0usize;
+    for (i, e) in events.iter().enumerate() {
+        let now = safeclock_common::schema::to_jiff(e.occurred_at.as_ref().unwrap()).unwrap();
+        if i % 64 == 0 {
+            emitted += engine.on_tick(now).len();
+        }
+        emitted += engine.on_event(e, now).len();
+        if i % 1024 == 0 {
+            engine.take_dirty();
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "throughput: {} events ({} referrals, default pack of {} rules) in {:.3} s = {:.0} events/s on one core; {} SLA events emitted",
+        events.len(),
+        referrals,
+        policy.rules.rules.len(),
+        secs,
+        events.len() as f64 / secs,
+        emitted
+    );
+    drop(engine);
+    drop(events);
+
+    // 2. Memory per open clock: only referral_received, nothing stops.
+    let before = ALLOCATED.load(Ordering::Relaxed);
+    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    let mut i = 0usize;
+    while engine.stats().open_clocks < clocks_target {
+        for _ in 0..10_000 {
+            let r = format!("R-M-{i:08}");
+            let at = start + SignedDuration::from_secs(i as i64);
+            let e = received(&r, at, i);
+            engine.on_event(&e, at);
+            i += 1;
+        }
+        engine.take_dirty();
+    }
+    let stats = engine.stats();
+    let bytes = ALLOCATED.load(Ordering::Relaxed) - before;
+    println!(
+        "memory: {} open clocks ({} referrals, {} timers) hold {:.1} MiB of heap = {:.0} bytes per open clock",
+        stats.open_clocks,
+        stats.referrals,
+        stats.pending_timers,
+        bytes as f64 / 1048576.0,
+        bytes as f64 / stats.open_clocks as f64
+    );
+
+    // 3. Restore: the changelog records of those referrals, decoded and imported.
+    let ids: Vec<String> = (0..i).map(|k| format!("R-M-{k:08}")).collect();
+    let records: Vec<Vec<u8>> = ids
+        .iter()
+        .filter_map(|id| engine.export(id))
+        .map(|s| prost::Message::encode_to_vec(&s))
+        .collect();
+    drop(engine);
+    let t = Instant::now();
+    let mut restored = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    for bytes in &records {
+        let state: ReferralState = prost::Message::decode(bytes.as_slice()).unwrap();
+        restored.import(state);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let stats = restored.stats();
+    println!(
+        "restore: {} changelog records ({} open clocks) decoded and imported in {:.2} s ({:.0} clocks/s)",
+        records.len(),
+        stats.open_clocks,
+        secs,
+        stats.open_clocks as f64 / secs
+    );
+}
