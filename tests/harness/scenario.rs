@@ -13,7 +13,9 @@ use safeclock::app::{self, Service};
 use safeclock_common::config::{Settings, WebhookSettings};
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::{dlq_headers, Topic};
-use safeclock_common::schema::v1::{EscalationAction, EscalationRecord, SlaTransition};
+use safeclock_common::schema::v1::{
+    EscalationAction, EscalationRecord, OutcomeStatus, SlaOutcome, SlaTransition,
+};
 use safeclock_common::shutdown::CancellationToken;
 use safeclock_common::time::ManualTime;
 
@@ -181,6 +183,31 @@ pub async fn end_to_end(mut settings: Settings) {
         has(m, "R-ORIGIN", SlaTransition::MetLate)
     })
     .await;
+
+    // One outcome per clock for data platforms: the origin case met late after a breach, the
+    // quick one met.
+    let outcomes = reader(&brokers, &[&settings.topic(Topic::SlaOutcomes)]);
+    let latest = |msgs: &[rdkafka::message::OwnedMessage], key: &str| {
+        msgs.iter()
+            .rev()
+            .find(|m| m.key() == Some(key.as_bytes()))
+            .map(|m| serde_json::from_slice::<SlaOutcome>(m.payload().unwrap()).unwrap())
+    };
+    let records = read_until(&outcomes, TIMEOUT, |m| {
+        latest(m, "R-ORIGIN/victim-contact/o-1")
+            .is_some_and(|o| o.status() == OutcomeStatus::MetLate)
+            && latest(m, "R-QUICK/victim-contact/q-1")
+                .is_some_and(|o| o.status() == OutcomeStatus::Met)
+    })
+    .await;
+    let origin = latest(&records, "R-ORIGIN/victim-contact/o-1").unwrap();
+    assert!(origin.breached && !origin.breach_sla_event_id.is_empty());
+    assert_eq!(origin.elapsed.unwrap().seconds, 96 * 3600);
+    assert!(
+        !latest(&records, "R-QUICK/victim-contact/q-1")
+            .unwrap()
+            .breached
+    );
 
     // Escalations: one page per breach reached the webhook, with a stable dedup key.
     wait_for("both breaches paged to the webhook", TIMEOUT, || {

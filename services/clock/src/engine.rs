@@ -62,6 +62,8 @@ struct Clock {
     breach_id: Option<String>,
     /// Bit i set: warning i fired or was skipped.
     warned: u32,
+    /// How many times the clock has been paused.
+    pauses: u32,
     /// Timers carry the generation they were set for; anything that reschedules bumps it.
     generation: u64,
 }
@@ -274,6 +276,7 @@ impl Engine {
                     paused_since: c.paused_since.map(from_jiff),
                     breach_id: c.breach_id.clone().unwrap_or_default(),
                     warned: c.warned,
+                    pauses: c.pauses,
                 })
                 .collect(),
             early_stops: r
@@ -324,6 +327,7 @@ impl Engine {
                 paused_since: c.paused_since.as_ref().and_then(to_jiff),
                 breach_id: (!c.breach_id.is_empty()).then_some(c.breach_id),
                 warned: c.warned,
+                pauses: c.pauses,
                 generation: self.next_generation,
             });
             self.next_generation += 1;
@@ -568,6 +572,7 @@ impl Engine {
             for clock in referral.clocks.iter_mut().filter(|c| affects(c)) {
                 if clock.paused_since.is_none() && clock.breach_id.is_none() {
                     clock.paused_since = Some(ctx.at);
+                    clock.pauses += 1;
                     clock.generation = self.next_generation;
                     self.next_generation += 1;
                     let mut ev = record(
@@ -665,6 +670,7 @@ impl Engine {
             paused_since: None,
             breach_id: None,
             warned: 0,
+            pauses: 0,
             generation: self.next_generation,
         };
         self.next_generation += 1;
@@ -1001,8 +1007,23 @@ fn record(
         SlaTransition::Breached => clock.allowed(),
         _ => clock.elapsed(occurred_at),
     };
+    let sla_event_id = derive_id(&[referral_id, &rule.id, &clock.clock_id, name]);
+    let breach_sla_event_id = match (&clock.breach_id, what) {
+        (Some(id), _) => id.clone(),
+        (None, SlaTransition::Breached) => sla_event_id.clone(),
+        (None, _) => String::new(),
+    };
+    let mut paused_total = clock.paused_total;
+    if let Some(since) = clock.paused_since {
+        paused_total += occurred_at.duration_since(since).max(SignedDuration::ZERO);
+    }
     SlaEvent {
-        sla_event_id: derive_id(&[referral_id, &rule.id, &clock.clock_id, name]),
+        breached: !breach_sla_event_id.is_empty(),
+        breach_sla_event_id,
+        paused_total: Some(duration_from_jiff(paused_total)),
+        instance: clock.instance.clone(),
+        pauses: clock.pauses,
+        sla_event_id,
         referral_id: referral_id.to_string(),
         rule_id: rule.id.clone(),
         clock_id: clock.clock_id.clone(),

@@ -25,6 +25,7 @@
 pub mod engine;
 pub mod explain;
 pub mod metrics;
+pub mod outcome;
 pub mod restore;
 
 use std::collections::BTreeMap;
@@ -51,7 +52,9 @@ const SERVICE: &str = "clock";
 struct Outputs {
     producer: FutureProducer,
     sla_topic: String,
+    outcomes_topic: String,
     changelog: String,
+    policy: Policy,
     metrics: ClockMetrics,
 }
 
@@ -68,6 +71,15 @@ impl Outputs {
         kafka::enqueue(&self.producer, record).await
     }
 
+    async fn publish_outcome(&self, event: &SlaEvent) -> anyhow::Result<DeliveryFuture> {
+        let outcome = outcome::from_event(event, &self.policy);
+        let payload = serde_json::to_vec(&outcome)?;
+        let record = FutureRecord::<str, [u8]>::to(&self.outcomes_topic)
+            .key(&outcome.outcome_id)
+            .payload(&payload);
+        kafka::enqueue(&self.producer, record).await
+    }
+
     /// Publishes `events`, waits for the broker, then writes the changed state of every engine
     /// and waits again (see the delivery contract in the module doc).
     async fn commit_effects(
@@ -78,6 +90,7 @@ impl Outputs {
     ) -> anyhow::Result<()> {
         for ev in events {
             deliveries.push(self.publish(ev).await?);
+            deliveries.push(self.publish_outcome(ev).await?);
         }
         kafka::await_deliveries(deliveries).await?;
         let mut state_writes = Vec::new();
@@ -194,7 +207,9 @@ pub async fn run(
     let outputs = Outputs {
         producer: producer.clone(),
         sla_topic: settings.topic(Topic::SlaEvents),
+        outcomes_topic: settings.topic(Topic::SlaOutcomes),
         changelog: settings.topic(Topic::ClockState),
+        policy: policy.clone(),
         metrics: metrics.clone(),
     };
     restore::check_copartitioned(&settings).await?;

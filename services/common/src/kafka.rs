@@ -41,6 +41,8 @@ pub enum Topic {
     EscalationLog,
     /// Records any consumer refused, with the reason in headers. Key: the original key.
     DeadLetter,
+    /// One record per clock with its latest outcome (compacted). Key: referral/rule/clock.
+    SlaOutcomes,
     /// The clock's durable state (compacted; binary protobuf). Key: referral id. Partitioned
     /// like `ReferralEvents`.
     ClockState,
@@ -48,9 +50,10 @@ pub enum Topic {
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 5] = [
+    pub const ALL: [Topic; 6] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
+        Topic::SlaOutcomes,
         Topic::EscalationLog,
         Topic::DeadLetter,
         Topic::ClockState,
@@ -58,7 +61,7 @@ impl Topic {
 
     /// Whether only the latest record per key matters (the topic is compacted).
     pub fn compacted(self) -> bool {
-        matches!(self, Topic::ClockState)
+        matches!(self, Topic::ClockState | Topic::SlaOutcomes)
     }
 
     /// The name without the deployment's prefix.
@@ -69,6 +72,7 @@ impl Topic {
             Topic::EscalationLog => "escalation-log.v1",
             Topic::DeadLetter => "dead-letter.v1",
             Topic::ClockState => "clock-state.v1",
+            Topic::SlaOutcomes => "sla-outcomes.v1",
         }
     }
 }

@@ -72,6 +72,16 @@ fn every_example_decodes_and_matches_its_name() {
                 assert_eq!(action.to_ascii_lowercase(), variant, "{name}");
                 assert!(!r.escalation_id.is_empty(), "{name}");
             }
+            "sla-outcome" => {
+                let o: safeclock_common::schema::v1::SlaOutcome =
+                    serde_json::from_slice(bytes).unwrap_or_else(|err| panic!("{name}: {err}"));
+                let status = o
+                    .status()
+                    .as_str_name()
+                    .trim_start_matches("OUTCOME_STATUS_");
+                assert_eq!(status.to_ascii_lowercase(), variant, "{name}");
+                assert!(!o.outcome_id.is_empty(), "{name}");
+            }
             other => panic!("{name}: unknown record type {other}"),
         }
     }
@@ -91,6 +101,16 @@ fn every_kind_transition_and_action_has_an_example() {
     for t in 1..=9 {
         let t = safeclock_common::schema::v1::SlaTransition::try_from(t).unwrap();
         let file = format!("sla-event.{}.json", transition_label(t));
+        assert!(names.contains(&file), "no example {file}");
+    }
+    for s in 1..=5 {
+        let s = safeclock_common::schema::v1::OutcomeStatus::try_from(s).unwrap();
+        let file = format!(
+            "sla-outcome.{}.json",
+            s.as_str_name()
+                .trim_start_matches("OUTCOME_STATUS_")
+                .to_ascii_lowercase()
+        );
         assert!(names.contains(&file), "no example {file}");
     }
     for a in 1..=5 {
