@@ -29,7 +29,17 @@ fn mock_settings(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_on_the_mock_cluster() {
     let mock = MockCluster::new(1).unwrap();
-    end_to_end(mock_settings(&mock, 3)).await;
+    end_to_end(mock_settings(&mock, 3), true).await;
+}
+
+/// The same pipeline with the clock writing each batch's SLA events, outcomes, state and input
+/// offsets in one Kafka transaction (the option for brokers that support transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_with_kafka_transactions_on_the_mock_cluster() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut settings = mock_settings(&mock, 3);
+    settings.clock.transactional_id = Some(format!("{}-1", settings.clock.group_id));
+    end_to_end(settings, true).await;
 }
 
 /// While the broker refuses to store the clock's outputs, the input offset is not committed; once

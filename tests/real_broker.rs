@@ -10,5 +10,5 @@ use safeclock_tests::{isolated_settings, real_broker};
 async fn end_to_end_on_a_real_broker() {
     let mut settings = isolated_settings(&real_broker());
     settings.kafka.create_topics = true;
-    end_to_end(settings).await;
+    end_to_end(settings, false).await;
 }

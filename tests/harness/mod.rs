@@ -77,6 +77,8 @@ pub fn reader(brokers: &str, topics: &[&str]) -> StreamConsumer {
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // Only committed records: in transactional mode, what the clock committed.
+        .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "50")
         .create()
         .unwrap();

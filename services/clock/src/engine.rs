@@ -247,6 +247,11 @@ impl Engine {
 
     /// The referrals whose state changed since the last call: their new state (or its absence)
     /// must reach the changelog before the inputs that changed them are committed.
+    /// Whether any referral's state changed since the last [`Engine::take_dirty`].
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     pub fn take_dirty(&mut self) -> Vec<String> {
         let mut ids: Vec<String> = self.dirty.drain().collect();
         ids.sort();
@@ -460,14 +465,9 @@ impl Engine {
         if regraded {
             self.regrade(&ctx);
         }
-        // A closed referral with nothing left open is forgotten.
-        if matches!(kind, Kind::ReferralClosed(_)) {
-            if let Some(r) = self.referrals.get(&event.referral_id) {
-                if r.clocks.is_empty() {
-                    self.referrals.remove(&event.referral_id);
-                }
-            }
-        }
+        // A closed referral keeps its seen event ids (no clocks), so a replayed or late duplicate
+        // cannot reopen clocks. Forgetting closed referrals after a retention period is future
+        // work (see the engine's memory figures).
         out
     }
 
@@ -526,7 +526,13 @@ impl Engine {
                 ));
             }
             for inst in restart {
-                self.start_clock(rule_idx, &inst, ctx.event_id, ctx, out);
+                // One reset event can restart several instances: each gets its own clock id.
+                let clock_id = if inst.is_empty() {
+                    ctx.event_id.to_string()
+                } else {
+                    format!("{}/{inst}", ctx.event_id)
+                };
+                self.start_clock(rule_idx, &inst, &clock_id, ctx, out);
             }
             return;
         }

@@ -660,7 +660,7 @@ fn state_restored_from_the_changelog_continues_the_clock_and_fires_overdue_deadl
 }
 
 #[test]
-fn a_closed_referral_is_exported_as_nothing() {
+fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
     let mut e = engine();
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
@@ -671,8 +671,13 @@ fn a_closed_referral_is_exported_as_nothing() {
         ts("2026-11-29T11:00:00Z"),
     );
     assert_eq!(e.take_dirty(), ["R-1"]);
-    assert!(
-        e.export("R-1").is_none(),
-        "a tombstone goes to the changelog"
-    );
+    assert!(e.export("R-1").unwrap().clocks.is_empty());
+    // A replay of the referral's first event after the close does not reopen its clocks.
+    assert!(e
+        .on_event(
+            &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+            ts("2026-11-29T12:00:00Z")
+        )
+        .is_empty());
+    assert!(e.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
 }

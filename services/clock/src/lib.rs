@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use safeclock_common::event::{decode_referral_event, transition_label};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
+use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::policy::Policy;
 use safeclock_common::schema::v1::SlaEvent;
 use safeclock_common::service::ServiceDeps;
@@ -56,6 +57,8 @@ struct Outputs {
     changelog: String,
     policy: Policy,
     metrics: ClockMetrics,
+    /// Each batch is one transaction (outputs, state and input offsets) when set.
+    transactional: bool,
 }
 
 impl Outputs {
@@ -80,19 +83,65 @@ impl Outputs {
         kafka::enqueue(&self.producer, record).await
     }
 
-    /// Publishes `events`, waits for the broker, then writes the changed state of every engine
-    /// and waits again (see the delivery contract in the module doc).
+    /// Starts the transaction a batch's effects belong to (transactional mode only).
+    fn begin(&self) -> anyhow::Result<()> {
+        if self.transactional {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| anyhow::anyhow!("cannot begin a transaction: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes a batch's effects durable and, with `offsets`, commits its input.
+    ///
+    /// Without transactions: publishes `events`, waits for the broker, then writes the changed
+    /// state of every engine and waits again; the caller then stores the offsets (see the
+    /// delivery contract in the module doc). With transactions: everything, offsets included,
+    /// is committed atomically.
     async fn commit_effects(
+        &self,
+        events: &[SlaEvent],
+        deliveries: Vec<DeliveryFuture>,
+        engines: &mut BTreeMap<i32, Engine>,
+        offsets: Option<(&OffsetBook, &ServiceConsumer)>,
+    ) -> anyhow::Result<()> {
+        let result = self
+            .write_effects(events, deliveries, engines, offsets)
+            .await;
+        if self.transactional {
+            match &result {
+                Ok(()) => {
+                    tokio::task::block_in_place(|| {
+                        self.producer.commit_transaction(Duration::from_secs(60))
+                    })
+                    .map_err(|e| anyhow::anyhow!("cannot commit the transaction: {e}"))?;
+                }
+                Err(_) => {
+                    let _ = tokio::task::block_in_place(|| {
+                        self.producer.abort_transaction(Duration::from_secs(30))
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    async fn write_effects(
         &self,
         events: &[SlaEvent],
         mut deliveries: Vec<DeliveryFuture>,
         engines: &mut BTreeMap<i32, Engine>,
+        offsets: Option<(&OffsetBook, &ServiceConsumer)>,
     ) -> anyhow::Result<()> {
         for ev in events {
             deliveries.push(self.publish(ev).await?);
             deliveries.push(self.publish_outcome(ev).await?);
         }
-        kafka::await_deliveries(deliveries).await?;
+        if !self.transactional {
+            // Outputs first: state must never claim effects the broker does not hold.
+            kafka::await_deliveries(std::mem::take(&mut deliveries)).await?;
+        }
         let mut state_writes = Vec::new();
         for (partition, engine) in engines.iter_mut() {
             for referral_id in engine.take_dirty() {
@@ -111,6 +160,24 @@ impl Outputs {
         self.metrics
             .state_writes
             .inc_by(u64::try_from(state_writes.len()).unwrap_or(u64::MAX));
+        if self.transactional {
+            if let Some((book, consumer)) = offsets.filter(|(b, _)| !b.is_empty()) {
+                let tpl = book.to_commit()?;
+                let group = consumer
+                    .group_metadata()
+                    .ok_or_else(|| anyhow::anyhow!("the consumer has no group metadata"))?;
+                tokio::task::block_in_place(|| {
+                    self.producer
+                        .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
+                })
+                .map_err(|e| anyhow::anyhow!("cannot add offsets to the transaction: {e}"))?;
+            }
+            // Deliveries resolve when the transaction commits; nothing to wait for here.
+            drop(deliveries);
+            drop(state_writes);
+            return Ok(());
+        }
+        kafka::await_deliveries(deliveries).await?;
         kafka::await_deliveries(state_writes).await
     }
 }
@@ -123,6 +190,7 @@ async fn sync_assignment(
     policy: &Policy,
     engines: &mut BTreeMap<i32, Engine>,
     metrics: &ClockMetrics,
+    restored: &ReadinessHandle,
 ) -> anyhow::Result<()> {
     let assigned: Vec<i32> = match consumer.assignment() {
         Ok(tpl) => tpl
@@ -146,6 +214,10 @@ async fn sync_assignment(
         .into_iter()
         .filter(|p| !engines.contains_key(p))
         .collect();
+    // Not ready while restoring: this instance's clocks are incomplete until it finishes.
+    if !missing.is_empty() {
+        restored.set(false);
+    }
     for p in missing {
         let started = Instant::now();
         let (engine, records) =
@@ -164,6 +236,7 @@ async fn sync_assignment(
         );
         engines.insert(p, engine);
     }
+    restored.set(true);
     Ok(())
 }
 
@@ -196,14 +269,21 @@ pub async fn run(
     let metrics = ClockMetrics::register(&deps.registry)?;
     let policy = Policy::load(&settings)?;
     let input = settings.topic(Topic::ReferralEvents);
-    let consumer = kafka::consumer(
+    let transactional = settings.clock.transactional_id.is_some();
+    let restored = deps.readiness.component("clock-state");
+    let consumer = kafka::consumer_with(
         &settings,
         SERVICE,
         &settings.clock.group_id,
         &[&input],
         deps.readiness.component(SERVICE),
+        if transactional {
+            kafka::OffsetCommits::Transactional
+        } else {
+            kafka::OffsetCommits::Auto
+        },
     )?;
-    let producer = kafka::producer(&settings)?;
+    let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
     let outputs = Outputs {
         producer: producer.clone(),
         sla_topic: settings.topic(Topic::SlaEvents),
@@ -211,6 +291,7 @@ pub async fn run(
         changelog: settings.topic(Topic::ClockState),
         policy: policy.clone(),
         metrics: metrics.clone(),
+        transactional,
     };
     restore::check_copartitioned(&settings).await?;
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
@@ -230,10 +311,14 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics).await?;
+                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics, &restored).await?;
                 let now = deps.time.now();
                 let due: Vec<SlaEvent> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
-                outputs.commit_effects(&due, Vec::new(), &mut engines).await?;
+                let changed = engines.values().any(Engine::has_dirty);
+                if !due.is_empty() || changed {
+                    outputs.begin()?;
+                    outputs.commit_effects(&due, Vec::new(), &mut engines, None).await?;
+                }
                 update_gauges(&engines, &metrics);
             }
             batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
@@ -246,7 +331,8 @@ pub async fn run(
                     }
                 };
                 let started = Instant::now();
-                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics).await?;
+                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics, &restored).await?;
+                outputs.begin()?;
                 let mut events = Vec::new();
                 let mut dead = Vec::new();
                 let mut offsets = OffsetBook::default();
@@ -270,8 +356,12 @@ pub async fn run(
                     }
                     offsets.handled(message);
                 }
-                outputs.commit_effects(&events, dead, &mut engines).await?;
-                offsets.store(&consumer);
+                outputs
+                    .commit_effects(&events, dead, &mut engines, Some((&offsets, &consumer)))
+                    .await?;
+                if !transactional {
+                    offsets.store(&consumer);
+                }
                 consumer_metrics.batch_seconds.with_label_values(&[SERVICE]).observe(started.elapsed().as_secs_f64());
             }
         }

@@ -180,6 +180,11 @@ pub struct ClockSettings {
     pub group_id: String,
     pub tick_interval_ms: u64,
     pub max_batch: usize,
+    /// Set to write outputs, state and input offsets in one Kafka transaction per batch (the
+    /// broker must support transactions). Unique per clock instance. Unset: at-least-once with
+    /// ordered acknowledgements and de-duplication by id, which needs no transactions.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,9 +20,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{KafkaSettings, Settings};
 use crate::event::Rejection;
@@ -103,6 +104,18 @@ pub fn client_config(kafka: &KafkaSettings, extra: &BTreeMap<String, String>) ->
 /// # Errors
 /// When librdkafka refuses the configuration (the message names the property).
 pub fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
+    producer_with(settings, None)
+}
+
+/// A producer, transactional when `transactional_id` is given (transactions are initialised,
+/// which fences any older instance with the same id).
+///
+/// # Errors
+/// When librdkafka refuses the configuration or the broker refuses the transactional id.
+pub fn producer_with(
+    settings: &Settings,
+    transactional_id: Option<&str>,
+) -> anyhow::Result<FutureProducer> {
     let mut cfg = ClientConfig::new();
     cfg.set("acks", "all")
         .set("enable.idempotence", "true")
@@ -113,9 +126,23 @@ pub fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
     for (k, v) in base.config_map() {
         cfg.set(k, v);
     }
+    if let Some(id) = transactional_id {
+        cfg.set("transactional.id", id);
+    }
     cfg.set_log_level(RDKafkaLogLevel::Warning);
-    cfg.create()
-        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))
+    let producer: FutureProducer = cfg
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))?;
+    if transactional_id.is_some() {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot initialise Kafka transactions (does the broker support them?): {e}"
+                )
+            })?;
+    }
+    Ok(producer)
 }
 
 /// Consumer context that logs through `tracing` and marks the consumer ready once the group has
@@ -197,6 +224,37 @@ pub fn consumer(
     topics: &[&str],
     ready: ReadinessHandle,
 ) -> anyhow::Result<ServiceConsumer> {
+    consumer_with(
+        settings,
+        service,
+        group_id,
+        topics,
+        ready,
+        OffsetCommits::Auto,
+    )
+}
+
+/// How a consumer's offsets reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetCommits {
+    /// Stored offsets are committed by librdkafka every second and on shutdown.
+    Auto,
+    /// Offsets are committed inside the producer's transaction (`send_offsets_to_transaction`).
+    Transactional,
+}
+
+/// Like [`consumer`], choosing how offsets are committed.
+///
+/// # Errors
+/// When librdkafka refuses the configuration or the subscription.
+pub fn consumer_with(
+    settings: &Settings,
+    service: &'static str,
+    group_id: &str,
+    topics: &[&str],
+    ready: ReadinessHandle,
+    commits: OffsetCommits,
+) -> anyhow::Result<ServiceConsumer> {
     let mut cfg = ClientConfig::new();
     cfg.set("client.id", format!("safeclock-{service}"))
         .set("auto.offset.reset", "earliest")
@@ -210,6 +268,10 @@ pub fn consumer(
     }
     cfg.set("group.id", group_id)
         .set("enable.auto.offset.store", "false");
+    if commits == OffsetCommits::Transactional {
+        cfg.set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+    }
     cfg.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: ServiceConsumer = cfg
         .create_with_context(ServiceConsumerContext { service, ready })
@@ -420,6 +482,18 @@ impl OffsetBook {
 
     pub fn is_empty(&self) -> bool {
         self.next.is_empty()
+    }
+
+    /// The offsets to commit (the next offset to read per partition), for a transaction.
+    ///
+    /// # Errors
+    /// Only for an invalid partition (not produced by a consumed record).
+    pub fn to_commit(&self) -> KafkaResult<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &self.next {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+        }
+        Ok(tpl)
     }
 }
 

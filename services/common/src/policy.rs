@@ -14,16 +14,29 @@ use crate::rules::{CalendarChoice, RuleError, RuleSet};
 /// Why the policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
+    // The inner errors are part of the message, not a `source`, so they print once.
     #[error("invalid rules: {0}")]
-    Rules(#[from] RuleError),
+    Rules(RuleError),
     #[error("invalid calendars: {0}")]
-    Calendars(#[from] safeclock_calendar::CalendarsError),
+    Calendars(safeclock_calendar::CalendarsError),
     #[error("invalid configuration: `{field}` names calendar {name:?}, which is not defined (known: {known})")]
     UnknownCalendar {
         field: String,
         name: String,
         known: String,
     },
+}
+
+impl From<RuleError> for PolicyError {
+    fn from(e: RuleError) -> Self {
+        PolicyError::Rules(e)
+    }
+}
+
+impl From<safeclock_calendar::CalendarsError> for PolicyError {
+    fn from(e: safeclock_calendar::CalendarsError) -> Self {
+        PolicyError::Calendars(e)
+    }
 }
 
 /// Named calendars plus which working-day calendar each force uses.
@@ -95,6 +108,31 @@ impl Policy {
     }
 
     fn check(&self) -> Result<(), PolicyError> {
+        for rule in &self.rules.rules {
+            let school_target = rule.target == safeclock_calendar::Target::NextSchoolDay
+                || rule
+                    .targets_by_risk
+                    .values()
+                    .any(|t| *t == safeclock_calendar::Target::NextSchoolDay);
+            if school_target {
+                let ok = match &rule.calendar {
+                    CalendarChoice::Named(n) => self
+                        .calendars
+                        .calendars
+                        .get(n)
+                        .is_some_and(|c| matches!(c, Calendar::SchoolDays { .. })),
+                    CalendarChoice::Force => false,
+                };
+                if !ok {
+                    return Err(PolicyError::Rules(RuleError::Invalid {
+                        file: "<rule set>".into(),
+                        rule: rule.id.clone(),
+                        field: "calendar".into(),
+                        message: "a \"next school day\" target needs a school-days calendar such as \"england-and-wales-schools\"".into(),
+                    }));
+                }
+            }
+        }
         let unknown = |field: String, name: &str| PolicyError::UnknownCalendar {
             field,
             name: name.to_string(),

@@ -439,6 +439,9 @@ fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, 
     let target = Target::parse(&spec.target).map_err(|e| invalid("target", e.to_string()))?;
     let targets_by_risk = parse_risk_targets(&spec.targets_by_risk)
         .map_err(|(k, m)| invalid(&format!("targets_by_risk.{k}"), m))?;
+    if spec.warnings.len() > 32 {
+        return Err(invalid("warnings", "at most 32 warnings per rule".into()));
+    }
     let mut warnings = Vec::new();
     for (i, w) in spec.warnings.iter().enumerate() {
         warnings.push(parse_warning(w).map_err(|m| invalid(&format!("warnings[{i}]"), m))?);
@@ -457,6 +460,23 @@ fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, 
                 &format!("applies_to.{label}"),
                 "lists no values".into(),
             ));
+        }
+        use crate::schema::v1::{AgeBand, Category, RiskGrade};
+        let known: Option<Vec<String>> = match field {
+            LabelField::Category => Some(enum_labels::<Category>(|c| c.as_str_name(), "CATEGORY_")),
+            LabelField::Risk => Some(enum_labels::<RiskGrade>(|c| c.as_str_name(), "RISK_GRADE_")),
+            LabelField::ChildAgeBand => {
+                Some(enum_labels::<AgeBand>(|c| c.as_str_name(), "AGE_BAND_"))
+            }
+            _ => None,
+        };
+        if let Some(known) = known {
+            if let Some(bad) = values.iter().find(|v| !known.contains(v)) {
+                return Err(invalid(
+                    &format!("applies_to.{label}"),
+                    format!("{bad:?} is not one of {}", known.join(", ")),
+                ));
+            }
         }
         applies_to.push((field, values.iter().cloned().collect()));
     }
@@ -547,6 +567,14 @@ fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, 
         instance,
         overrides,
     })
+}
+
+/// The short label values of a contract enum (`grooming`, `very_high`, ...), zero value excluded.
+fn enum_labels<E: TryFrom<i32>>(name: impl Fn(E) -> &'static str, prefix: &str) -> Vec<String> {
+    (1..256)
+        .filter_map(|i| E::try_from(i).ok())
+        .map(|e| crate::schema::enum_label(name(e), prefix))
+        .collect()
 }
 
 fn parse_calendar(name: &str) -> CalendarChoice {
@@ -838,6 +866,15 @@ target = "12h"
                 "expected field {field}: {shown}"
             );
         }
+        let misspelt = MINIMAL.replace(
+            "instance = \"suspect_ref\"",
+            "instance = \"suspect_ref\"\napplies_to = { category = [\"groomng\"] }",
+        );
+        let err = load(&misspelt).unwrap_err().to_string();
+        assert!(
+            err.contains("`applies_to.category`") && err.contains("groomng"),
+            "{err}"
+        );
         let err = load(&MINIMAL.replace("severity =", "sevrity =")).unwrap_err();
         assert!(
             err.to_string().starts_with("test.toml:") && err.to_string().contains("sevrity"),
