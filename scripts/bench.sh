@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Benchmarks, figures printed to stdout:
+#   - the engine core without Kafka (throughput, bytes per open clock, restore time);
+#   - end to end through a real broker process (tansu on a free loopback port) beside its raw
+#     consume rate, measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tansu=$(bash scripts/install-deps.sh | tail -n 1)
+
+cargo bench -p safeclock-clock --bench engine
+
+workdir=$(mktemp -d -t safeclock-bench.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ >"$workdir/tansu.log" 2>&1 &
+broker_pid=$!
+trap 'kill $broker_pid 2>/dev/null; wait $broker_pid 2>/dev/null; rm -rf "$workdir"' EXIT
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench e2e
