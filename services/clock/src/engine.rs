@@ -488,32 +488,18 @@ impl Engine {
             |c: &Clock| c.rule == rule_idx && (instance.is_empty() || c.instance == instance);
         let rule = &self.rules[rule_idx];
 
-        if m.cancel {
-            let (cancelled, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
+        // Cancel ends the rule's clocks; reset ends them and starts them again from this event.
+        if m.cancel || m.reset {
+            let (ended, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
                 .into_iter()
                 .partition(|c| affects(c));
             referral.clocks = kept;
-            for clock in cancelled {
-                out.push(record(
-                    rule,
-                    ctx.referral_id,
-                    &referral.labels,
-                    &clock,
-                    SlaTransition::Cancelled,
-                    ctx.at,
-                    ctx.now,
-                    ctx.event_id,
-                ));
-            }
-            return;
-        }
-        if m.reset {
-            let (reset, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
-                .into_iter()
-                .partition(|c| affects(c));
-            referral.clocks = kept;
-            let restart: Vec<String> = reset.iter().map(|c| c.instance.clone()).collect();
-            for clock in reset {
+            let restart: Vec<String> = if m.cancel {
+                Vec::new()
+            } else {
+                ended.iter().map(|c| c.instance.clone()).collect()
+            };
+            for clock in ended {
                 out.push(record(
                     rule,
                     ctx.referral_id,

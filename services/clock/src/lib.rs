@@ -322,14 +322,6 @@ pub async fn run(
                 update_gauges(&engines, &metrics);
             }
             batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
-                let batch = match batch {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error.message = %e, "consumer error; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
                 let started = Instant::now();
                 sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics, &restored).await?;
                 outputs.begin()?;

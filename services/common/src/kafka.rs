@@ -498,14 +498,18 @@ impl OffsetBook {
 }
 
 /// Receives up to `max` records: waits for the first, then takes whatever is already buffered.
-///
-/// # Errors
-/// A consumer error on the first receive (transient errors are the caller's to log and retry).
-pub async fn next_batch<'a>(
-    consumer: &'a ServiceConsumer,
-    max: usize,
-) -> Result<Vec<BorrowedMessage<'a>>, KafkaError> {
-    let first = consumer.recv().await?;
+/// Consumer errors (a broker away, a transport failure) are logged and retried: librdkafka
+/// reconnects by itself, and no record is skipped.
+pub async fn next_batch<'a>(consumer: &'a ServiceConsumer, max: usize) -> Vec<BorrowedMessage<'a>> {
+    let first = loop {
+        match consumer.recv().await {
+            Ok(m) => break m,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "consumer error; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let mut batch = vec![first];
     while batch.len() < max {
         match consumer.recv().now_or_never() {
@@ -517,7 +521,7 @@ pub async fn next_batch<'a>(
             None => break,
         }
     }
-    Ok(batch)
+    batch
 }
 
 /// Commits stored offsets synchronously (on shutdown and after a final drain).

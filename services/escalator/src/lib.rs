@@ -15,7 +15,7 @@
 pub mod metrics;
 pub mod receivers;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -162,14 +162,6 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             batch = kafka::next_batch(&consumer, MAX_BATCH) => batch,
-        };
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error.message = %e, "consumer error; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
         };
         let started = Instant::now();
         let mut deliveries = Vec::new();

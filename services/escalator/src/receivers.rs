@@ -32,7 +32,8 @@ impl Notification {
         safeclock_common::ids::derive_id(&[
             &self.escalation_id,
             transition_label(self.event.transition()),
-            &self.event.warning_percent.to_string(),
+            // The threshold: the SLA event's id is unique per warning of a clock (and per breach).
+            &self.event.sla_event_id,
             &self.level.to_string(),
             receiver,
         ])
