@@ -28,7 +28,9 @@
 //! Timers sit in an ordered set keyed by due time, so a tick costs O(log n) per due timer and
 //! nothing for clocks that are not due.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use jiff::{SignedDuration, Timestamp};
 use safeclock_common::event::kind_name;
@@ -224,7 +226,7 @@ struct Matched {
 
 impl Engine {
     pub fn new(rules: RuleSet, calendars: CalendarBook) -> Self {
-        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::default();
         for (i, rule) in rules.rules.iter().enumerate() {
             for kind in rule.kinds() {
                 let entry = by_kind.entry(kind.to_string()).or_default();
@@ -237,11 +239,11 @@ impl Engine {
             rules: rules.rules,
             calendars,
             by_kind,
-            referrals: HashMap::new(),
+            referrals: HashMap::default(),
             timers: BTreeSet::new(),
             next_seq: 0,
             next_generation: 0,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
         }
     }
 
@@ -253,9 +255,8 @@ impl Engine {
     }
 
     pub fn take_dirty(&mut self) -> Vec<String> {
-        let mut ids: Vec<String> = self.dirty.drain().collect();
-        ids.sort();
-        ids
+        // Order does not matter: each referral's record is independent.
+        self.dirty.drain().collect()
     }
 
     /// The durable form of a referral's state; `None` once the engine holds nothing for it
