@@ -69,6 +69,7 @@ pub async fn start(
     if settings.kafka.create_topics {
         kafka::ensure_topics(&settings, &Topic::ALL).await?;
     }
+    safeclock_common::metrics::register_build_info(&registry)?;
     let consumer_metrics = ConsumerMetrics::register(&registry)?;
     let deps = ServiceDeps {
         settings: settings.clone(),

@@ -4,6 +4,23 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+/// Registers `safeclock_build_info{version}` = 1: a series present from the first scrape, so
+/// dashboards can tell "up, nothing happened yet" from "not scraped", and can show the version.
+///
+/// # Errors
+/// When a metric of the same name is already registered.
+pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
+    let info = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "safeclock_build_info",
+            "Always 1; the version label tells which safeclock build is running.",
+        ),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(info))
+}
+
 /// Consumer health metrics, labelled by service.
 #[derive(Clone)]
 pub struct ConsumerMetrics {
