@@ -247,7 +247,10 @@ pub fn render(policy: &Policy, x: &Explanation) -> String {
         let _ = writeln!(
             s,
             "    target: {} ({} allowed for this clock)",
-            rule.target, target
+            first
+                .and_then(|t| t.labels.as_ref())
+                .map_or(&rule.target, |l| rule.target_for(&l.force_id, &l.risk)),
+            target
         );
         if let Some(cause) = first.and_then(|t| x.events.get(&t.cause_event_id)) {
             let kind = cause.kind.as_ref().map(kind_name).unwrap_or_default();

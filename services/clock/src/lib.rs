@@ -252,6 +252,8 @@ fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &ClockMetrics) {
     let set = |g: &prometheus::IntGauge, v: usize| g.set(i64::try_from(v).unwrap_or(i64::MAX));
     set(&metrics.open_clocks, total.open_clocks);
     set(&metrics.pending_timers, total.pending_timers);
+    set(&metrics.paused_clocks, total.paused_clocks);
+    set(&metrics.breached_open_clocks, total.breached_open_clocks);
     set(&metrics.partitions, engines.len());
 }
 

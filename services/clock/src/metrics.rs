@@ -9,6 +9,10 @@ pub struct ClockMetrics {
     pub open_clocks: IntGauge,
     /// `safeclock_clock_pending_timers`: warnings and deadlines waiting to fire.
     pub pending_timers: IntGauge,
+    /// `safeclock_clock_paused_clocks`: open clocks currently paused.
+    pub paused_clocks: IntGauge,
+    /// `safeclock_clock_breached_open_clocks`: open clocks past their deadline.
+    pub breached_open_clocks: IntGauge,
     /// `safeclock_clock_sla_events_emitted_total{transition}`.
     pub emitted: IntCounterVec,
     /// `safeclock_clock_partitions`: input partitions this instance holds.
@@ -60,10 +64,22 @@ impl ClockMetrics {
         registry.register(Box::new(restore_seconds.clone()))?;
         registry.register(Box::new(open_clocks.clone()))?;
         registry.register(Box::new(pending_timers.clone()))?;
+        let paused_clocks = IntGauge::new(
+            "safeclock_clock_paused_clocks",
+            "Open clocks currently paused, held by this instance.",
+        )?;
+        let breached_open_clocks = IntGauge::new(
+            "safeclock_clock_breached_open_clocks",
+            "Open clocks past their deadline and not yet stopped, held by this instance.",
+        )?;
+        registry.register(Box::new(paused_clocks.clone()))?;
+        registry.register(Box::new(breached_open_clocks.clone()))?;
         registry.register(Box::new(emitted.clone()))?;
         Ok(Self {
             open_clocks,
             pending_timers,
+            paused_clocks,
+            breached_open_clocks,
             emitted,
             partitions,
             state_writes,
