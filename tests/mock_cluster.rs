@@ -26,6 +26,26 @@ fn mock_settings(
     settings
 }
 
+/// Starts the clock service alone on the wall clock.
+async fn start_clock(
+    settings: &Arc<Settings>,
+) -> (
+    safeclock::app::Running,
+    safeclock_common::shutdown::CancellationToken,
+) {
+    let shutdown = safeclock_common::shutdown::CancellationToken::new();
+    let running = safeclock::app::start(
+        settings.clone(),
+        safeclock::app::Service::Clock,
+        Arc::new(safeclock_common::time::SystemTime),
+        "127.0.0.1:0".parse().unwrap(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (running, shutdown)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_on_the_mock_cluster() {
     let mock = MockCluster::new(1).unwrap();
@@ -66,16 +86,7 @@ async fn offsets_are_not_committed_until_outputs_are_acknowledged() {
     produce(&brokers, &input, "R-1", event).await;
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
 
-    let shutdown = safeclock_common::shutdown::CancellationToken::new();
-    let running = safeclock::app::start(
-        settings.clone(),
-        safeclock::app::Service::Clock,
-        Arc::new(safeclock_common::time::SystemTime),
-        "127.0.0.1:0".parse().unwrap(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let (running, _shutdown) = start_clock(&settings).await;
     let result = tokio::time::timeout(Duration::from_secs(60), running.wait())
         .await
         .expect("clock gives up when the broker refuses its outputs");
@@ -97,16 +108,7 @@ async fn offsets_are_not_committed_until_outputs_are_acknowledged() {
 
     // The broker recovers; a new clock instance re-processes the record.
     mock.clear_request_errors(RDKafkaApiKey::Produce);
-    let shutdown = safeclock_common::shutdown::CancellationToken::new();
-    let running = safeclock::app::start(
-        settings.clone(),
-        safeclock::app::Service::Clock,
-        Arc::new(safeclock_common::time::SystemTime),
-        "127.0.0.1:0".parse().unwrap(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let (running, shutdown) = start_clock(&settings).await;
     let sla = safeclock_tests::reader(&brokers, &[&settings.topic(Topic::SlaEvents)]);
     let got = safeclock_tests::read_until(&sla, Duration::from_secs(60), |m| !m.is_empty()).await;
     assert!(

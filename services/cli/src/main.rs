@@ -104,6 +104,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Parses an RFC 3339 time given as `flag`, with an error naming the flag.
+fn parse_time(flag: &str, value: &str) -> anyhow::Result<jiff::Timestamp> {
+    value
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{flag} {value:?} is not an RFC 3339 time: {e}"))
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Deadline {
@@ -113,9 +120,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let settings = Settings::load(cli.config.as_deref())?;
             let policy = Policy::load(&settings)?;
-            let start: jiff::Timestamp = start
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--start {start:?} is not an RFC 3339 time: {e}"))?;
+            let start = parse_time("--start", &start)?;
             let target = safeclock_calendar::Target::parse(&target)?;
             let name = calendar.unwrap_or_else(|| {
                 if target == safeclock_calendar::Target::NextSchoolDay {
@@ -124,17 +129,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     "england-and-wales".into()
                 }
             });
-            let cal = policy.calendars.calendars.get(&name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--calendar {name:?} is not defined (known: {})",
-                    policy
-                        .calendars
-                        .calendars
-                        .names()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
+            let cal = policy.calendars.calendars.require(&name)?;
             let deadline = cal.deadline(start, &target)?;
             let local = deadline.to_zoned(safeclock_calendar::london());
             println!("{}", local.timestamp().display_with_offset(local.offset()));
@@ -149,12 +144,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let policy = Policy::load(&settings)?;
             let input = std::fs::read_to_string(&events)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", events.display()))?;
-            let until = until
-                .map(|u| {
-                    u.parse::<jiff::Timestamp>()
-                        .map_err(|e| anyhow::anyhow!("--until {u:?} is not an RFC 3339 time: {e}"))
-                })
-                .transpose()?;
+            let until = until.map(|u| parse_time("--until", &u)).transpose()?;
             let x = safeclock_clock::explain::replay(&policy, &input, referral.as_deref(), until);
             print!("{}", safeclock_clock::explain::render(&policy, &x));
             Ok(())

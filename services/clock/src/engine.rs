@@ -578,13 +578,7 @@ impl Engine {
                         ctx.now,
                         ctx.event_id,
                     );
-                    ev.sla_event_id = derive_id(&[
-                        ctx.referral_id,
-                        &rule.id,
-                        &clock.clock_id,
-                        "paused",
-                        ctx.event_id,
-                    ]);
+                    distinguish(&mut ev, "paused", ctx.event_id);
                     out.push(ev);
                 }
             }
@@ -604,13 +598,7 @@ impl Engine {
                         ctx.now,
                         ctx.event_id,
                     );
-                    ev.sla_event_id = derive_id(&[
-                        ctx.referral_id,
-                        &rule.id,
-                        &clock.clock_id,
-                        "resumed",
-                        ctx.event_id,
-                    ]);
+                    distinguish(&mut ev, "resumed", ctx.event_id);
                     out.push(ev);
                     resumed.push(clock.generation);
                 }
@@ -821,13 +809,7 @@ impl Engine {
                     } else {
                         0
                     };
-                    ev.sla_event_id = derive_id(&[
-                        &timer.referral_id,
-                        &rule.id,
-                        &clock.clock_id,
-                        "warning",
-                        &rule.warnings[i].label(),
-                    ]);
+                    distinguish(&mut ev, "warning", &rule.warnings[i].label());
                     out.push(ev);
                 }
                 TimerKind::Deadline => {
@@ -981,6 +963,12 @@ fn complete(
             cause,
         ));
     }
+}
+
+/// Re-derives the id of a transition that can happen more than once per clock (warnings,
+/// pauses, resumes) from one more part: the warning or the causing event.
+fn distinguish(ev: &mut SlaEvent, name: &str, part: &str) {
+    ev.sla_event_id = derive_id(&[&ev.referral_id, &ev.rule_id, &ev.clock_id, name, part]);
 }
 
 /// Builds an SLA event for `clock`; its id depends only on the cause.
