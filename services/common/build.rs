@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "safeclock/v1/sla.proto",
         "safeclock/v1/escalation.proto",
         "safeclock/v1/state.proto",
+        "safeclock/v1/escalator_state.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", proto_root.join(f).display());

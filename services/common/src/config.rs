@@ -191,12 +191,741 @@ pub struct ClockSettings {
 #[serde(deny_unknown_fields)]
 pub struct EscalatorSettings {
     pub group_id: String,
+    /// Adds a receiver named `log` that writes each notification as a log line.
     pub log_receiver: bool,
+    /// Warnings escalate through a route's `policy` (not only an explicit `warning_policy`).
     pub escalate_warnings: bool,
+    /// Shorthand for `[[escalator.receivers]]` of kind `webhook` (kept for existing configs).
     #[serde(default)]
     pub webhooks: Vec<WebhookSettings>,
+    /// How often (real time) due levels, repeats and expired acknowledgements are checked.
+    pub tick_interval_ms: u64,
+    /// SLA events handled together before state is written and offsets stored.
+    pub max_batch: usize,
+    /// How long a resolved escalation is remembered, so a replayed breach does not reopen it.
+    pub closed_retention_secs: u64,
+    #[serde(default)]
+    pub receivers: Vec<ReceiverSettings>,
+    #[serde(default)]
+    pub policies: Vec<PolicySettings>,
+    /// The route tree, tried in order; the first match wins unless it says `continue`.
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
+    /// Where an SLA event goes when no route matches.
+    pub default_route: DefaultRouteSettings,
+    pub api: ApiSettings,
 }
 
+/// What kind of system a receiver talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiverKind {
+    /// A structured log line (target `safeclock::escalation`).
+    Log,
+    /// An HTTP POST of a JSON body, signed with HMAC-SHA256 when a secret is set.
+    Webhook,
+    /// PagerDuty Events API v2.
+    Pagerduty,
+    /// Prometheus Alertmanager API v2.
+    Alertmanager,
+    /// Email over SMTP.
+    Email,
+}
+
+/// How an email receiver secures its SMTP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain text (a relay on localhost only).
+    None,
+    /// Upgrade with STARTTLS (required).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// One place notifications can go. Which fields apply depends on `kind`; validation says which
+/// are missing. Secret fields (`url`, `routing_key`, `secret`, `password`) may be written
+/// `env:NAME` to read them from the environment variable `NAME` at start.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverSettings {
+    /// Used in logs, metrics, routes and the escalation log (never the URL). Unique.
+    pub name: String,
+    pub kind: ReceiverKind,
+    /// webhook: where to POST. alertmanager: the base URL (`/api/v2/alerts` is appended).
+    /// pagerduty: the Events API endpoint (default `https://events.pagerduty.com/v2/enqueue`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// pagerduty: the integration's routing key.
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    /// webhook: HMAC-SHA256 key; the body is signed when set.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// webhook: the JSON body, with `{{field}}` placeholders (see docs/escalation.md).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// alertmanager: how often a firing alert is posted again (Alertmanager forgets alerts that
+    /// are not re-sent within its resolve_timeout).
+    #[serde(default = "default_refresh_secs")]
+    pub refresh_interval_secs: u64,
+    /// email: SMTP relay host and port.
+    #[serde(default)]
+    pub smtp_host: Option<String>,
+    #[serde(default)]
+    pub smtp_port: Option<u16>,
+    #[serde(default)]
+    pub smtp_tls: SmtpTls,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// Per attempt.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts in total, the first one included.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Backoff before retry n is uniformly random in [0, min(max_backoff, initial * 2^n)].
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Requests per second to this receiver (a token bucket of `burst`).
+    #[serde(default = "default_rate")]
+    pub rate_per_sec: u32,
+    #[serde(default = "default_rate")]
+    pub burst: u32,
+    /// Notifications in flight to this receiver at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Consecutive failed attempts that open the circuit breaker (0: never).
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses attempts before one trial attempt.
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+    /// Receiver that gets the notification when this one cannot be reached.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+fn default_refresh_secs() -> u64 {
+    60
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+fn default_rate() -> u32 {
+    50
+}
+fn default_concurrency() -> usize {
+    32
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown_ms() -> u64 {
+    30_000
+}
+
+/// The default PagerDuty Events API v2 endpoint.
+pub const PAGERDUTY_EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";
+
+/// Placeholders a webhook `template` may use; each is replaced by a JSON value.
+pub const TEMPLATE_FIELDS: &[&str] = &[
+    "escalation_id",
+    "dedup_key",
+    "delivery_id",
+    "notification",
+    "receiver",
+    "level",
+    "repeat",
+    "policy",
+    "summary",
+    "referral_id",
+    "rule_id",
+    "rule_title",
+    "transition",
+    "severity",
+    "force",
+    "area",
+    "category",
+    "risk",
+    "team",
+    "deadline",
+    "status",
+    "actor",
+    "sla_event",
+];
+
+impl ReceiverSettings {
+    /// A receiver of `kind` named `name` with every other field at its default.
+    pub fn new(name: &str, kind: ReceiverKind) -> Self {
+        Self {
+            name: name.to_string(),
+            kind,
+            url: None,
+            routing_key: None,
+            secret: None,
+            template: None,
+            refresh_interval_secs: default_refresh_secs(),
+            smtp_host: None,
+            smtp_port: None,
+            smtp_tls: SmtpTls::default(),
+            username: None,
+            password: None,
+            from: None,
+            to: Vec::new(),
+            timeout_ms: default_timeout_ms(),
+            max_attempts: default_max_attempts(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            rate_per_sec: default_rate(),
+            burst: default_rate(),
+            concurrency: default_concurrency(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown_ms: default_breaker_cooldown_ms(),
+            fallback: None,
+        }
+    }
+
+    /// A webhook receiver (what a legacy `[[escalator.webhooks]]` entry means).
+    pub fn webhook(w: &WebhookSettings) -> Self {
+        Self {
+            url: Some(w.url.clone()),
+            timeout_ms: w.timeout_ms,
+            max_attempts: w.max_attempts,
+            initial_backoff_ms: w.initial_backoff_ms,
+            ..Self::new(&w.name, ReceiverKind::Webhook)
+        }
+    }
+}
+
+impl fmt::Debug for ReceiverSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ReceiverSettings")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &shown(&self.url))
+            .field("routing_key", &shown(&self.routing_key))
+            .field("secret", &shown(&self.secret))
+            .field("template", &self.template.is_some())
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("smtp_tls", &self.smtp_tls)
+            .field("username", &shown(&self.username))
+            .field("password", &shown(&self.password))
+            .field("to", &self.to.len())
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff_ms", &self.initial_backoff_ms)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("rate_per_sec", &self.rate_per_sec)
+            .field("burst", &self.burst)
+            .field("concurrency", &self.concurrency)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+/// An escalation policy: who is paged, in what order, how often.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    pub name: String,
+    /// In order; level 1 first.
+    pub levels: Vec<LevelSettings>,
+    /// After the last level: page it again this often (0: never).
+    #[serde(default)]
+    pub repeat_interval_secs: u64,
+    /// How many repeats at most.
+    #[serde(default)]
+    pub repeat_limit: u32,
+    /// An acknowledgement lapses after this long and escalation resumes if the clock is still
+    /// breached (0: acknowledgements never lapse).
+    #[serde(default)]
+    pub ack_expiry_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelSettings {
+    /// Wait after the previous level (after the escalation opened, for level 1).
+    #[serde(default)]
+    pub delay_secs: u64,
+    pub receivers: Vec<String>,
+}
+
+/// One node of the route tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// For logs and docs only.
+    #[serde(default)]
+    pub name: String,
+    /// Every listed key must match (one of its values); an empty match matches everything.
+    #[serde(rename = "match", default)]
+    pub matchers: RouteMatch,
+    /// Policy for breaches (and warnings when `escalate_warnings` is set).
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub warning_policy: Option<String>,
+    #[serde(default)]
+    pub breach_policy: Option<String>,
+    /// Keep trying the next sibling routes after this one matched.
+    #[serde(rename = "continue", default)]
+    pub continue_matching: bool,
+    /// Child routes, tried when this route matches; the route itself applies if none does.
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
+}
+
+/// Route matchers: each non-empty list must contain the SLA event's value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub force: Vec<String>,
+    #[serde(default)]
+    pub area: Vec<String>,
+    #[serde(default)]
+    pub team: Vec<String>,
+    #[serde(default)]
+    pub category: Vec<String>,
+    #[serde(default)]
+    pub risk: Vec<String>,
+    #[serde(default)]
+    pub rule: Vec<String>,
+    /// `info`, `warning`, `high`, `critical`.
+    #[serde(default)]
+    pub severity: Vec<String>,
+    /// `warning` or `breach`.
+    #[serde(default)]
+    pub threshold: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultRouteSettings {
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub warning_policy: Option<String>,
+    #[serde(default)]
+    pub breach_policy: Option<String>,
+}
+
+/// The acknowledgement API (list, acknowledge, resolve escalations).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Where the API listens. It is served only when at least one token is configured.
+    pub listen: SocketAddr,
+    /// Operator id -> bearer token. The operator id is recorded as who acknowledged.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("listen", &self.listen)
+            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The name of the receiver `log_receiver` adds.
+pub const LOG_RECEIVER: &str = "log";
+/// The policy used when none is configured.
+pub const DEFAULT_POLICY: &str = "default";
+
+impl EscalatorSettings {
+    /// Every receiver: `log` (if `log_receiver`), the legacy webhooks, then `receivers`.
+    pub fn all_receivers(&self) -> Vec<ReceiverSettings> {
+        let mut out = Vec::new();
+        if self.log_receiver && !self.receivers.iter().any(|r| r.name == LOG_RECEIVER) {
+            out.push(ReceiverSettings::new(LOG_RECEIVER, ReceiverKind::Log));
+        }
+        out.extend(self.webhooks.iter().map(ReceiverSettings::webhook));
+        out.extend(self.receivers.iter().cloned());
+        out
+    }
+
+    /// The configured policies, plus an implicit `default` (one level, at once, every receiver
+    /// that is not only someone's fallback, no repeats) when none is named so.
+    pub fn all_policies(&self) -> Vec<PolicySettings> {
+        let mut out = self.policies.clone();
+        if !out.iter().any(|p| p.name == DEFAULT_POLICY) {
+            let receivers = self.all_receivers();
+            let fallbacks: std::collections::HashSet<&str> = receivers
+                .iter()
+                .filter_map(|r| r.fallback.as_deref())
+                .collect();
+            out.push(PolicySettings {
+                name: DEFAULT_POLICY.to_string(),
+                levels: vec![LevelSettings {
+                    delay_secs: 0,
+                    receivers: receivers
+                        .iter()
+                        .filter(|r| !fallbacks.contains(r.name.as_str()))
+                        .map(|r| r.name.clone())
+                        .collect(),
+                }],
+                repeat_interval_secs: 0,
+                repeat_limit: 0,
+                ack_expiry_secs: 0,
+            });
+        }
+        out
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(10..=60_000).contains(&self.tick_interval_ms) {
+            return Err(invalid(
+                "escalator.tick_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err(invalid("escalator.max_batch", "must be at least 1"));
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let field = |f: &str| format!("escalator.webhooks[{i}].{f}");
+            if w.name.trim().is_empty() {
+                return Err(invalid(field("name"), "must not be empty"));
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid(field("url"), "must be an http:// or https:// URL"));
+            }
+            if w.max_attempts == 0 {
+                return Err(invalid(field("max_attempts"), "must be at least 1"));
+            }
+            if w.timeout_ms == 0 {
+                return Err(invalid(field("timeout_ms"), "must be at least 1"));
+            }
+        }
+        let receivers = self.all_receivers();
+        let mut names = std::collections::HashSet::new();
+        for r in &receivers {
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    receiver_field(self, &r.name, "name"),
+                    format!("{:?} is used by two receivers", r.name),
+                ));
+            }
+        }
+        for (i, r) in self.receivers.iter().enumerate() {
+            validate_receiver(i, r, &names)?;
+        }
+        let policies = self.all_policies();
+        let mut policy_names = std::collections::HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let field = |f: &str| format!("escalator.policies[{i}].{f}");
+            if !valid_name(&p.name) {
+                return Err(invalid(field("name"), NAME_RULE));
+            }
+            if !policy_names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is used twice", p.name),
+                ));
+            }
+            if p.levels.is_empty() {
+                return Err(invalid(field("levels"), "must have at least one level"));
+            }
+            for (l, level) in p.levels.iter().enumerate() {
+                if level.receivers.is_empty() {
+                    return Err(invalid(
+                        field(&format!("levels[{l}].receivers")),
+                        "must name at least one receiver",
+                    ));
+                }
+                for r in &level.receivers {
+                    if !names.contains(r.as_str()) {
+                        return Err(invalid(
+                            field(&format!("levels[{l}].receivers")),
+                            format!("names {r:?}, which is not a configured receiver"),
+                        ));
+                    }
+                }
+            }
+            if p.repeat_limit > 0 && p.repeat_interval_secs == 0 {
+                return Err(invalid(
+                    field("repeat_interval_secs"),
+                    "must be set (at least 1) when repeat_limit is",
+                ));
+            }
+        }
+        let known: std::collections::HashSet<&str> =
+            policies.iter().map(|p| p.name.as_str()).collect();
+        let check_policy = |field: String, p: &Option<String>| -> Result<(), ConfigError> {
+            match p {
+                Some(name) if !known.contains(name.as_str()) => Err(invalid(
+                    field,
+                    format!("names {name:?}, which is not a configured policy"),
+                )),
+                _ => Ok(()),
+            }
+        };
+        fn walk(
+            routes: &[RouteSettings],
+            path: &str,
+            check: &dyn Fn(String, &Option<String>) -> Result<(), ConfigError>,
+        ) -> Result<(), ConfigError> {
+            for (i, r) in routes.iter().enumerate() {
+                let here = format!("{path}[{i}]");
+                check(format!("{here}.policy"), &r.policy)?;
+                check(format!("{here}.warning_policy"), &r.warning_policy)?;
+                check(format!("{here}.breach_policy"), &r.breach_policy)?;
+                for t in &r.matchers.threshold {
+                    if !matches!(t.as_str(), "warning" | "breach") {
+                        return Err(invalid(
+                            format!("{here}.match.threshold"),
+                            format!("value {t:?} must be \"warning\" or \"breach\""),
+                        ));
+                    }
+                }
+                for s in &r.matchers.severity {
+                    if !matches!(s.as_str(), "info" | "warning" | "high" | "critical") {
+                        return Err(invalid(
+                            format!("{here}.match.severity"),
+                            format!("value {s:?} must be info, warning, high or critical"),
+                        ));
+                    }
+                }
+                walk(&r.routes, &format!("{here}.routes"), check)?;
+            }
+            Ok(())
+        }
+        walk(&self.routes, "escalator.routes", &check_policy)?;
+        check_policy(
+            "escalator.default_route.policy".into(),
+            &self.default_route.policy,
+        )?;
+        check_policy(
+            "escalator.default_route.warning_policy".into(),
+            &self.default_route.warning_policy,
+        )?;
+        check_policy(
+            "escalator.default_route.breach_policy".into(),
+            &self.default_route.breach_policy,
+        )?;
+        for (actor, token) in &self.api.tokens {
+            if !valid_name(actor) {
+                return Err(invalid(format!("escalator.api.tokens.{actor}"), NAME_RULE));
+            }
+            if token.len() < 16 {
+                return Err(invalid(
+                    format!("escalator.api.tokens.{actor}"),
+                    "must be at least 16 characters (use a random token)",
+                ));
+            }
+        }
+        if self.closed_retention_secs == 0 {
+            return Err(invalid(
+                "escalator.closed_retention_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "must be 1-64 characters: lower-case letters, digits, '-' or '_'";
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+fn receiver_field(s: &EscalatorSettings, name: &str, field: &str) -> String {
+    match s.receivers.iter().position(|r| r.name == name) {
+        Some(i) => format!("escalator.receivers[{i}].{field}"),
+        None => format!("escalator.webhooks.{field}"),
+    }
+}
+
+fn validate_receiver(
+    i: usize,
+    r: &ReceiverSettings,
+    names: &std::collections::HashSet<&str>,
+) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("escalator.receivers[{i}].{f}");
+    if !valid_name(&r.name) {
+        return Err(invalid(field("name"), NAME_RULE));
+    }
+    let http_url = |u: &Option<String>, required: bool| -> Result<(), ConfigError> {
+        match u {
+            None if required => Err(invalid(field("url"), "is required for this kind")),
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                Err(invalid(field("url"), "must be an http:// or https:// URL"))
+            }
+            _ => Ok(()),
+        }
+    };
+    let not_for_kind = |present: bool, f: &str| -> Result<(), ConfigError> {
+        if present {
+            Err(invalid(
+                field(f),
+                format!("does not apply to a receiver of kind {:?}", r.kind),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match r.kind {
+        ReceiverKind::Log => {
+            not_for_kind(r.url.is_some(), "url")?;
+        }
+        ReceiverKind::Webhook => {
+            http_url(&r.url, true)?;
+            if let Some(t) = &r.template {
+                check_template(t).map_err(|m| invalid(field("template"), m))?;
+            }
+        }
+        ReceiverKind::Pagerduty => {
+            http_url(&r.url, false)?;
+            match &r.routing_key {
+                None => return Err(invalid(field("routing_key"), "is required for pagerduty")),
+                Some(k) if k.trim().is_empty() => {
+                    return Err(invalid(field("routing_key"), "must not be empty"))
+                }
+                _ => {}
+            }
+            not_for_kind(r.template.is_some(), "template")?;
+        }
+        ReceiverKind::Alertmanager => {
+            http_url(&r.url, true)?;
+            if r.refresh_interval_secs == 0 {
+                return Err(invalid(
+                    field("refresh_interval_secs"),
+                    "must be at least 1",
+                ));
+            }
+            not_for_kind(r.template.is_some(), "template")?;
+        }
+        ReceiverKind::Email => {
+            not_for_kind(r.url.is_some(), "url")?;
+            if r.smtp_host.as_deref().is_none_or(|h| h.trim().is_empty()) {
+                return Err(invalid(field("smtp_host"), "is required for email"));
+            }
+            if r.from.as_deref().is_none_or(|f| !f.contains('@')) {
+                return Err(invalid(field("from"), "must be an email address"));
+            }
+            if r.to.is_empty() {
+                return Err(invalid(field("to"), "must list at least one address"));
+            }
+            if let Some(t) = r.to.iter().find(|t| !t.contains('@')) {
+                return Err(invalid(
+                    field("to"),
+                    format!("{t:?} is not an email address"),
+                ));
+            }
+            if r.username.is_some() != r.password.is_some() {
+                return Err(invalid(
+                    field("password"),
+                    "username and password must be set together",
+                ));
+            }
+        }
+    }
+    if r.max_attempts == 0 {
+        return Err(invalid(field("max_attempts"), "must be at least 1"));
+    }
+    if r.timeout_ms == 0 {
+        return Err(invalid(field("timeout_ms"), "must be at least 1"));
+    }
+    if r.max_backoff_ms < r.initial_backoff_ms {
+        return Err(invalid(
+            field("max_backoff_ms"),
+            "must be at least initial_backoff_ms",
+        ));
+    }
+    if r.rate_per_sec == 0 || r.burst == 0 {
+        return Err(invalid(
+            field("rate_per_sec"),
+            "rate_per_sec and burst must be at least 1",
+        ));
+    }
+    if r.concurrency == 0 {
+        return Err(invalid(field("concurrency"), "must be at least 1"));
+    }
+    if let Some(fb) = &r.fallback {
+        if fb == &r.name {
+            return Err(invalid(field("fallback"), "must name another receiver"));
+        }
+        if !names.contains(fb.as_str()) {
+            return Err(invalid(
+                field("fallback"),
+                format!("names {fb:?}, which is not a configured receiver"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a webhook template: known placeholders only, and valid JSON once they are filled.
+fn check_template(t: &str) -> Result<(), String> {
+    let mut rest = t;
+    let mut filled = String::new();
+    while let Some(start) = rest.find("{{") {
+        filled.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "has a \"{{\" without a closing \"}}\"".to_string())?;
+        let name = after[..end].trim();
+        if !TEMPLATE_FIELDS.contains(&name) {
+            return Err(format!(
+                "uses {{{{{name}}}}}, which is not one of {}",
+                TEMPLATE_FIELDS.join(", ")
+            ));
+        }
+        filled.push_str("null");
+        rest = &after[end + 2..];
+    }
+    filled.push_str(rest);
+    serde_json::from_str::<serde_json::Value>(&filled)
+        .map(|_| ())
+        .map_err(|e| format!("is not JSON once its placeholders are filled: {e}"))
+}
+
+/// Reads `env:NAME` values from the environment.
+fn resolve_env_value(
+    value: &mut Option<String>,
+    field: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    if let Some(name) = value.as_deref().and_then(|v| v.strip_prefix("env:")) {
+        match env.get(name) {
+            Some(v) if !v.is_empty() => *value = Some(v.clone()),
+            _ => {
+                return Err(invalid(
+                    field,
+                    format!("reads the environment variable {name}, which is not set"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A legacy `[[escalator.webhooks]]` entry: a webhook receiver with default delivery settings.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
@@ -300,9 +1029,11 @@ impl Settings {
                     .required(true),
             );
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
+        let all_env: BTreeMap<String, String> = env.into_iter().collect();
+        let env: config::Map<String, String> = all_env
+            .iter()
             .filter(|(k, _)| k.starts_with("SAFECLOCK__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("SAFECLOCK")
@@ -320,6 +1051,13 @@ impl Settings {
         normalise_property_keys(&mut settings.kafka.properties);
         normalise_property_keys(&mut settings.kafka.consumer_properties);
         normalise_property_keys(&mut settings.kafka.producer_properties);
+        for (i, r) in settings.escalator.receivers.iter_mut().enumerate() {
+            let field = |f: &str| format!("escalator.receivers[{i}].{f}");
+            resolve_env_value(&mut r.url, &field("url"), &all_env)?;
+            resolve_env_value(&mut r.routing_key, &field("routing_key"), &all_env)?;
+            resolve_env_value(&mut r.secret, &field("secret"), &all_env)?;
+            resolve_env_value(&mut r.password, &field("password"), &all_env)?;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -443,28 +1181,7 @@ impl Settings {
         if self.clock.max_batch == 0 {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
-        let mut names = std::collections::HashSet::new();
-        for (i, w) in self.escalator.webhooks.iter().enumerate() {
-            let field = |f: &str| format!("escalator.webhooks[{i}].{f}");
-            if w.name.trim().is_empty() {
-                return Err(invalid(field("name"), "must not be empty"));
-            }
-            if !names.insert(w.name.as_str()) {
-                return Err(invalid(
-                    field("name"),
-                    format!("{:?} is used twice", w.name),
-                ));
-            }
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(invalid(field("url"), "must be an http:// or https:// URL"));
-            }
-            if w.max_attempts == 0 {
-                return Err(invalid(field("max_attempts"), "must be at least 1"));
-            }
-            if w.timeout_ms == 0 {
-                return Err(invalid(field("timeout_ms"), "must be at least 1"));
-            }
-        }
+        self.escalator.validate()?;
         Ok(())
     }
 

@@ -47,22 +47,29 @@ pub enum Topic {
     /// The clock's durable state (compacted; binary protobuf). Key: referral id. Partitioned
     /// like `ReferralEvents`.
     ClockState,
+    /// The escalator's durable state: open escalations and their pending notifications
+    /// (compacted; binary protobuf). Key: escalation id. Partitioned like `SlaEvents`.
+    EscalationState,
 }
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 6] = [
+    pub const ALL: [Topic; 7] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
         Topic::SlaOutcomes,
         Topic::EscalationLog,
         Topic::DeadLetter,
         Topic::ClockState,
+        Topic::EscalationState,
     ];
 
     /// Whether only the latest record per key matters (the topic is compacted).
     pub fn compacted(self) -> bool {
-        matches!(self, Topic::ClockState | Topic::SlaOutcomes)
+        matches!(
+            self,
+            Topic::ClockState | Topic::SlaOutcomes | Topic::EscalationState
+        )
     }
 
     /// The name without the deployment's prefix.
@@ -74,6 +81,7 @@ impl Topic {
             Topic::DeadLetter => "dead-letter.v1",
             Topic::ClockState => "clock-state.v1",
             Topic::SlaOutcomes => "sla-outcomes.v1",
+            Topic::EscalationState => "escalation-state.v1",
         }
     }
 }
@@ -448,6 +456,49 @@ impl DeadLetters {
             .dead_letters
             .with_label_values(&[self.service])
             .inc();
+        enqueue(&self.producer, record).await
+    }
+}
+
+impl DeadLetters {
+    /// Enqueues a record this service produced itself but could not deliver (e.g. a notification
+    /// whose retry budget is spent): `payload` under `key`, with the reason headers. There is no
+    /// source record, so the source headers are omitted.
+    ///
+    /// # Errors
+    /// When the record cannot be enqueued.
+    pub async fn send_undeliverable(
+        &self,
+        key: &str,
+        payload: &[u8],
+        reason: &str,
+        error: &str,
+    ) -> anyhow::Result<DeliveryFuture> {
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in [
+            (dlq_headers::REASON, reason),
+            (dlq_headers::ERROR, error),
+            (dlq_headers::SERVICE, self.service),
+        ] {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        tracing::warn!(
+            service = self.service,
+            reason,
+            error.message = error,
+            "undeliverable record sent to the dead-letter topic"
+        );
+        self.metrics
+            .dead_letters
+            .with_label_values(&[self.service])
+            .inc();
+        let record = FutureRecord::<str, [u8]>::to(&self.topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
         enqueue(&self.producer, record).await
     }
 }

@@ -113,7 +113,7 @@ fn every_kind_transition_and_action_has_an_example() {
         );
         assert!(names.contains(&file), "no example {file}");
     }
-    for a in 1..=5 {
+    for a in 1..=7 {
         let a = EscalationAction::try_from(a).unwrap();
         let file = format!(
             "escalation-record.{}.json",

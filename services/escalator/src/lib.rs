@@ -1,220 +1,540 @@
-//! The escalator: tells people when a clock warns or breaches.
+//! The escalator: makes sure the right person hears about a warning or a breach, and keeps
+//! hearing until someone takes ownership.
 //!
-//! Reads `sla-events`; every breach (and every warning, if configured) becomes a notification to
-//! each configured receiver (a log line, HTTP webhooks), and every delivery outcome is written to
-//! `escalation-log`, keyed by escalation id, as the audit trail.
+//! Reads `sla-events`. The route tree (`routing.rs`) picks escalation policies for each warning
+//! and breach; the state machine (`engine.rs`, one per assigned partition, pure and driven by an
+//! injected clock) decides which receivers to notify at which level and when, stops on
+//! acknowledgement or resolution, and resumes when an acknowledgement lapses. The delivery layer
+//! (`delivery.rs`) delivers each notification with retries, backoff, a rate limit, a circuit
+//! breaker and a fallback receiver. The API (`api.rs`) lists, acknowledges and resolves
+//! escalations. Every attempt, outcome, acknowledgement and resolution is written to
+//! `escalation-log`.
+//!
+//! # State
+//! Escalations, and the notifications decided on but not yet delivered, are written to the
+//! compacted `escalation-state` changelog, to the same partition number as their `sla-events`
+//! partition, and restored from it when a partition is assigned. Pending notifications are then
+//! delivered again; delivered ones are recorded as done and never sent again.
 //!
 //! # Delivery contract
-//! At-least-once. A batch's offsets are stored only after every notification it caused reached a
-//! final outcome (delivered, or failed after the receiver's retry budget) and the escalation-log
-//! records (and any dead letters) are acknowledged by the broker. A redelivered SLA event is
-//! recognised by id within a bounded window and not paged again; receivers also get a stable
-//! `dedupKey` per escalation, threshold, level and receiver, so a page repeated after a crash
-//! de-duplicates at the receiver.
+//! At-least-once, in this order for every batch of SLA events, every tick, every API command and
+//! every set of delivery outcomes:
+//! 1. the state machine decides; its audit records, dead letters and the changed escalation
+//!    states are produced, and the broker's acknowledgement awaited;
+//! 2. then (for a batch) the input offsets are stored for commit;
+//! 3. only then are the new notifications handed to the delivery layer.
+//!
+//! So no notification is sent that the changelog does not know about, and none is forgotten: a
+//! crash before 1 re-reads the SLA events and decides the same notifications (same ids); a crash
+//! after 1 restores them as pending and delivers them. A crash between a delivery and the write
+//! of its outcome sends that one notification again, with the same `dedupKey` and `deliveryId`,
+//! so receivers can de-duplicate; that window is the only way a page repeats.
 
+pub mod api;
+pub mod delivery;
+pub mod engine;
 pub mod metrics;
 pub mod receivers;
+pub mod restore;
+pub mod routing;
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use safeclock_common::dedup::RecentIds;
-use safeclock_common::event::decode_sla_event;
-use safeclock_common::ids::derive_id;
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
+use safeclock_common::event::{decode_sla_event, transition_label};
+use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
-use safeclock_common::schema::from_jiff;
-use safeclock_common::schema::v1::{EscalationAction, EscalationRecord, SlaEvent, SlaTransition};
+use safeclock_common::ops::ReadinessHandle;
+use safeclock_common::schema::enum_label;
+use safeclock_common::schema::v1::{
+    EscalationAction, EscalationRecord, EscalationState, EscalationStatus,
+};
 use safeclock_common::service::ServiceDeps;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::api::{Command, EscalationView};
+use crate::delivery::{Dispatcher, Report};
+use crate::engine::{Action, Engine, Job};
 use crate::metrics::EscalatorMetrics;
-use crate::receivers::{Notification, Outcome, Receiver, Webhook};
+use crate::receivers::Receiver;
+use crate::routing::Routing;
+
+pub use crate::engine::escalation_id;
 
 const SERVICE: &str = "escalator";
-const MAX_BATCH: usize = 500;
-const DEDUP_WINDOW: usize = 200_000;
 
-/// The escalation id of a clock: stable across retries, restarts and levels.
-pub fn escalation_id(event: &SlaEvent) -> String {
-    derive_id(&[
-        &event.referral_id,
-        &event.rule_id,
-        &event.clock_id,
-        "escalation",
-    ])
+/// Where the escalator writes, and how.
+struct Effects {
+    producer: FutureProducer,
+    log_topic: String,
+    state_topic: String,
+    dead_letters: DeadLetters,
+    metrics: EscalatorMetrics,
 }
 
-/// Which SLA events page someone.
-pub fn should_escalate(event: &SlaEvent, escalate_warnings: bool) -> bool {
-    match event.transition() {
-        SlaTransition::Breached => true,
-        SlaTransition::Warning => escalate_warnings,
-        _ => false,
+impl Effects {
+    async fn audit(&self, record: &EscalationRecord) -> anyhow::Result<DeliveryFuture> {
+        let payload = serde_json::to_vec(record)?;
+        let r = FutureRecord::<str, [u8]>::to(&self.log_topic)
+            .key(&record.escalation_id)
+            .payload(&payload);
+        kafka::enqueue(&self.producer, r).await
+    }
+
+    /// Makes the actions' records and every changed state durable; returns the notifications
+    /// to hand to the delivery layer once that is done.
+    async fn write(
+        &self,
+        actions: Vec<Action>,
+        engines: &mut BTreeMap<i32, Engine>,
+        mut deliveries: Vec<DeliveryFuture>,
+    ) -> anyhow::Result<Vec<Job>> {
+        let mut jobs = Vec::new();
+        for action in actions {
+            match action {
+                Action::Deliver(job) => jobs.push(job),
+                Action::Audit(record) => deliveries.push(self.audit(&record).await?),
+                Action::DeadLetter { job, error } => {
+                    self.metrics
+                        .dead_letters
+                        .with_label_values(&[&job.pending.receiver])
+                        .inc();
+                    let payload = serde_json::to_vec(&receivers::webhook_body(&job))?;
+                    deliveries.push(
+                        self.dead_letters
+                            .send_undeliverable(
+                                &job.escalation_id,
+                                &payload,
+                                "notification_undeliverable",
+                                &format!("receiver {}: {error}", job.pending.receiver),
+                            )
+                            .await?,
+                    );
+                }
+                Action::Acknowledged { after_secs } => {
+                    self.metrics.time_to_ack.observe(after_secs);
+                }
+            }
+        }
+        for (partition, engine) in engines.iter_mut() {
+            for id in engine.take_dirty() {
+                let payload = engine
+                    .export(&id)
+                    .map(|s| prost::Message::encode_to_vec(&s));
+                let mut record = FutureRecord::<str, [u8]>::to(&self.state_topic)
+                    .partition(*partition)
+                    .key(&id);
+                if let Some(bytes) = payload.as_deref() {
+                    record = record.payload(bytes);
+                }
+                deliveries.push(kafka::enqueue(&self.producer, record).await?);
+            }
+        }
+        kafka::await_deliveries(deliveries).await?;
+        Ok(jobs)
     }
 }
 
-/// The receivers configured in `settings`.
-///
-/// # Errors
-/// When a webhook's HTTP client cannot be built.
-pub fn receivers(settings: &safeclock_common::config::Settings) -> anyhow::Result<Vec<Receiver>> {
-    let mut out = Vec::new();
-    if settings.escalator.log_receiver {
-        out.push(Receiver::Log);
+/// How the API shows an escalation.
+pub fn view(st: &EscalationState) -> EscalationView {
+    let e = st.event.clone().unwrap_or_default();
+    let time = |ms: i64| {
+        (ms > 0)
+            .then(|| jiff::Timestamp::from_millisecond(ms).ok())
+            .flatten()
+            .map(|t| t.to_string())
+    };
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    EscalationView {
+        escalation_id: st.escalation_id.clone(),
+        referral_id: e.referral_id.clone(),
+        rule_id: e.rule_id.clone(),
+        clock_id: e.clock_id.clone(),
+        threshold: transition_label(e.transition()).to_string(),
+        severity: enum_label(e.severity().as_str_name(), "SEVERITY_"),
+        force: e.labels.clone().unwrap_or_default().force_id,
+        status: enum_label(st.status().as_str_name(), "ESCALATION_STATUS_"),
+        level: st.tracks.iter().map(|t| t.level).max().unwrap_or(0),
+        policies: st.tracks.iter().map(|t| t.policy.clone()).collect(),
+        opened_at: time(st.opened_at_ms).unwrap_or_default(),
+        deadline: e
+            .deadline
+            .as_ref()
+            .and_then(safeclock_common::schema::to_jiff)
+            .map(|t| t.to_string()),
+        acknowledged_by: nonempty(&st.acked_by),
+        acknowledged_at: time(st.acked_at_ms),
+        acknowledgement_expires_at: time(st.ack_expires_at_ms),
+        resolved_by: nonempty(&st.resolved_by),
+        resolution: nonempty(&st.resolution),
+        pages: st.pages.len(),
+        pending: st.pending.len(),
     }
-    for w in &settings.escalator.webhooks {
-        out.push(Receiver::Webhook(Webhook::new(w.clone())?));
-    }
-    Ok(out)
 }
 
-/// The audit record of one delivery outcome.
-pub fn escalation_record(
-    n: &Notification,
-    receiver: &str,
-    outcome: &Outcome,
-    at: jiff::Timestamp,
-) -> EscalationRecord {
-    let (action, attempts, error) = match outcome {
-        Outcome::Delivered { attempts } => (EscalationAction::Notified, *attempts, String::new()),
-        Outcome::Failed { attempts, error } => {
-            (EscalationAction::DeliveryFailed, *attempts, error.clone())
+/// Restores engines for newly assigned partitions (and re-drives their pending notifications)
+/// and drops those of revoked ones.
+#[allow(clippy::too_many_arguments)]
+async fn sync_assignment(
+    consumer: &ServiceConsumer,
+    input: &str,
+    deps: &ServiceDeps,
+    routing: &Arc<Routing>,
+    engines: &mut BTreeMap<i32, Engine>,
+    dispatcher: &Dispatcher,
+    restored: &ReadinessHandle,
+) -> anyhow::Result<()> {
+    let assigned: Vec<i32> = match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements_for_topic(input)
+            .iter()
+            .map(|e| e.partition())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "cannot read the partition assignment");
+            return Ok(());
         }
     };
-    EscalationRecord {
-        escalation_id: n.escalation_id.clone(),
-        dedup_key: n.dedup_key(receiver),
-        action: action as i32,
-        receiver: receiver.to_string(),
-        level: n.level,
-        attempt: attempts,
-        sla_event_id: n.event.sla_event_id.clone(),
-        transition: n.event.transition,
-        referral_id: n.event.referral_id.clone(),
-        rule_id: n.event.rule_id.clone(),
-        severity: n.event.severity,
-        labels: n.event.labels.clone(),
-        deadline: n.event.deadline,
-        at: Some(from_jiff(at)),
-        error,
-        actor: String::new(),
-        note: String::new(),
+    engines.retain(|p, _| {
+        let keep = assigned.contains(p);
+        if !keep {
+            tracing::info!(
+                partition = p,
+                "partition revoked: its escalations move elsewhere"
+            );
+        }
+        keep
+    });
+    let missing: Vec<i32> = assigned
+        .into_iter()
+        .filter(|p| !engines.contains_key(p))
+        .collect();
+    if !missing.is_empty() {
+        restored.set(false);
     }
+    for p in missing {
+        let started = Instant::now();
+        let states = restore::restore_partition(deps.settings.clone(), p).await?;
+        let mut engine = Engine::new(
+            p,
+            routing.clone(),
+            deps.settings.escalator.closed_retention_secs,
+        );
+        let n = states.len();
+        for s in states {
+            engine.import(s);
+        }
+        let pending = engine.pending_jobs();
+        tracing::info!(
+            partition = p,
+            escalations = n,
+            pending = pending.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "partition escalations restored; re-driving pending notifications"
+        );
+        for job in pending {
+            dispatcher.submit(job);
+        }
+        engines.insert(p, engine);
+    }
+    restored.set(true);
+    Ok(())
 }
 
-async fn publish(
-    producer: &FutureProducer,
-    topic: &str,
-    record: &EscalationRecord,
-) -> anyhow::Result<DeliveryFuture> {
-    let payload = serde_json::to_vec(record)?;
-    let r = FutureRecord::<str, [u8]>::to(topic)
-        .key(&record.escalation_id)
-        .payload(&payload);
-    kafka::enqueue(producer, r).await
+fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
+    metrics.open.reset();
+    let mut pending = 0usize;
+    for engine in engines.values() {
+        let s = engine.stats();
+        pending += s.pending;
+        for ((level, acked), n) in s.open_by_level {
+            let status = if acked { "acknowledged" } else { "open" };
+            metrics
+                .open
+                .with_label_values(&[&level.to_string(), status])
+                .add(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    metrics
+        .pending
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+}
+
+/// Applies delivery reports to the engines.
+fn apply_reports(
+    reports: Vec<Report>,
+    engines: &mut BTreeMap<i32, Engine>,
+    now: jiff::Timestamp,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for report in reports {
+        match report {
+            Report::AttemptFailed {
+                job,
+                attempt,
+                error,
+                ..
+            } => actions.push(Action::Audit(Box::new(engine::job_record(
+                &job,
+                EscalationAction::AttemptFailed,
+                attempt,
+                &error,
+                now,
+            )))),
+            Report::Done { job, outcome, .. } => {
+                // A partition revoked meanwhile: its new owner re-drives the notification.
+                if let Some(engine) = engines.get_mut(&job.partition) {
+                    actions.extend(engine.on_outcome(
+                        &job.escalation_id,
+                        &job.pending.delivery_id,
+                        &outcome,
+                        now,
+                    ));
+                }
+            }
+        }
+    }
+    actions
 }
 
 /// Runs the escalator until `shutdown` is cancelled.
 ///
 /// # Errors
-/// When Kafka clients cannot be created or the broker refuses to acknowledge the audit records.
+/// When receivers or Kafka clients cannot be created, the API cannot bind, state cannot be
+/// restored, or the broker refuses to acknowledge the state or audit records.
 pub async fn run(
     deps: ServiceDeps,
     consumer_metrics: ConsumerMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
+    let esc = &settings.escalator;
     let metrics = EscalatorMetrics::register(&deps.registry)?;
-    let receivers = receivers(&settings)?;
+    let routing = Arc::new(Routing::new(esc));
+    let receivers = esc
+        .all_receivers()
+        .into_iter()
+        .map(Receiver::new)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if receivers.is_empty() {
         tracing::warn!(
-            "no escalation receivers configured: breaches will reach nobody (set escalator.log_receiver or add escalator.webhooks)"
+            "no escalation receivers configured: breaches will reach nobody (set escalator.log_receiver or add [[escalator.receivers]])"
         );
     }
     let input = settings.topic(Topic::SlaEvents);
-    let log_topic = settings.topic(Topic::EscalationLog);
+    let restored = deps.readiness.component("escalation-state");
     let consumer = kafka::consumer(
         &settings,
         SERVICE,
-        &settings.escalator.group_id,
+        &esc.group_id,
         &[&input],
         deps.readiness.component(SERVICE),
     )?;
     let producer = kafka::producer(&settings)?;
-    let dead_letters = DeadLetters::new(
-        producer.clone(),
-        &settings,
-        SERVICE,
-        consumer_metrics.clone(),
+    restore::check_copartitioned(&settings).await?;
+    let effects = Effects {
+        producer: producer.clone(),
+        log_topic: settings.topic(Topic::EscalationLog),
+        state_topic: settings.topic(Topic::EscalationState),
+        dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+        metrics: metrics.clone(),
+    };
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+    let delivery_stop = shutdown.child_token();
+    let dispatcher = Dispatcher::start(
+        receivers,
+        metrics.clone(),
+        deps.time.clone(),
+        report_tx,
+        delivery_stop.clone(),
     );
-    let mut seen = RecentIds::new(DEDUP_WINDOW);
+    let (command_tx, mut command_rx) = mpsc::channel::<Command>(64);
+    let api_task = if esc.api.tokens.is_empty() {
+        tracing::info!("escalation API off (no escalator.api.tokens configured)");
+        None
+    } else {
+        let (_, task) = api::bind(
+            esc.api.listen,
+            &esc.api.tokens,
+            command_tx.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        Some(task)
+    };
+    let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(esc.tick_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reports = Vec::new();
     tracing::info!(
         input,
-        log_topic,
-        receivers = receivers.len(),
+        log_topic = effects.log_topic,
+        changelog = effects.state_topic,
+        receivers = esc.all_receivers().len(),
         "escalator started"
     );
 
     loop {
-        let batch = tokio::select! {
+        tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            batch = kafka::next_batch(&consumer, MAX_BATCH) => batch,
-        };
-        let started = Instant::now();
-        let mut deliveries = Vec::new();
-        let mut offsets = OffsetBook::default();
-        let mut notifications = Vec::new();
-        for message in &batch {
-            consumer_metrics
-                .consumed
-                .with_label_values(&[SERVICE, message.topic()])
-                .inc();
-            match decode_sla_event(message.payload().unwrap_or_default()) {
-                Err(rejection) => deliveries.push(dead_letters.send(message, &rejection).await?),
-                Ok(event) => {
-                    if should_escalate(&event, settings.escalator.escalate_warnings)
-                        && seen.first_time(&event.sla_event_id)
-                    {
-                        notifications.push(Notification {
-                            escalation_id: escalation_id(&event),
-                            level: 1,
-                            event,
-                        });
+            _ = tick.tick() => {
+                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored).await?;
+                let now = deps.time.now();
+                let actions: Vec<Action> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
+                if !actions.is_empty() || engines.values().any(Engine::has_dirty) {
+                    for job in effects.write(actions, &mut engines, Vec::new()).await? {
+                        dispatcher.submit(job);
                     }
                 }
+                update_gauges(&engines, &metrics);
             }
-            offsets.handled(message);
-        }
-        // Every notification of the batch goes out concurrently; each receiver retries on its own.
-        let outcomes = futures::future::join_all(notifications.iter().map(|n| {
-            let receivers = &receivers;
-            let metrics = &metrics;
-            async move {
-                let mut per_receiver = Vec::with_capacity(receivers.len());
-                for r in receivers {
-                    per_receiver.push((r.name().to_string(), r.deliver(n, metrics).await));
+            n = report_rx.recv_many(&mut reports, 1000) => {
+                if n == 0 {
+                    continue;
                 }
-                per_receiver
+                let actions = apply_reports(std::mem::take(&mut reports), &mut engines, deps.time.now());
+                for job in effects.write(actions, &mut engines, Vec::new()).await? {
+                    dispatcher.submit(job);
+                }
             }
-        }))
-        .await;
-        for (n, per_receiver) in notifications.iter().zip(outcomes) {
-            for (receiver, outcome) in per_receiver {
-                let record = escalation_record(n, &receiver, &outcome, deps.time.now());
-                deliveries.push(publish(&producer, &log_topic, &record).await?);
+            Some(command) = command_rx.recv() => {
+                handle_command(command, &mut engines, &effects, &dispatcher, deps.time.now()).await?;
+            }
+            batch = kafka::next_batch(&consumer, esc.max_batch) => {
+                let started = Instant::now();
+                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored).await?;
+                let mut dead = Vec::new();
+                let mut actions = Vec::new();
+                let mut offsets = OffsetBook::default();
+                for message in &batch {
+                    consumer_metrics.consumed.with_label_values(&[SERVICE, message.topic()]).inc();
+                    let span = tracing::debug_span!("record", topic = message.topic(), partition = message.partition(), offset = message.offset());
+                    let Some(engine) = engines.get_mut(&message.partition()) else {
+                        // Revoked between the fetch and now: its new owner processes it.
+                        continue;
+                    };
+                    match decode_sla_event(message.payload().unwrap_or_default()) {
+                        Err(rejection) => {
+                            dead.push(effects.dead_letters.send(message, &rejection).instrument(span.clone()).await?);
+                        }
+                        Ok(event) => {
+                            let _enter = span.enter();
+                            tracing::debug!(referral_id = %event.referral_id, sla_event_id = %event.sla_event_id, "sla event");
+                            actions.extend(engine.on_sla_event(&event, deps.time.now()));
+                        }
+                    }
+                    offsets.handled(message);
+                }
+                let jobs = effects.write(actions, &mut engines, dead).await?;
+                offsets.store(&consumer);
+                for job in jobs {
+                    dispatcher.submit(job);
+                }
+                consumer_metrics.batch_seconds.with_label_values(&[SERVICE]).observe(started.elapsed().as_secs_f64());
             }
         }
-        kafka::await_deliveries(deliveries).await?;
-        offsets.store(&consumer);
-        consumer_metrics
-            .batch_seconds
-            .with_label_values(&[SERVICE])
-            .observe(started.elapsed().as_secs_f64());
+    }
+    // Record what was delivered before the stop, so a restart does not send it again.
+    delivery_stop.cancel();
+    while let Ok(r) = report_rx.try_recv() {
+        reports.push(r);
+    }
+    if !reports.is_empty() {
+        let actions = apply_reports(reports, &mut engines, deps.time.now());
+        if let Err(e) = effects.write(actions, &mut engines, Vec::new()).await {
+            tracing::warn!(error.message = %e, "could not record the last delivery outcomes; they will be delivered again after the restart");
+        }
     }
     kafka::commit_stored(&consumer, SERVICE);
+    if let Some(task) = api_task {
+        let _ = task.await;
+    }
     tracing::info!("escalator stopped");
     Ok(())
+}
+
+async fn handle_command(
+    command: Command,
+    engines: &mut BTreeMap<i32, Engine>,
+    effects: &Effects,
+    dispatcher: &Dispatcher,
+    now: jiff::Timestamp,
+) -> anyhow::Result<()> {
+    match command {
+        Command::List { reply } => {
+            let mut views: Vec<EscalationView> =
+                engines.values().flat_map(|e| e.open().map(view)).collect();
+            views.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
+            let _ = reply.send(views);
+        }
+        Command::Acknowledge {
+            id,
+            actor,
+            note,
+            reply,
+        } => {
+            let result = apply_command(engines, &id, |e| e.acknowledge(&id, &actor, &note, now));
+            finish(result, &id, engines, effects, dispatcher, reply).await?;
+        }
+        Command::Resolve {
+            id,
+            actor,
+            note,
+            reply,
+        } => {
+            let result = apply_command(engines, &id, |e| e.resolve(&id, &actor, &note, now));
+            finish(result, &id, engines, effects, dispatcher, reply).await?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_command(
+    engines: &mut BTreeMap<i32, Engine>,
+    id: &str,
+    f: impl FnOnce(&mut Engine) -> Result<Vec<Action>, engine::CommandError>,
+) -> Result<Vec<Action>, engine::CommandError> {
+    let engine = engines
+        .values_mut()
+        .find(|e| e.get(id).is_some())
+        .ok_or_else(|| engine::CommandError::NotFound(id.to_string()))?;
+    f(engine)
+}
+
+async fn finish(
+    result: Result<Vec<Action>, engine::CommandError>,
+    id: &str,
+    engines: &mut BTreeMap<i32, Engine>,
+    effects: &Effects,
+    dispatcher: &Dispatcher,
+    reply: tokio::sync::oneshot::Sender<Result<EscalationView, engine::CommandError>>,
+) -> anyhow::Result<()> {
+    match result {
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+        Ok(actions) => {
+            let jobs = effects.write(actions, engines, Vec::new()).await?;
+            let v = engines.values().find_map(|e| e.get(id)).map(view);
+            if let Some(v) = v {
+                let _ = reply.send(Ok(v));
+            }
+            for job in jobs {
+                dispatcher.submit(job);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an escalation is still open (for tests and tools).
+pub fn is_open(st: &EscalationState) -> bool {
+    st.status() != EscalationStatus::Resolved
 }

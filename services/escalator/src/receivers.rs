@@ -1,177 +1,288 @@
-//! Where escalations go: a log line, and HTTP webhooks.
+//! Where notifications go: a log line, a signed webhook, PagerDuty Events API v2, Alertmanager
+//! API v2, or email over SMTP.
 //!
-//! A webhook gets a JSON body with the escalation's ids and the SLA event in proto3 JSON. Failed
-//! attempts (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff
-//! and jitter up to the receiver's attempt budget; other 4xx answers are permanent. URLs can hold
-//! tokens, so they are never logged: receivers are named by their configured name.
+//! Each receiver makes exactly **one attempt** per call and says whether a failure is worth
+//! retrying; retries, backoff, the circuit breaker, the rate limit and the fallback are the
+//! delivery layer's job (`delivery.rs`), the same for every kind.
+//!
+//! URLs, routing keys, HMAC secrets and SMTP passwords are never logged: errors are built with
+//! `reqwest::Error::without_url`, and receivers are named by their configured name. Notification
+//! content carries pseudonymous ids and codes only; an acknowledgement's free-text note stays in
+//! the audit log and is never sent to a receiver.
 
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
-use safeclock_common::config::WebhookSettings;
+use hmac::{Hmac, Mac};
+use jiff::Timestamp;
+use lettre::message::header::ContentType;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use safeclock_common::config::{ReceiverKind, ReceiverSettings, SmtpTls, PAGERDUTY_EVENTS_URL};
 use safeclock_common::event::transition_label;
-use safeclock_common::schema::v1::SlaEvent;
-use serde_json::json;
+use safeclock_common::schema::v1::{NotificationKind, SlaEvent, SlaTransition};
+use safeclock_common::schema::{enum_label, to_jiff};
+use serde_json::{json, Value};
+use sha2::Sha256;
 
-use crate::metrics::EscalatorMetrics;
+use crate::engine::{kind_label, Job};
 
-/// One notification to deliver: an SLA event at an escalation level.
-#[derive(Debug, Clone)]
-pub struct Notification {
-    /// Stable per referral + rule + clock.
-    pub escalation_id: String,
-    /// Escalation level (1 = first line).
-    pub level: u32,
-    pub event: SlaEvent,
-}
+/// Header carrying the signature of a webhook body: `sha256=<hex>` of HMAC-SHA256 over
+/// `"{timestamp}.{body}"` with the receiver's secret.
+pub const SIGNATURE_HEADER: &str = "x-safeclock-signature";
+/// Header carrying the unix time (seconds) the signature was made; receivers should refuse old
+/// ones to stop replays.
+pub const TIMESTAMP_HEADER: &str = "x-safeclock-timestamp";
 
-impl Notification {
-    /// Stable per escalation + threshold + level + receiver: receivers de-duplicate on it, so an
-    /// at-least-once redelivery never pages a person twice.
-    pub fn dedup_key(&self, receiver: &str) -> String {
-        safeclock_common::ids::derive_id(&[
-            &self.escalation_id,
-            transition_label(self.event.transition()),
-            // The threshold: the SLA event's id is unique per warning of a clock (and per breach).
-            &self.event.sla_event_id,
-            &self.level.to_string(),
-            receiver,
-        ])
-    }
-
-    /// A one-line summary with codes only (no personal data).
-    pub fn summary(&self) -> String {
-        let e = &self.event;
-        let labels = e.labels.clone().unwrap_or_default();
-        let deadline = e
-            .deadline
-            .as_ref()
-            .and_then(safeclock_common::schema::to_jiff)
-            .map(|t| t.to_string())
-            .unwrap_or_default();
-        format!(
-            "{} {} ({}) referral {} force {} category {} risk {} deadline {}",
-            transition_label(e.transition()).to_uppercase(),
-            e.rule_id,
-            e.rule_title,
-            e.referral_id,
-            labels.force_id,
-            labels.category,
-            labels.risk,
-            deadline
-        )
-    }
-}
-
-/// The final result of delivering to one receiver.
+/// Why one attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered { attempts: u32 },
-    Failed { attempts: u32, error: String },
+pub struct AttemptError {
+    /// Whether trying again may help (timeouts, connection errors, 408, 429, 5xx).
+    pub retryable: bool,
+    /// In words, with no URL or secret.
+    pub message: String,
 }
 
-/// A configured receiver.
-#[derive(Debug, Clone)]
-pub enum Receiver {
-    /// Writes the escalation as a structured log line.
-    Log,
-    Webhook(Webhook),
-}
-
-impl Receiver {
-    pub fn name(&self) -> &str {
-        match self {
-            Receiver::Log => "log",
-            Receiver::Webhook(w) => &w.settings.name,
+impl AttemptError {
+    fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            message: message.into(),
         }
     }
 
-    /// Delivers `n`, retrying as the receiver allows, and records metrics.
-    pub async fn deliver(&self, n: &Notification, metrics: &EscalatorMetrics) -> Outcome {
-        let started = Instant::now();
-        let outcome = match self {
-            Receiver::Log => {
-                let labels = n.event.labels.clone().unwrap_or_default();
-                tracing::warn!(
-                    target: "safeclock::escalation",
-                    escalation_id = %n.escalation_id,
-                    referral_id = %n.event.referral_id,
-                    rule_id = %n.event.rule_id,
-                    transition = transition_label(n.event.transition()),
-                    force = %labels.force_id,
-                    level = n.level,
-                    "escalation: {}",
-                    n.summary()
-                );
-                Outcome::Delivered { attempts: 1 }
-            }
-            Receiver::Webhook(w) => w.deliver(n, metrics).await,
-        };
-        let result = match outcome {
-            Outcome::Delivered { .. } => "delivered",
-            Outcome::Failed { .. } => "failed",
-        };
-        metrics
-            .notifications
-            .with_label_values(&[self.name(), result])
-            .inc();
-        metrics
-            .delivery_seconds
-            .with_label_values(&[self.name()])
-            .observe(started.elapsed().as_secs_f64());
-        outcome
+    fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            message: message.into(),
+        }
     }
 }
 
-/// An HTTP webhook receiver.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    settings: WebhookSettings,
-    client: reqwest::Client,
+/// A one-line summary with codes only (no personal data).
+pub fn summary(event: &SlaEvent) -> String {
+    let labels = event.labels.clone().unwrap_or_default();
+    let deadline = event
+        .deadline
+        .as_ref()
+        .and_then(to_jiff)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    format!(
+        "{} {} ({}) referral {} force {} category {} risk {} deadline {}",
+        transition_label(event.transition()).to_uppercase(),
+        event.rule_id,
+        event.rule_title,
+        event.referral_id,
+        labels.force_id,
+        labels.category,
+        labels.risk,
+        deadline
+    )
 }
 
-#[derive(Debug)]
-struct AttemptError {
-    retryable: bool,
-    message: String,
+fn severity_label(event: &SlaEvent) -> String {
+    enum_label(event.severity().as_str_name(), "SEVERITY_")
 }
 
-impl Webhook {
+/// The values a webhook template can use (see `config::TEMPLATE_FIELDS`).
+pub fn template_context(job: &Job) -> BTreeMap<&'static str, Value> {
+    let e = &job.event;
+    let labels = e.labels.clone().unwrap_or_default();
+    let p = &job.pending;
+    let deadline = e
+        .deadline
+        .as_ref()
+        .and_then(to_jiff)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let status = match p.kind() {
+        NotificationKind::Resolve => "resolved",
+        NotificationKind::Acknowledge => "acknowledged",
+        _ => "firing",
+    };
+    BTreeMap::from([
+        ("escalation_id", json!(job.escalation_id)),
+        ("dedup_key", json!(p.dedup_key)),
+        ("delivery_id", json!(p.delivery_id)),
+        ("notification", json!(kind_label(p.kind()))),
+        ("receiver", json!(p.receiver)),
+        ("level", json!(p.level)),
+        ("repeat", json!(p.repeat)),
+        ("policy", json!(p.policy)),
+        ("summary", json!(summary(e))),
+        ("referral_id", json!(e.referral_id)),
+        ("rule_id", json!(e.rule_id)),
+        ("rule_title", json!(e.rule_title)),
+        ("transition", json!(transition_label(e.transition()))),
+        ("severity", json!(severity_label(e))),
+        ("force", json!(labels.force_id)),
+        ("area", json!(labels.area)),
+        ("category", json!(labels.category)),
+        ("risk", json!(labels.risk)),
+        ("team", json!(labels.team)),
+        ("deadline", json!(deadline)),
+        ("status", json!(status)),
+        ("actor", json!(job.actor)),
+        ("sla_event", serde_json::to_value(e).unwrap_or(Value::Null)),
+    ])
+}
+
+/// Fills `{{field}}` placeholders with JSON values. Unknown names become `null` (the
+/// configuration refuses them before this runs).
+pub fn render_template(template: &str, ctx: &BTreeMap<&'static str, Value>) -> String {
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let name = after[..end].trim();
+        out.push_str(&ctx.get(name).unwrap_or(&Value::Null).to_string());
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The default webhook body.
+pub fn webhook_body(job: &Job) -> Value {
+    let p = &job.pending;
+    json!({
+        "version": "2",
+        "escalationId": job.escalation_id,
+        "dedupKey": p.dedup_key,
+        "deliveryId": p.delivery_id,
+        "notification": kind_label(p.kind()),
+        "receiver": p.receiver,
+        "level": p.level,
+        "repeat": p.repeat,
+        "policy": p.policy,
+        "fallbackFor": p.fallback_for,
+        "actor": job.actor,
+        "resolution": job.resolution,
+        "summary": summary(&job.event),
+        "slaEvent": job.event,
+    })
+}
+
+/// HMAC-SHA256 over `"{timestamp}.{body}"`, hex, prefixed `sha256=`.
+pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    let mut hex = String::with_capacity(7 + bytes.len() * 2);
+    hex.push_str("sha256=");
+    for b in bytes {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+/// A configured receiver, ready to make attempts.
+pub struct Receiver {
+    pub settings: ReceiverSettings,
+    http: reqwest::Client,
+    smtp: Option<AsyncSmtpTransport<Tokio1Executor>>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Receiver {
     /// # Errors
-    /// When the HTTP client cannot be built.
-    pub fn new(settings: WebhookSettings) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.timeout_ms.min(5_000)))
+    /// When the HTTP client or SMTP transport cannot be built.
+    pub fn new(settings: ReceiverSettings) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(settings.concurrency.max(1))
             .user_agent(concat!("safeclock/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { settings, client })
-    }
-
-    fn body(&self, n: &Notification) -> serde_json::Value {
-        json!({
-            "version": "1",
-            "escalationId": n.escalation_id,
-            "dedupKey": n.dedup_key(&self.settings.name),
-            "receiver": self.settings.name,
-            "level": n.level,
-            "summary": n.summary(),
-            "slaEvent": n.event,
+        let smtp = if settings.kind == ReceiverKind::Email {
+            let host = settings.smtp_host.clone().unwrap_or_default();
+            let mut b = match settings.smtp_tls {
+                SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&host),
+                SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)
+                    .map_err(|e| anyhow::anyhow!("email receiver {}: {e}", settings.name))?,
+                SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&host)
+                    .map_err(|e| anyhow::anyhow!("email receiver {}: {e}", settings.name))?,
+            };
+            if let Some(port) = settings.smtp_port {
+                b = b.port(port);
+            }
+            if let (Some(u), Some(p)) = (&settings.username, &settings.password) {
+                b = b.credentials(Credentials::new(u.clone(), p.clone()));
+            }
+            Some(b.timeout(Some(timeout)).build())
+        } else {
+            None
+        };
+        Ok(Self {
+            settings,
+            http,
+            smtp,
         })
     }
 
-    async fn attempt(&self, body: &serde_json::Value) -> Result<(), AttemptError> {
-        let response = self
-            .client
-            .post(&self.settings.url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| AttemptError {
-                retryable: true,
-                // without_url: the URL may carry a token.
-                message: e.without_url().to_string(),
-            })?;
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// Makes one attempt to deliver `job`.
+    ///
+    /// # Errors
+    /// [`AttemptError`] saying whether a retry may help.
+    pub async fn attempt(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+        match self.settings.kind {
+            ReceiverKind::Log => {
+                log_line(job);
+                Ok(())
+            }
+            ReceiverKind::Webhook => self.webhook(job, now).await,
+            ReceiverKind::Pagerduty => self.pagerduty(job).await,
+            ReceiverKind::Alertmanager => self.alertmanager(job, now).await,
+            ReceiverKind::Email => self.email(job).await,
+        }
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> Result<(), AttemptError> {
+        let mut req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let response = req.send().await.map_err(|e| {
+            let e = e.without_url();
+            if e.is_timeout() {
+                AttemptError::retryable(format!("no answer within {} ms", self.settings.timeout_ms))
+            } else if e.is_connect() {
+                AttemptError::retryable(format!("cannot connect: {e}"))
+            } else {
+                AttemptError::retryable(e.to_string())
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -185,149 +296,230 @@ impl Webhook {
         })
     }
 
-    async fn deliver(&self, n: &Notification, metrics: &EscalatorMetrics) -> Outcome {
-        let body = self.body(n);
-        let name = self.settings.name.as_str();
-        let mut attempts = 0u32;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.settings.initial_backoff_ms))
-            .with_max_delay(Duration::from_secs(30))
-            .with_max_times(self.settings.max_attempts.saturating_sub(1) as usize)
-            .with_jitter();
-        let result = (|| {
-            attempts += 1;
-            self.attempt(&body)
-        })
-        .retry(backoff)
-        .when(|e: &AttemptError| e.retryable)
-        .notify(|e: &AttemptError, wait: Duration| {
-            metrics.attempts.with_label_values(&[name, "retryable"]).inc();
-            tracing::info!(receiver = name, error.message = %e.message, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed; retrying");
-        })
-        .await;
-        match result {
-            Ok(()) => {
-                metrics.attempts.with_label_values(&[name, "ok"]).inc();
-                Outcome::Delivered { attempts }
-            }
-            Err(e) => {
-                let kind = if e.retryable {
-                    "retryable"
-                } else {
-                    "permanent"
-                };
-                metrics.attempts.with_label_values(&[name, kind]).inc();
-                tracing::warn!(receiver = name, attempts, error.message = %e.message, escalation_id = %n.escalation_id, "webhook delivery failed for good");
-                Outcome::Failed {
-                    attempts,
-                    error: e.message,
-                }
-            }
+    async fn webhook(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+        let body = match &self.settings.template {
+            Some(t) => render_template(t, &template_context(job)).into_bytes(),
+            None => serde_json::to_vec(&webhook_body(job))
+                .map_err(|e| AttemptError::permanent(format!("cannot encode the body: {e}")))?,
+        };
+        let mut headers = vec![
+            ("x-safeclock-dedup-key", job.pending.dedup_key.clone()),
+            ("x-safeclock-delivery-id", job.pending.delivery_id.clone()),
+        ];
+        if let Some(secret) = &self.settings.secret {
+            let ts = now.as_second();
+            headers.push((TIMESTAMP_HEADER, ts.to_string()));
+            headers.push((SIGNATURE_HEADER, signature(secret.as_bytes(), ts, &body)));
         }
+        let url = self.settings.url.as_deref().unwrap_or_default();
+        self.post(url, body, &headers).await
     }
+
+    async fn pagerduty(&self, job: &Job) -> Result<(), AttemptError> {
+        let body = pagerduty_body(
+            self.settings.routing_key.as_deref().unwrap_or_default(),
+            job,
+        );
+        let url = self.settings.url.as_deref().unwrap_or(PAGERDUTY_EVENTS_URL);
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| AttemptError::permanent(format!("cannot encode the event: {e}")))?;
+        self.post(url, bytes, &[]).await
+    }
+
+    async fn alertmanager(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+        if job.kind() == NotificationKind::Acknowledge {
+            // Alertmanager has no acknowledgement (silences are an operator's decision).
+            return Ok(());
+        }
+        let base = self.settings.url.as_deref().unwrap_or_default();
+        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+        let body = alertmanager_body(job, now);
+        let bytes = serde_json::to_vec(&body)
+            .map_err(|e| AttemptError::permanent(format!("cannot encode the alert: {e}")))?;
+        self.post(&url, bytes, &[]).await
+    }
+
+    async fn email(&self, job: &Job) -> Result<(), AttemptError> {
+        if job.kind() == NotificationKind::Acknowledge || job.kind() == NotificationKind::Refresh {
+            return Ok(());
+        }
+        let Some(smtp) = &self.smtp else {
+            return Err(AttemptError::permanent("no SMTP transport"));
+        };
+        let s = &self.settings;
+        let from = s.from.as_deref().unwrap_or_default();
+        let subject = match job.kind() {
+            NotificationKind::Resolve => format!(
+                "[safeclock] RESOLVED ({}) {} {}",
+                job.resolution, job.event.rule_id, job.event.referral_id
+            ),
+            _ => format!(
+                "[safeclock] {} {} {} level {}",
+                transition_label(job.event.transition()).to_uppercase(),
+                job.event.rule_id,
+                job.event.referral_id,
+                job.pending.level
+            ),
+        };
+        let text = format!(
+            "{}\n\nescalation {}\ndedup key {}\nlevel {} (repeat {}), policy {}\n",
+            summary(&job.event),
+            job.escalation_id,
+            job.pending.dedup_key,
+            job.pending.level,
+            job.pending.repeat,
+            job.pending.policy
+        );
+        let mut builder = Message::builder()
+            .from(
+                from.parse()
+                    .map_err(|e| AttemptError::permanent(format!("invalid from address: {e}")))?,
+            )
+            .subject(subject)
+            .header(ContentType::TEXT_PLAIN);
+        for to in &s.to {
+            builder = builder.to(to
+                .parse()
+                .map_err(|e| AttemptError::permanent(format!("invalid to address: {e}")))?);
+        }
+        let message = builder
+            .body(text)
+            .map_err(|e| AttemptError::permanent(format!("cannot build the message: {e}")))?;
+        smtp.send(message).await.map(|_| ()).map_err(|e| {
+            if e.is_permanent() {
+                AttemptError::permanent(format!("SMTP refused the message: {e}"))
+            } else {
+                AttemptError::retryable(format!("SMTP: {e}"))
+            }
+        })
+    }
+}
+
+/// A log line for the log receiver.
+fn log_line(job: &Job) {
+    let labels = job.event.labels.clone().unwrap_or_default();
+    tracing::warn!(
+        target: "safeclock::escalation",
+        escalation_id = %job.escalation_id,
+        referral_id = %job.event.referral_id,
+        rule_id = %job.event.rule_id,
+        transition = transition_label(job.event.transition()),
+        notification = kind_label(job.kind()),
+        force = %labels.force_id,
+        level = job.pending.level,
+        repeat = job.pending.repeat,
+        "escalation: {}",
+        summary(&job.event)
+    );
+}
+
+/// The PagerDuty Events API v2 body: trigger with a payload, acknowledge and resolve by
+/// `dedup_key` alone.
+pub fn pagerduty_body(routing_key: &str, job: &Job) -> Value {
+    let action = match job.kind() {
+        NotificationKind::Acknowledge => "acknowledge",
+        NotificationKind::Resolve => "resolve",
+        _ => "trigger",
+    };
+    let mut body = json!({
+        "routing_key": routing_key,
+        "event_action": action,
+        "dedup_key": job.pending.dedup_key,
+    });
+    if action == "trigger" {
+        let e = &job.event;
+        let labels = e.labels.clone().unwrap_or_default();
+        let severity = match e.severity() {
+            _ if e.transition() == SlaTransition::Warning => "warning",
+            safeclock_common::schema::v1::Severity::Critical => "critical",
+            safeclock_common::schema::v1::Severity::High => "error",
+            safeclock_common::schema::v1::Severity::Info => "info",
+            _ => "warning",
+        };
+        body["payload"] = json!({
+            "summary": summary(e),
+            "source": format!("safeclock/{}", labels.force_id),
+            "severity": severity,
+            "component": e.rule_id,
+            "group": labels.force_id,
+            "class": transition_label(e.transition()),
+            "custom_details": {
+                "escalation_id": job.escalation_id,
+                "referral_id": e.referral_id,
+                "rule_id": e.rule_id,
+                "level": job.pending.level,
+                "repeat": job.pending.repeat,
+                "policy": job.pending.policy,
+                "category": labels.category,
+                "risk": labels.risk,
+                "area": labels.area,
+                "team": labels.team,
+                "deadline": e.deadline.as_ref().and_then(to_jiff).map(|t| t.to_string()),
+            },
+        });
+    }
+    body
+}
+
+/// The Alertmanager API v2 body: one alert per page, identified by its labels; `endsAt` is set
+/// on resolve (to now), so Alertmanager resolves it at once.
+pub fn alertmanager_body(job: &Job, now: Timestamp) -> Value {
+    let e = &job.event;
+    let labels = e.labels.clone().unwrap_or_default();
+    let alertname = match e.transition() {
+        SlaTransition::Warning => "SafeclockSlaWarning",
+        _ => "SafeclockSlaBreach",
+    };
+    let starts = Timestamp::from_millisecond(job.opened_at_ms).unwrap_or(now);
+    let mut alert = json!({
+        "labels": {
+            "alertname": alertname,
+            "escalation_id": job.escalation_id,
+            "referral_id": e.referral_id,
+            "rule_id": e.rule_id,
+            "force": labels.force_id,
+            "area": labels.area,
+            "category": labels.category,
+            "risk": labels.risk,
+            "severity": severity_label(e),
+            "threshold": transition_label(e.transition()),
+            "level": job.pending.level.to_string(),
+            "policy": job.pending.policy,
+        },
+        "annotations": {
+            "summary": summary(e),
+            "dedup_key": job.pending.dedup_key,
+            "deadline": e.deadline.as_ref().and_then(to_jiff).map(|t| t.to_string()).unwrap_or_default(),
+        },
+        "startsAt": starts.to_string(),
+    });
+    if job.kind() == NotificationKind::Resolve {
+        alert["endsAt"] = json!(now.to_string());
+    }
+    json!([alert])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
-    use axum::routing::post;
-    use prometheus::Registry;
-    use safeclock_common::schema::v1::SlaTransition;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Arc;
 
-    /// A local webhook answering the given statuses in turn, then 200; counts calls.
-    async fn webhook_answering(statuses: Vec<u16>) -> (String, Arc<AtomicU32>) {
-        let calls = Arc::new(AtomicU32::new(0));
-        let c = calls.clone();
-        let app = axum::Router::new().route(
-            "/hook",
-            post(move |body: axum::Json<serde_json::Value>| {
-                let c = c.clone();
-                let statuses = statuses.clone();
-                async move {
-                    assert!(body["dedupKey"].is_string());
-                    let n = c.fetch_add(1, Ordering::SeqCst) as usize;
-                    let code = statuses.get(n).copied().unwrap_or(200);
-                    StatusCode::from_u16(code).unwrap()
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (format!("http://{addr}/hook"), calls)
-    }
-
-    fn webhook(url: String, max_attempts: u32) -> Webhook {
-        Webhook::new(WebhookSettings {
-            name: "duty".into(),
-            url,
-            timeout_ms: 1000,
-            max_attempts,
-            initial_backoff_ms: 1,
-        })
-        .unwrap()
-    }
-
-    fn notification() -> Notification {
-        Notification {
-            escalation_id: "esc-1".into(),
-            level: 1,
-            event: SlaEvent {
-                sla_event_id: "s-1".into(),
-                referral_id: "R-1".into(),
-                rule_id: "victim-contact".into(),
-                transition: SlaTransition::Breached as i32,
-                ..SlaEvent::default()
-            },
-        }
-    }
-
-    #[tokio::test]
-    async fn server_errors_are_retried_until_delivered() {
-        let (url, calls) = webhook_answering(vec![500, 503]).await;
-        let metrics = EscalatorMetrics::register(&Registry::new()).unwrap();
-        let out = webhook(url, 5).deliver(&notification(), &metrics).await;
-        assert_eq!(out, Outcome::Delivered { attempts: 3 });
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
-    }
-
-    #[tokio::test]
-    async fn client_errors_are_not_retried() {
-        let (url, calls) = webhook_answering(vec![400]).await;
-        let metrics = EscalatorMetrics::register(&Registry::new()).unwrap();
-        let out = webhook(url, 5).deliver(&notification(), &metrics).await;
-        assert!(
-            matches!(out, Outcome::Failed { attempts: 1, .. }),
-            "{out:?}"
-        );
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn connection_refused_fails_after_the_attempt_budget_without_leaking_the_url() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let metrics = EscalatorMetrics::register(&Registry::new()).unwrap();
-        let out = webhook(format!("http://{addr}/hook?token=s3cret"), 3)
-            .deliver(&notification(), &metrics)
-            .await;
-        match out {
-            Outcome::Failed { attempts, error } => {
-                assert_eq!(attempts, 3);
-                assert!(!error.contains("s3cret"), "{error}");
-            }
-            other => panic!("expected failure, got {other:?}"),
-        }
+    #[test]
+    fn signatures_are_hmac_sha256_over_timestamp_and_body() {
+        // Known answer: HMAC-SHA256(key="key", "1.{}").
+        let sig = signature(b"key", 1, b"{}");
+        assert!(sig.starts_with("sha256="));
+        assert_eq!(sig.len(), 7 + 64);
+        assert_eq!(sig, signature(b"key", 1, b"{}"));
+        assert_ne!(sig, signature(b"key", 2, b"{}"));
+        assert_ne!(sig, signature(b"other", 1, b"{}"));
     }
 
     #[test]
-    fn dedup_keys_are_stable_and_differ_by_receiver() {
-        let n = notification();
-        assert_eq!(n.dedup_key("a"), n.dedup_key("a"));
-        assert_ne!(n.dedup_key("a"), n.dedup_key("b"));
+    fn templates_fill_json_values() {
+        let ctx = BTreeMap::from([("summary", json!("a \"quoted\" text")), ("level", json!(2))]);
+        let out = render_template(r#"{"text": {{summary}}, "lvl": {{ level }}}"#, &ctx);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["text"], "a \"quoted\" text");
+        assert_eq!(v["lvl"], 2);
     }
 }
