@@ -872,3 +872,7 @@ pub fn job_record(
     fill_delivery(&mut r, &job.pending, attempts);
     r
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod engine_tests;
