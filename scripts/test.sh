@@ -2,7 +2,8 @@
 # The whole safeclock test suite, on a fresh machine or a warm one:
 #   1. installs what is missing (Debian packages, the tansu broker into a cache directory);
 #   2. checks formatting and clippy;
-#   3. starts a real Kafka-protocol broker (tansu) on a free loopback port;
+#   3. starts a real Kafka-protocol broker (tansu) and a real Alertmanager (Debian's
+#      prometheus-alertmanager) on free loopback ports;
 #   4. runs every test: unit, component (in-process mock cluster), integration (real broker);
 #   5. stops what it started, on success and on failure.
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh -p safeclock-clock).
@@ -23,22 +24,30 @@ cargo test --workspace --no-run --quiet "$@"
 
 workdir=$(mktemp -d -t safeclock-test.XXXXXX)
 broker_pid=""
+alertmanager_pid=""
 cleanup() {
   status=$?
-  if [ -n "$broker_pid" ] && kill -0 "$broker_pid" 2>/dev/null; then
-    kill "$broker_pid" 2>/dev/null || true
-    wait "$broker_pid" 2>/dev/null || true
-  fi
+  for pid in "$broker_pid" "$alertmanager_pid"; do
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   if [ $status -ne 0 ] && [ -f "$workdir/tansu.log" ]; then
     log "tests failed; last lines of the broker log:"
     tail -n 30 "$workdir/tansu.log" >&2 || true
+  fi
+  if [ $status -ne 0 ] && [ -f "$workdir/alertmanager.log" ]; then
+    log "last lines of the Alertmanager log:"
+    tail -n 15 "$workdir/alertmanager.log" >&2 || true
   fi
   rm -rf "$workdir"
   exit $status
 }
 trap cleanup EXIT INT TERM
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+port=$(free_port)
 log "starting tansu on 127.0.0.1:$port"
 "$tansu" broker \
   --listener-url "tcp://127.0.0.1:$port" \
@@ -52,5 +61,28 @@ for _ in $(seq 1 100); do
 done
 export SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
 
-log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS)"
+# A real Alertmanager for the escalator's integration test: loopback only, clustering off,
+# storage in the temporary directory.
+am_port=$(free_port)
+cat >"$workdir/alertmanager.yml" <<'YAML'
+route:
+  receiver: "null"
+receivers:
+  - name: "null"
+YAML
+log "starting Alertmanager on 127.0.0.1:$am_port"
+/usr/bin/prometheus-alertmanager \
+  --config.file="$workdir/alertmanager.yml" \
+  --storage.path="$workdir/alertmanager-data" \
+  --web.listen-address="127.0.0.1:$am_port" \
+  --cluster.listen-address= >"$workdir/alertmanager.log" 2>&1 &
+alertmanager_pid=$!
+for _ in $(seq 1 100); do
+  if curl -fsS "http://127.0.0.1:$am_port/-/ready" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$alertmanager_pid" 2>/dev/null; then log "Alertmanager exited at start"; cat "$workdir/alertmanager.log" >&2; exit 1; fi
+  sleep 0.1
+done
+export SAFECLOCK_TEST_ALERTMANAGER="http://127.0.0.1:$am_port"
+
+log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
 cargo test --workspace "$@"

@@ -27,6 +27,35 @@ pub fn real_broker() -> String {
     })
 }
 
+/// The Alertmanager of the escalator's integration test, from `SAFECLOCK_TEST_ALERTMANAGER`
+/// (`scripts/test.sh` starts Debian's `prometheus-alertmanager` and sets it). Missing: a failure
+/// under CI (`CI=true`), otherwise `None` with a message, so the test is skipped.
+pub fn real_alertmanager() -> Option<String> {
+    match std::env::var("SAFECLOCK_TEST_ALERTMANAGER") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "SAFECLOCK_TEST_ALERTMANAGER is not set: run the suite with scripts/test.sh, which \
+             starts prometheus-alertmanager on a free loopback port"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED: SAFECLOCK_TEST_ALERTMANAGER is not set (scripts/test.sh starts a real \
+                 Alertmanager and sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Settings isolated for one test: topic prefix and consumer groups of their own.
 pub fn isolated_settings(brokers: &str) -> Settings {
     let mut s = Settings::defaults().unwrap();
@@ -39,6 +68,7 @@ pub fn isolated_settings(brokers: &str) -> Settings {
     s.escalator.group_id = format!("test-{tag}-escalator");
     s.exporter.group_id = format!("test-{tag}-exporter");
     s.clock.tick_interval_ms = 50;
+    s.escalator.tick_interval_ms = 50;
     s.shutdown.grace_period_secs = 10;
     s.kafka
         .consumer_properties

@@ -1,0 +1,377 @@
+//! The escalator against real processes: the tansu broker (`SAFECLOCK_TEST_BROKERS`) and Debian's
+//! Alertmanager (`SAFECLOCK_TEST_ALERTMANAGER`), both started by `scripts/test.sh`. SLA events are
+//! produced directly (the escalator's input contract), so these tests do not depend on the clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use rdkafka::message::Message;
+use safeclock_common::config::{
+    LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings, Settings,
+};
+use safeclock_common::kafka::{self, dlq_headers, Topic};
+use safeclock_common::metrics::ConsumerMetrics;
+use safeclock_common::ops::Readiness;
+use safeclock_common::schema::from_jiff;
+use safeclock_common::schema::v1::{
+    EscalationAction, EscalationRecord, Severity, SlaEvent, SlaLabels, SlaTransition,
+};
+use safeclock_common::service::ServiceDeps;
+use safeclock_common::time::SystemTime;
+use safeclock_tests::{
+    free_port, header, isolated_settings, produce, read_until, reader, real_alertmanager,
+    real_broker, wait_for, RecordingWebhook,
+};
+use tokio_util::sync::CancellationToken;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn sla_event(referral: &str, transition: SlaTransition, id: &str) -> Vec<u8> {
+    let now = jiff::Timestamp::now();
+    let e = SlaEvent {
+        sla_event_id: id.into(),
+        referral_id: referral.into(),
+        rule_id: "victim-contact".into(),
+        rule_title: "Victim contacted".into(),
+        clock_id: format!("{referral}-c1"),
+        transition: transition as i32,
+        severity: Severity::Critical as i32,
+        labels: Some(SlaLabels {
+            force_id: "nottinghamshire".into(),
+            category: "grooming".into(),
+            risk: "high".into(),
+            child_age_band: "aged_13_to_15".into(),
+            area: "city".into(),
+            team: "mash".into(),
+        }),
+        deadline: Some(from_jiff(now - jiff::SignedDuration::from_mins(5))),
+        emitted_at: Some(from_jiff(now)),
+        ..SlaEvent::default()
+    };
+    serde_json::to_vec(&e).unwrap()
+}
+
+fn policy(name: &str, receivers: &[&str]) -> PolicySettings {
+    PolicySettings {
+        name: name.into(),
+        levels: vec![LevelSettings {
+            delay_secs: 0,
+            receivers: receivers.iter().map(|r| r.to_string()).collect(),
+        }],
+        repeat_interval_secs: 0,
+        repeat_limit: 0,
+        ack_expiry_secs: 0,
+    }
+}
+
+/// Runs the escalator library in this process until the returned token is cancelled.
+async fn start(
+    settings: Settings,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    settings.validate().unwrap();
+    kafka::ensure_topics(&settings, &Topic::ALL).await.unwrap();
+    let registry = Registry::new();
+    let readiness = Readiness::default();
+    let deps = ServiceDeps {
+        settings: Arc::new(settings),
+        registry: registry.clone(),
+        readiness: readiness.clone(),
+        time: Arc::new(SystemTime),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(safeclock_escalator::run(
+        deps,
+        ConsumerMetrics::register(&registry).unwrap(),
+        shutdown.clone(),
+    ));
+    wait_for("the escalator to be assigned partitions", TIMEOUT, || {
+        readiness.is_ready()
+    })
+    .await;
+    (shutdown, task)
+}
+
+async fn alerts(client: &reqwest::Client, am: &str) -> Vec<serde_json::Value> {
+    client
+        .get(format!("{am}/api/v2/alerts"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<serde_json::Value>>()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_resolved_when_met() {
+    let Some(am) = real_alertmanager() else {
+        return;
+    };
+    let brokers = real_broker();
+    let mut settings = isolated_settings(&brokers);
+    let referral = format!("R-AM-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut am_receiver = ReceiverSettings::new("alertmanager", ReceiverKind::Alertmanager);
+    am_receiver.url = Some(am.clone());
+    settings.escalator.receivers = vec![am_receiver];
+    settings.escalator.policies = vec![policy("default", &["log", "alertmanager"])];
+    let api_addr = format!("127.0.0.1:{}", free_port());
+    settings.escalator.api.listen = api_addr.parse().unwrap();
+    settings
+        .escalator
+        .api
+        .tokens
+        .insert("duty-desk".into(), TOKEN.into());
+    let sla_topic = settings.topic(Topic::SlaEvents);
+    let log_topic = settings.topic(Topic::EscalationLog);
+    let (shutdown, task) = start(settings).await;
+
+    produce(
+        &brokers,
+        &sla_topic,
+        &referral,
+        &sla_event(
+            &referral,
+            SlaTransition::Breached,
+            &format!("{referral}-breach"),
+        ),
+    )
+    .await;
+
+    // The breach is an active alert in Alertmanager with the expected labels.
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let alert = loop {
+        let found = alerts(&client, &am)
+            .await
+            .into_iter()
+            .find(|a| a["labels"]["referral_id"] == referral.as_str());
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no alert for {referral} in Alertmanager"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let labels = &alert["labels"];
+    assert_eq!(labels["alertname"], "SafeclockSlaBreach");
+    assert_eq!(labels["rule_id"], "victim-contact");
+    assert_eq!(labels["force"], "nottinghamshire");
+    assert_eq!(labels["category"], "grooming");
+    assert_eq!(labels["risk"], "high");
+    assert_eq!(labels["area"], "city");
+    assert_eq!(labels["severity"], "critical");
+    assert_eq!(labels["threshold"], "breached");
+    assert_eq!(labels["level"], "1");
+    assert_eq!(alert["status"]["state"], "active");
+    let escalation_id = labels["escalation_id"].as_str().unwrap().to_string();
+    assert!(alert["annotations"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains(&referral));
+
+    // The API lists it, refuses a request without a valid token, and acknowledges it.
+    let api = format!("http://{api_addr}/v1/escalations");
+    let unauthorised = client.get(&api).send().await.unwrap();
+    assert_eq!(unauthorised.status(), 401);
+    let wrong = client
+        .get(&api)
+        .bearer_auth("not-the-token-at-all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let listed: serde_json::Value = client
+        .get(&api)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let open = listed["escalations"].as_array().unwrap();
+    assert!(
+        open.iter()
+            .any(|e| e["escalationId"] == escalation_id.as_str() && e["status"] == "open"),
+        "{listed}"
+    );
+    let acked = client
+        .post(format!("{api}/{escalation_id}/ack"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"by": "op-1234", "note": "inspector on the way"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acked.status(), 200);
+    let acked: serde_json::Value = acked.json().await.unwrap();
+    assert_eq!(acked["status"], "acknowledged");
+    assert_eq!(acked["acknowledgedBy"], "duty-desk/op-1234");
+    let missing = client
+        .post(format!("{api}/no-such-id/ack"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // The clock is met (late): the alert is resolved in Alertmanager.
+    produce(
+        &brokers,
+        &sla_topic,
+        &referral,
+        &sla_event(
+            &referral,
+            SlaTransition::MetLate,
+            &format!("{referral}-met-late"),
+        ),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let still = alerts(&client, &am).await.into_iter().any(|a| {
+            a["labels"]["referral_id"] == referral.as_str() && a["status"]["state"] == "active"
+        });
+        if !still {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the alert for {referral} was never resolved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resolved = client
+        .post(format!("{api}/{escalation_id}/resolve"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resolved.status(), 409, "already resolved by the clock");
+
+    // The audit trail: paged, acknowledged (with who and the note), resolved (by the clock).
+    let log = reader(&brokers, &[&log_topic]);
+    let records = read_until(&log, TIMEOUT, |m| {
+        let actions: BTreeSet<i32> = m
+            .iter()
+            .map(|m| {
+                serde_json::from_slice::<EscalationRecord>(m.payload().unwrap())
+                    .unwrap()
+                    .action
+            })
+            .collect();
+        actions.contains(&(EscalationAction::Resolved as i32))
+            && actions.contains(&(EscalationAction::Acknowledged as i32))
+            && m.iter()
+                .filter(|m| {
+                    serde_json::from_slice::<EscalationRecord>(m.payload().unwrap())
+                        .unwrap()
+                        .notification
+                        == "resolve"
+                })
+                .count()
+                >= 2
+    })
+    .await;
+    let records: Vec<EscalationRecord> = records
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    let ack = records
+        .iter()
+        .find(|r| r.action() == EscalationAction::Acknowledged)
+        .unwrap();
+    assert_eq!(ack.actor, "duty-desk/op-1234");
+    assert_eq!(ack.note, "inspector on the way");
+    let res = records
+        .iter()
+        .find(|r| r.action() == EscalationAction::Resolved)
+        .unwrap();
+    assert_eq!(
+        (res.actor.as_str(), res.resolution.as_str()),
+        ("clock", "met_late")
+    );
+    for receiver in ["log", "alertmanager"] {
+        for what in ["trigger", "resolve"] {
+            assert!(
+                records
+                    .iter()
+                    .any(|r| r.action() == EscalationAction::Notified
+                        && r.receiver == receiver
+                        && r.notification == what),
+                "no {what} delivered to {receiver}"
+            );
+        }
+    }
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_receiver_is_dead_lettered_with_the_reason_and_the_fallback_is_paged() {
+    let brokers = real_broker();
+    let mut settings = isolated_settings(&brokers);
+    let backup = RecordingWebhook::default();
+    let mut primary = ReceiverSettings::new("duty-inspector", ReceiverKind::Webhook);
+    primary.url = Some(format!(
+        "http://127.0.0.1:{}/gone?token=s3cret",
+        free_port()
+    ));
+    primary.max_attempts = 3;
+    primary.initial_backoff_ms = 20;
+    primary.fallback = Some("backup".into());
+    let mut fallback = ReceiverSettings::new("backup", ReceiverKind::Webhook);
+    fallback.url = Some(backup.start().await);
+    settings.escalator.log_receiver = false;
+    settings.escalator.receivers = vec![primary, fallback];
+    let sla_topic = settings.topic(Topic::SlaEvents);
+    let dlq_topic = settings.topic(Topic::DeadLetter);
+    let (shutdown, task) = start(settings).await;
+
+    produce(
+        &brokers,
+        &sla_topic,
+        "R-DLQ-1",
+        &sla_event("R-DLQ-1", SlaTransition::Breached, "R-DLQ-1-breach"),
+    )
+    .await;
+    wait_for("the fallback to be paged", TIMEOUT, || {
+        !backup.bodies().is_empty()
+    })
+    .await;
+    let body = &backup.bodies()[0];
+    assert_eq!(body["fallbackFor"], "duty-inspector");
+    assert_eq!(body["slaEvent"]["referralId"], "R-DLQ-1");
+
+    let dlq = reader(&brokers, &[&dlq_topic]);
+    let dead = read_until(&dlq, TIMEOUT, |m| !m.is_empty()).await;
+    assert_eq!(
+        header(&dead[0], dlq_headers::SERVICE).as_deref(),
+        Some("escalator")
+    );
+    assert_eq!(
+        header(&dead[0], dlq_headers::REASON).as_deref(),
+        Some("notification_undeliverable")
+    );
+    let error = header(&dead[0], dlq_headers::ERROR).unwrap();
+    assert!(
+        error.contains("duty-inspector") && error.contains("connect"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret"), "{error}");
+    let page: serde_json::Value = serde_json::from_slice(dead[0].payload().unwrap()).unwrap();
+    assert_eq!(page["receiver"], "duty-inspector");
+    assert_eq!(page["slaEvent"]["referralId"], "R-DLQ-1");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
