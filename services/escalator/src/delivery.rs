@@ -1,8 +1,9 @@
 //! Delivering notifications: retries with full-jitter backoff, per-receiver rate limits and
 //! circuit breakers, all asynchronous and off the consumer loop.
 //!
-//! Each receiver has its own worker. A job is delivered by a task of its own, at most
-//! `concurrency` at a time per receiver, so one slow receiver never holds up another. Before
+//! Each receiver has its own worker. A job is delivered by a task of its own, with at most
+//! `concurrency` attempts in flight per receiver, so one slow receiver never holds up another
+//! and a job waiting out its backoff holds up nobody. Before
 //! each attempt the receiver's token bucket (`governor`) must allow it. Attempts run with the
 //! receiver's timeout; a retryable failure waits a **full-jitter** backoff (uniform in
 //! `[0, min(max_backoff, initial * 2^n)]`, which spreads retries of many jobs after an outage)
@@ -232,10 +233,6 @@ async fn worker(
             _ = shutdown.cancelled() => return,
             job = jobs.recv() => match job { Some(j) => j, None => return },
         };
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = lane.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let (lane, metrics, time, reports, shutdown) = (
             lane.clone(),
             metrics.clone(),
@@ -243,8 +240,10 @@ async fn worker(
             reports.clone(),
             shutdown.clone(),
         );
+        // One task per job (jobs are bounded by the pending notifications in the state); the
+        // receiver's `concurrency` bounds the attempts in flight, not the jobs, so a job waiting
+        // out its backoff does not hold up the others.
         tokio::spawn(async move {
-            let _permit = permit;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 () = deliver(&lane, job, &metrics, &time, &reports) => {}
@@ -275,6 +274,9 @@ async fn deliver(
                 error: "circuit breaker open: the receiver failed repeatedly".to_string(),
             };
         }
+        let Ok(_slot) = lane.slots.acquire().await else {
+            return;
+        };
         lane.limiter.until_ready().await;
         attempts += 1;
         let limit = Duration::from_millis(s.timeout_ms) + Duration::from_secs(1);
