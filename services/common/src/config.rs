@@ -682,7 +682,7 @@ impl EscalatorSettings {
         fn walk(
             routes: &[RouteSettings],
             path: &str,
-            check: &dyn Fn(String, &Option<String>) -> Result<(), ConfigError>,
+            check: &PolicyCheck<'_>,
         ) -> Result<(), ConfigError> {
             for (i, r) in routes.iter().enumerate() {
                 let here = format!("{path}[{i}]");
@@ -742,6 +742,9 @@ impl EscalatorSettings {
         Ok(())
     }
 }
+
+/// Checks that a route's policy name exists.
+type PolicyCheck<'a> = dyn Fn(String, &Option<String>) -> Result<(), ConfigError> + 'a;
 
 const NAME_RULE: &str = "must be 1-64 characters: lower-case letters, digits, '-' or '_'";
 

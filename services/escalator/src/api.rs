@@ -142,15 +142,19 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
+fn boxed_problem(status: StatusCode, message: impl Into<String>) -> Box<Response> {
+    Box::new(problem(status, message))
+}
+
 /// The operator id of the bearer token, compared in constant time against every token.
-fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, Response> {
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let unauthorized = || {
         let mut r = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
-        r
+        Box::new(r)
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -171,7 +175,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, Respons
 
 async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     if let Err(r) = authenticate(&state, &headers) {
-        return r;
+        return *r;
     }
     let (reply, rx) = oneshot::channel();
     if state.commands.send(Command::List { reply }).await.is_err() {
@@ -183,12 +187,12 @@ async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     }
 }
 
-fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Response> {
+fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Box<Response>> {
     let b: CommandBody = if body.iter().all(u8::is_ascii_whitespace) {
         CommandBody::default()
     } else {
         serde_json::from_slice(body).map_err(|e| {
-            problem(
+            boxed_problem(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "the body must be JSON like {{\"by\": \"op-123\", \"note\": \"...\"}}: {e}"
@@ -198,7 +202,7 @@ fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Respo
     };
     let note = b.note.unwrap_or_default();
     if note.chars().count() > MAX_NOTE {
-        return Err(problem(
+        return Err(boxed_problem(
             StatusCode::BAD_REQUEST,
             format!("note must be at most {MAX_NOTE} characters"),
         ));
@@ -210,7 +214,7 @@ fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Respo
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
             if !ok {
-                return Err(problem(
+                return Err(boxed_problem(
                     StatusCode::BAD_REQUEST,
                     "by must be an operator id (letters, digits, - _ . @, up to 64)",
                 ));
@@ -236,11 +240,11 @@ async fn command(
 ) -> Response {
     let token_actor = match authenticate(&state, &headers) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (actor, note) = match parse_body(&token_actor, &body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (reply, rx) = oneshot::channel();
     if state

@@ -178,15 +178,7 @@ impl Engine {
                     self.dirty.insert(id.clone());
                     if st.status() != EscalationStatus::Resolved {
                         let resolution = transition_label(event.transition());
-                        resolve_state(
-                            &self.routing,
-                            st,
-                            "clock",
-                            resolution,
-                            "",
-                            now,
-                            &mut actions,
-                        );
+                        resolve_state(st, "clock", resolution, "", now, &mut actions);
                     }
                 }
             }
@@ -376,7 +368,7 @@ impl Engine {
             return Err(CommandError::Resolved(id.to_string()));
         }
         let mut actions = Vec::new();
-        resolve_state(&self.routing, st, actor, "manual", note, now, &mut actions);
+        resolve_state(st, actor, "manual", note, now, &mut actions);
         self.dirty.insert(id.to_string());
         Ok(actions)
     }
@@ -681,7 +673,6 @@ fn job_for(st: &EscalationState, p: &PendingNotification) -> Job {
 }
 
 fn resolve_state(
-    routing: &Routing,
     st: &mut EscalationState,
     actor: &str,
     resolution: &str,
@@ -699,9 +690,8 @@ fn resolve_state(
     let mut r = record(st, EscalationAction::Resolved, now);
     r.note = note.to_string();
     actions.push(Action::Audit(Box::new(r)));
+    // Alertmanager and email have no acknowledgement, but every receiver paged hears the end.
     for page in st.pages.clone() {
-        // Alertmanager and e-mail have no acknowledgement, but every receiver hears the end.
-        let _ = routing;
         queue(st, &page, NotificationKind::Resolve, "", "", now, actions);
     }
 }

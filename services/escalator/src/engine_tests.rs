@@ -346,7 +346,7 @@ fn met_met_late_and_cancelled_resolve_and_every_paged_receiver_hears_it() {
         e.take_dirty();
         e.on_tick(at(20 + 24 * 60));
         assert!(e.get(&id).is_none());
-        assert_eq!(e.take_dirty(), [id.clone()]);
+        assert_eq!(e.take_dirty(), vec![id.clone()]);
         assert!(e.export(&id).is_none());
     }
 }
