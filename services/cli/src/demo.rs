@@ -23,7 +23,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use safeclock_common::config::{LogFormat, Settings, WebhookSettings};
+use safeclock_common::config::{
+    LevelSettings, LogFormat, PolicySettings, ReceiverKind, ReceiverSettings, Settings,
+    WebhookSettings,
+};
 use safeclock_common::event::{decode_sla_event, transition_label};
 use safeclock_common::kafka::{dlq_headers, Topic};
 use safeclock_common::schema::v1::{
@@ -104,6 +107,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .producer_properties
         .insert("linger.ms".into(), "1".into());
     settings.clock.tick_interval_ms = 100;
+    settings.escalator.tick_interval_ms = 100;
     settings.shutdown.grace_period_secs = 3;
     for topic in Topic::ALL {
         mock.create_topic(&settings.topic(topic), settings.kafka.partitions, 1)
@@ -122,6 +126,29 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         timeout_ms: 2_000,
         max_attempts: 3,
         initial_backoff_ms: 50,
+    });
+    // An escalation chain: the duty inspector (and the log) at once; if nobody has
+    // acknowledged within 4 simulated hours, the superintendent (a log receiver here); then a
+    // reminder to the superintendent every 8 hours, twice.
+    settings
+        .escalator
+        .receivers
+        .push(ReceiverSettings::new("superintendent", ReceiverKind::Log));
+    settings.escalator.policies.push(PolicySettings {
+        name: "default".into(),
+        levels: vec![
+            LevelSettings {
+                delay_secs: 0,
+                receivers: vec!["log".into(), "duty-inspector".into()],
+            },
+            LevelSettings {
+                delay_secs: 4 * 3600,
+                receivers: vec!["superintendent".into()],
+            },
+        ],
+        repeat_interval_secs: 8 * 3600,
+        repeat_limit: 2,
+        ack_expiry_secs: 0,
     });
     settings.validate()?;
     let settings = Arc::new(settings);
@@ -584,29 +611,58 @@ async fn print_story(
             let Ok(r) = serde_json::from_slice::<EscalationRecord>(payload) else {
                 continue;
             };
-            if !seen.insert(format!("{}/{}/{}", r.dedup_key, r.action, r.attempt)) {
+            if !seen.insert(format!(
+                "{}/{}/{}/{}",
+                r.delivery_id, r.escalation_id, r.action, r.attempt
+            )) {
                 continue;
             }
             let labels = r.labels.clone().unwrap_or_default();
-            let outcome = match r.action() {
+            let repeat = if r.repeat > 0 {
+                format!(" repeat {}", r.repeat)
+            } else {
+                String::new()
+            };
+            let (what, detail) = match r.action() {
+                EscalationAction::Notified if r.notification == "resolve" => (
+                    "ESCALATE",
+                    format!("-> {} level {}: told it is resolved", r.receiver, r.level),
+                ),
                 EscalationAction::Notified => {
                     tally
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .escalations_delivered += 1;
-                    format!("delivered (attempt {})", r.attempt)
+                    (
+                        "ESCALATE",
+                        format!(
+                            "-> {} level {}{repeat}: delivered (attempt {})",
+                            r.receiver, r.level, r.attempt
+                        ),
+                    )
                 }
-                _ => {
+                EscalationAction::DeliveryFailed => {
                     tally
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .escalations_failed += 1;
-                    format!("FAILED after {} attempts: {}", r.attempt, r.error)
+                    (
+                        "ESCALATE",
+                        format!(
+                            "-> {} level {}: FAILED after {} attempts: {}",
+                            r.receiver, r.level, r.attempt, r.error
+                        ),
+                    )
                 }
+                EscalationAction::Resolved => (
+                    "RESOLVED",
+                    format!("escalation closed ({}) by {}", r.resolution, r.actor),
+                ),
+                _ => continue,
             };
             println!(
-                "{prefix}  {:<9} {:<16} {:<17} {:<14} -> {} level {}: {outcome}",
-                "ESCALATE", labels.force_id, r.rule_id, r.referral_id, r.receiver, r.level
+                "{prefix}  {:<9} {:<16} {:<17} {:<14} {detail}",
+                what, labels.force_id, r.rule_id, r.referral_id
             );
         } else {
             tally.lock().unwrap_or_else(|p| p.into_inner()).dead_letters += 1;

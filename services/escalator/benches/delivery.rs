@@ -104,7 +104,10 @@ async fn wait_done(reports: &mut mpsc::UnboundedReceiver<Report>, n: usize) {
         match reports.recv().await.unwrap() {
             Report::Done { outcome, .. } => {
                 assert!(
-                    matches!(outcome, safeclock_escalator::engine::Outcome::Delivered { .. }),
+                    matches!(
+                        outcome,
+                        safeclock_escalator::engine::Outcome::Delivered { .. }
+                    ),
                     "{outcome:?}"
                 );
                 done += 1;
