@@ -183,9 +183,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            let esc = &settings.escalator;
             println!(
                 "  receivers:    {}",
-                settings.escalator.webhooks.len() + usize::from(settings.escalator.log_receiver)
+                esc.all_receivers()
+                    .iter()
+                    .map(|r| format!("{} ({:?})", r.name, r.kind).to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "  policies:     {}",
+                esc.all_policies()
+                    .iter()
+                    .map(|p| format!("{} ({} levels)", p.name, p.levels.len()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!("  routes:       {} top-level", esc.routes.len());
+            println!(
+                "  ack API:      {}",
+                if esc.api.tokens.is_empty() {
+                    "off (no escalator.api.tokens)".to_string()
+                } else {
+                    format!("{} ({} tokens)", esc.api.listen, esc.api.tokens.len())
+                }
             );
             Ok(())
         }

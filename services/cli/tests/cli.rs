@@ -59,6 +59,14 @@ fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
             "[[escalator.webhooks]]\nname = \"duty\"\nurl = \"duty.example\"\n",
             "escalator.webhooks[0].url",
         ),
+        (
+            "[[escalator.policies]]\nname = \"night\"\nlevels = [{ receivers = [\"pager\"] }]\n",
+            "escalator.policies[0].levels[0].receivers",
+        ),
+        (
+            "[[escalator.receivers]]\nname = \"pd\"\nkind = \"pagerduty\"\n",
+            "escalator.receivers[0].routing_key",
+        ),
     ] {
         let f = config_file(contents);
         let out = Command::new(BIN)

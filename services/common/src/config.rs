@@ -1268,6 +1268,95 @@ mod tests {
     }
 
     #[test]
+    fn escalator_errors_name_the_field() {
+        let receivers = r#"
+[[escalator.receivers]]
+name = "pd"
+kind = "pagerduty"
+routing_key = "rk-0123456789"
+[[escalator.receivers]]
+name = "am"
+kind = "alertmanager"
+url = "http://am:9093"
+"#;
+        let cases = [
+            ("[[escalator.receivers]]\nname = \"x\"\nkind = \"pagerduty\"\n", "escalator.receivers[0].routing_key"),
+            ("[[escalator.receivers]]\nname = \"x\"\nkind = \"webhook\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"x\"\nkind = \"carrier-pigeon\"\n", "kind"),
+            ("[[escalator.receivers]]\nname = \"Bad Name\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
+            ("[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
+            ("[[escalator.receivers]]\nname = \"m\"\nkind = \"email\"\nsmtp_host = \"mx\"\nfrom = \"a@b\"\n", "escalator.receivers[0].to"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{ {{nope}} }\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{\\\"a\\\": {{summary}}\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\nfallback = \"nobody\"\n", "escalator.receivers[0].fallback"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"env:NOT_SET_ANYWHERE\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.policies]]\nname = \"p\"\nlevels = []\n", "escalator.policies[0].levels"),
+            ("[[escalator.policies]]\nname = \"p\"\nlevels = [{ receivers = [\"ghost\"] }]\n", "escalator.policies[0].levels[0].receivers"),
+            ("[[escalator.policies]]\nname = \"p\"\nrepeat_limit = 3\nlevels = [{ receivers = [\"log\"] }]\n", "escalator.policies[0].repeat_interval_secs"),
+            ("[[escalator.routes]]\npolicy = \"ghost\"\n", "escalator.routes[0].policy"),
+            ("[[escalator.routes]]\n[[escalator.routes.routes]]\nmatch = { threshold = [\"breached\"] }\n", "escalator.routes[0].routes[0].match.threshold"),
+            ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
+            ("[escalator.default_route]\nbreach_policy = \"ghost\"\n", "escalator.default_route.breach_policy"),
+            ("[escalator.api.tokens]\nduty = \"short\"\n", "escalator.api.tokens.duty"),
+        ];
+        for (contents, field) in cases {
+            let f = file(contents);
+            let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err();
+            assert!(
+                err.to_string().contains(field),
+                "error for {contents:?} should name {field}: {err}"
+            );
+        }
+        let f = file(receivers);
+        Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn receiver_secrets_come_from_the_environment_and_never_print() {
+        let f = file(
+            r#"
+[[escalator.receivers]]
+name = "pd"
+kind = "pagerduty"
+routing_key = "env:PD_ROUTING_KEY"
+[[escalator.receivers]]
+name = "hook"
+kind = "webhook"
+url = "https://hooks.example/t0ps3cret-url"
+secret = "env:HOOK_SECRET"
+"#,
+        );
+        let s = Settings::load_with_env(
+            Some(f.path()),
+            env(&[
+                ("PD_ROUTING_KEY", "pd-key-from-env-123"),
+                ("HOOK_SECRET", "hmac-secret-from-env"),
+                (
+                    "SAFECLOCK__ESCALATOR__API__TOKENS__DUTY_DESK",
+                    "api-token-from-env-0123456789",
+                ),
+            ]),
+        )
+        .unwrap();
+        let r = &s.escalator.receivers;
+        assert_eq!(r[0].routing_key.as_deref(), Some("pd-key-from-env-123"));
+        assert_eq!(r[1].secret.as_deref(), Some("hmac-secret-from-env"));
+        assert_eq!(
+            s.escalator.api.tokens["duty_desk"],
+            "api-token-from-env-0123456789"
+        );
+        let shown = format!("{s:?}");
+        for secret in [
+            "pd-key-from-env-123",
+            "hmac-secret-from-env",
+            "t0ps3cret",
+            "api-token-from-env",
+        ] {
+            assert!(!shown.contains(secret), "{secret} printed: {shown}");
+        }
+    }
+
+    #[test]
     fn a_missing_file_is_an_error() {
         let err = Settings::load_with_env(Some(Path::new("/nonexistent/safeclock.toml")), env(&[]))
             .unwrap_err();

@@ -381,8 +381,12 @@ pub async fn run(
     );
 
     loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // Not biased: under a steady stream of delivery reports, input batches, ticks and API
+        // commands still get their turn.
         tokio::select! {
-            biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
                 sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored).await?;
