@@ -82,6 +82,37 @@ fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
         );
     }
 
+    // The example deployment configuration is valid once its secrets are in the environment.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/config/example.toml"
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", example])
+        .env("SAFECLOCK_PAGERDUTY_ROUTING_KEY", "R0UT1NGKEY0123456789")
+        .env(
+            "SAFECLOCK_MASH_WEBHOOK_URL",
+            "https://mash.force.example/hook",
+        )
+        .env("SAFECLOCK_MASH_WEBHOOK_SECRET", "a-shared-secret")
+        .env("SAFECLOCK_SMTP_PASSWORD", "smtp-password")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for secret in [
+        "R0UT1NGKEY",
+        "a-shared-secret",
+        "smtp-password",
+        "mash.force.example",
+    ] {
+        assert!(!stdout.contains(secret), "{secret} printed: {stdout}");
+    }
+
     // Environment variables override the file and are validated too.
     let out = Command::new(BIN)
         .args(["check-config", "--config"])
