@@ -163,7 +163,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
     };
     let labels = &alert["labels"];
     assert_eq!(labels["alertname"], "SafeclockSlaBreach");
-    assert_eq!(labels["rule_id"], "victim-contact");
+    assert_eq!(labels["rule"], "victim-contact");
     assert_eq!(labels["force"], "nottinghamshire");
     assert_eq!(labels["category"], "grooming");
     assert_eq!(labels["risk"], "high");

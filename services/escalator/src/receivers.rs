@@ -476,7 +476,9 @@ pub fn alertmanager_body(job: &Job, now: Timestamp) -> Value {
             "alertname": alertname,
             "escalation_id": job.escalation_id,
             "referral_id": e.referral_id,
-            "rule_id": e.rule_id,
+            // `rule` and `force`, as in the exporter's metrics and the Prometheus rules, so
+            // Alertmanager groups both the same way.
+            "rule": e.rule_id,
             "force": labels.force_id,
             "area": labels.area,
             "category": labels.category,
