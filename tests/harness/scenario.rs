@@ -229,14 +229,26 @@ pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
             "{body}"
         );
     }
+    // The log also holds resolutions and resolve notifications, so read until every expected
+    // page is there rather than a fixed number of records.
+    let notified = |m: &[rdkafka::message::OwnedMessage]| -> BTreeSet<(String, String)> {
+        m.iter()
+            .map(|m| serde_json::from_slice::<EscalationRecord>(m.payload().unwrap()).unwrap())
+            .filter(|r| r.action() == EscalationAction::Notified && r.notification == "trigger")
+            .map(|r| (r.referral_id, r.receiver))
+            .collect()
+    };
     let log = reader(&brokers, &[&settings.topic(Topic::EscalationLog)]);
-    let records = read_until(&log, TIMEOUT, |m| m.len() >= 4).await;
-    let notified: BTreeSet<(String, String)> = records
-        .iter()
-        .map(|m| serde_json::from_slice::<EscalationRecord>(m.payload().unwrap()).unwrap())
-        .filter(|r| r.action() == EscalationAction::Notified)
-        .map(|r| (r.referral_id, r.receiver))
-        .collect();
+    let records = read_until(&log, TIMEOUT, |m| {
+        let n = notified(m);
+        ["R-ORIGIN", "R-AFTER"].iter().all(|r| {
+            ["log", "duty-inspector"]
+                .iter()
+                .all(|x| n.contains(&(r.to_string(), x.to_string())))
+        })
+    })
+    .await;
+    let notified = notified(&records);
     for referral in ["R-ORIGIN", "R-AFTER"] {
         for receiver in ["log", "duty-inspector"] {
             assert!(
