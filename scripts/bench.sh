@@ -4,7 +4,9 @@
 #   - the escalator's delivery layer to a local webhook (notifications/s, added latency p99 at
 #     a paced 1,000/s);
 #   - end to end through a real broker process (tansu on a free loopback port) beside its raw
-#     consume rate, measured in the same run.
+#     consume rate, measured in the same run;
+#   - the escalator through the same broker: breaches paged per second, and produce-to-page
+#     latency at a paced 1,000/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tansu=$(bash scripts/install-deps.sh | tail -n 1)
@@ -20,3 +22,4 @@ broker_pid=$!
 trap 'kill $broker_pid 2>/dev/null; wait $broker_pid 2>/dev/null; rm -rf "$workdir"' EXIT
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench e2e
+SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench escalator
