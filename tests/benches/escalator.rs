@@ -194,12 +194,12 @@ async fn main() {
     }
     kafka::await_deliveries(deliveries).await.unwrap();
     let ok = wait_for(&arrivals, "R-PACED-", paced, Duration::from_secs(120)).await;
-    let arrived = arrivals.lock().unwrap();
-    let mut latencies: Vec<Duration> = sent
-        .iter()
-        .filter_map(|(r, at)| arrived.get(r).map(|a| a.saturating_duration_since(*at)))
-        .collect();
-    drop(arrived);
+    let mut latencies: Vec<Duration> = {
+        let arrived = arrivals.lock().unwrap();
+        sent.iter()
+            .filter_map(|(r, at)| arrived.get(r).map(|a| a.saturating_duration_since(*at)))
+            .collect()
+    };
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     println!(
