@@ -74,6 +74,7 @@ async fn start(
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
+    Registry,
 ) {
     settings.validate().unwrap();
     kafka::ensure_topics(&settings, &Topic::ALL).await.unwrap();
@@ -95,7 +96,7 @@ async fn start(
         readiness.is_ready()
     })
     .await;
-    (shutdown, task)
+    (shutdown, task, registry)
 }
 
 async fn alerts(client: &reqwest::Client, am: &str) -> Vec<serde_json::Value> {
@@ -130,7 +131,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
         .insert("duty-desk".into(), TOKEN.into());
     let sla_topic = settings.topic(Topic::SlaEvents);
     let log_topic = settings.topic(Topic::EscalationLog);
-    let (shutdown, task) = start(settings).await;
+    let (shutdown, task, registry) = start(settings).await;
 
     produce(
         &brokers,
@@ -312,6 +313,23 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
         }
     }
 
+    // The metrics: pages by receiver and outcome, time to acknowledge, open escalations.
+    let text = {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    for line in [
+        "safeclock_escalations_total{outcome=\"delivered\",receiver=\"alertmanager\"}",
+        "safeclock_escalation_time_to_acknowledge_seconds_count 1",
+        "safeclock_escalation_delivery_seconds_count{receiver=\"alertmanager\"}",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
@@ -335,7 +353,7 @@ async fn an_unreachable_receiver_is_dead_lettered_with_the_reason_and_the_fallba
     settings.escalator.receivers = vec![primary, fallback];
     let sla_topic = settings.topic(Topic::SlaEvents);
     let dlq_topic = settings.topic(Topic::DeadLetter);
-    let (shutdown, task) = start(settings).await;
+    let (shutdown, task, _) = start(settings).await;
 
     produce(
         &brokers,

@@ -1185,6 +1185,12 @@ impl Settings {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
         self.escalator.validate()?;
+        if !self.escalator.api.tokens.is_empty() && self.escalator.api.listen == self.ops.listen {
+            return Err(invalid(
+                "escalator.api.listen",
+                "must differ from ops.listen: the acknowledgement API has a listener of its own",
+            ));
+        }
         Ok(())
     }
 
