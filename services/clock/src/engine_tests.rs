@@ -681,3 +681,37 @@ fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
         .is_empty());
     assert!(e.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// For a calendar-duration rule, a pause of length p moves the deadline by exactly p, and the
+    /// breach fires at the moved deadline, not a nanosecond before.
+    #[test]
+    fn a_pause_of_length_p_moves_the_deadline_by_exactly_p(
+        start_offset in 0i64..(400 * 86_400),
+        pause_after in 1i64..(24 * 3600 - 1),
+        p in 1i64..(90 * 86_400),
+    ) {
+        let start = ts("2025-01-01T00:00:00Z") + SignedDuration::from_secs(start_offset);
+        let pause_at = start + SignedDuration::from_secs(pause_after);
+        let resume_at = pause_at + SignedDuration::from_secs(p);
+        let mut e = engine();
+        let started = e.on_event(&event("e1", &start.to_string(), RECEIVED), start);
+        let original = deadline(of_rule(&started, "victim-contact")[0]);
+        e.on_event(
+            &event("e2", &pause_at.to_string(), r#""childMissingReported":{"risk":"RISK_GRADE_HIGH"}"#),
+            pause_at,
+        );
+        let resumed = e.on_event(
+            &event("e3", &resume_at.to_string(), r#""missingChildFound":{}"#),
+            resume_at,
+        );
+        let moved = deadline(of_rule(&resumed, "victim-contact")[0]);
+        proptest::prop_assert_eq!(moved, original + SignedDuration::from_secs(p));
+        let before = e.on_tick(moved - SignedDuration::from_nanos(1));
+        proptest::prop_assert!(!transitions(&before, "victim-contact").contains(&SlaTransition::Breached));
+        let at = e.on_tick(moved);
+        proptest::prop_assert!(transitions(&at, "victim-contact").contains(&SlaTransition::Breached));
+    }
+}

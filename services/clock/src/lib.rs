@@ -22,6 +22,7 @@
 //! same ids (consumers de-duplicate); a crash between 2 and 3 re-reads inputs the restored state
 //! has already seen, which are ignored as duplicates. No transition is lost either way.
 
+mod attribute;
 pub mod engine;
 pub mod explain;
 pub mod metrics;
