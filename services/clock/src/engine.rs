@@ -418,6 +418,36 @@ pub struct EngineStats {
     pub pending_timers: usize,
 }
 
+/// What state an open clock is in, for the `state` label of the open-clock gauge: the first
+/// that holds of breached, paused, warned (past a warning threshold), running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpenState {
+    Running,
+    Warned,
+    Paused,
+    Breached,
+}
+
+impl OpenState {
+    pub fn label(self) -> &'static str {
+        match self {
+            OpenState::Running => "running",
+            OpenState::Warned => "warned",
+            OpenState::Paused => "paused",
+            OpenState::Breached => "breached",
+        }
+    }
+}
+
+/// Open clocks counted by labels and state, and the oldest breach per force and rule.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Census {
+    /// ((force, rule, category, risk, state), open clocks).
+    pub open: Vec<((String, String, String, String, OpenState), u64)>,
+    /// ((force, rule), the earliest deadline among open breached clocks).
+    pub oldest_breach: Vec<((String, String), Timestamp)>,
+}
+
 /// An open clock, for `explain` and inspection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenClock {
@@ -789,6 +819,47 @@ impl Engine {
             }
         }
         s
+    }
+
+    /// Counts the open clocks by force, rule, category, risk and state, and finds the oldest
+    /// breach of each force and rule: the gauges dashboards read, rebuilt from state (so right
+    /// after a restart too).
+    pub fn census(&self) -> Census {
+        let mut open: HashMap<(Sym, u16, Sym, Sym, OpenState), u64> = HashMap::default();
+        let mut oldest: HashMap<(Sym, u16), i64> = HashMap::default();
+        for r in &self.state.slab {
+            for c in &r.clocks {
+                let state = if c.breached {
+                    OpenState::Breached
+                } else if c.paused() {
+                    OpenState::Paused
+                } else if c.warned != 0 {
+                    OpenState::Warned
+                } else {
+                    OpenState::Running
+                };
+                let l = r.labels;
+                *open
+                    .entry((l.force, c.rule, l.category, l.risk, state))
+                    .or_default() += 1;
+                if c.breached {
+                    let d = oldest.entry((l.force, c.rule)).or_insert(i64::MAX);
+                    *d = (*d).min(c.deadline());
+                }
+            }
+        }
+        let name = |s: Sym| self.state.symbols.name(s).to_string();
+        let rule = |r: u16| self.policy.rules[usize::from(r)].id.clone();
+        Census {
+            open: open
+                .into_iter()
+                .map(|((f, ru, c, ri, st), n)| ((name(f), rule(ru), name(c), name(ri), st), n))
+                .collect(),
+            oldest_breach: oldest
+                .into_iter()
+                .map(|((f, ru), d)| ((name(f), rule(ru)), timestamp(d)))
+                .collect(),
+        }
     }
 
     /// The open clocks of a referral.

@@ -682,6 +682,51 @@ fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
     assert!(e.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
 }
 
+#[test]
+fn census_counts_open_clocks_by_state_and_finds_the_oldest_breach() {
+    let mut e = engine();
+    e.on_event(
+        &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+        ts("2026-11-29T10:00:00Z"),
+    );
+    let state_of = |census: &Census, rule: &str| -> Vec<(OpenState, u64)> {
+        census
+            .open
+            .iter()
+            .filter(|((force, r, category, risk, _), _)| {
+                r == rule && force == "nottinghamshire" && category == "grooming" && risk == "high"
+            })
+            .map(|((.., state), n)| (*state, *n))
+            .collect()
+    };
+    assert_eq!(
+        state_of(&e.census(), "victim-contact"),
+        [(OpenState::Running, 1)]
+    );
+    // 18 h in: past the 75 % warning.
+    e.on_tick(ts("2026-11-30T04:00:00Z"));
+    assert_eq!(
+        state_of(&e.census(), "victim-contact"),
+        [(OpenState::Warned, 1)]
+    );
+    e.on_tick(ts("2026-11-30T10:00:00Z"));
+    let census = e.census();
+    assert_eq!(
+        state_of(&census, "victim-contact"),
+        [(OpenState::Breached, 1)]
+    );
+    assert!(census.oldest_breach.contains(&(
+        ("nottinghamshire".to_string(), "victim-contact".to_string()),
+        ts("2026-11-30T10:00:00Z")
+    )));
+    // Stopped: no longer open.
+    e.on_event(
+        &event("e2", "2026-11-30T11:00:00Z", r#""victimContacted":{}"#),
+        ts("2026-11-30T11:00:00Z"),
+    );
+    assert!(state_of(&e.census(), "victim-contact").is_empty());
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
 

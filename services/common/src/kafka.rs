@@ -150,6 +150,25 @@ pub fn producer_with(
 pub struct ServiceConsumerContext {
     service: &'static str,
     ready: ReadinessHandle,
+    lag: std::sync::OnceLock<LagReport>,
+}
+
+/// Where a consumer reports its lag, and the partitions it last reported (to remove the series
+/// of partitions it no longer holds).
+struct LagReport {
+    gauge: prometheus::IntGaugeVec,
+    reported: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl ServiceConsumerContext {
+    /// Reports consumer lag per partition from librdkafka statistics (every
+    /// `statistics.interval.ms`, 5 s by default) into `gauge` (`service`, `topic`, `partition`).
+    pub fn report_lag(&self, gauge: prometheus::IntGaugeVec) {
+        let _ = self.lag.set(LagReport {
+            gauge,
+            reported: std::sync::Mutex::new(Vec::new()),
+        });
+    }
 }
 
 impl ClientContext for ServiceConsumerContext {
@@ -182,6 +201,38 @@ impl ClientContext for ServiceConsumerContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(service = self.service, error.message = %error, "Kafka client error: {reason}");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(report) = self.lag.get() else {
+            return;
+        };
+        let mut now = Vec::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a negative lag is unknown.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                let partition = partition.to_string();
+                report
+                    .gauge
+                    .with_label_values(&[self.service, topic, &partition])
+                    .set(p.consumer_lag);
+                now.push((topic.clone(), partition));
+            }
+        }
+        let Ok(mut reported) = report.reported.lock() else {
+            return;
+        };
+        for (topic, partition) in reported.iter() {
+            if !now.contains(&(topic.clone(), partition.clone())) {
+                let _ = report
+                    .gauge
+                    .remove_label_values(&[self.service, topic, partition]);
+            }
+        }
+        *reported = now;
     }
 }
 
@@ -261,7 +312,8 @@ pub fn consumer_with(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.partition.eof", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
     let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
     for (k, v) in base.config_map() {
         cfg.set(k, v);
@@ -274,7 +326,11 @@ pub fn consumer_with(
     }
     cfg.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: ServiceConsumer = cfg
-        .create_with_context(ServiceConsumerContext { service, ready })
+        .create_with_context(ServiceConsumerContext {
+            service,
+            ready,
+            lag: std::sync::OnceLock::new(),
+        })
         .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
     consumer
         .subscribe(topics)

@@ -12,15 +12,15 @@ pub mod metrics;
 
 use std::time::Instant;
 
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use safeclock_common::dedup::RecentIds;
 use safeclock_common::event::{
     decode_referral_event, decode_sla_event, transition_label, Rejection,
 };
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
-use safeclock_common::metrics::ConsumerMetrics;
+use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::policy::Policy;
-use safeclock_common::rules::LabelSet;
 use safeclock_common::schema::v1::{
     referral_event::Kind, Category, ReferralEvent, RiskGrade, SlaEvent, SlaTransition,
 };
@@ -37,8 +37,7 @@ const DEDUP_WINDOW: usize = 200_000;
 /// Turns records into metric updates; separate from Kafka so tests can feed it directly.
 pub struct Recorder {
     metrics: ExporterMetrics,
-    forces: LabelSet,
-    rules: LabelSet,
+    bounds: SlaLabelBounds,
     seen_sla_events: RecentIds,
     seen_referral_events: RecentIds,
 }
@@ -48,8 +47,7 @@ impl Recorder {
     pub fn new(metrics: ExporterMetrics, forces: &[String], rules: &[String]) -> Self {
         Self {
             metrics,
-            forces: LabelSet::new(forces.iter().cloned()),
-            rules: LabelSet::new(rules.iter().cloned()),
+            bounds: SlaLabelBounds::new(forces, rules.iter().map(String::as_str)),
             seen_sla_events: RecentIds::new(DEDUP_WINDOW),
             seen_referral_events: RecentIds::new(DEDUP_WINDOW),
         }
@@ -65,7 +63,7 @@ impl Recorder {
             self.metrics
                 .referrals_received
                 .with_label_values(&[
-                    self.forces.bound(&event.force_id),
+                    self.bounds.force(&event.force_id),
                     &enum_label(category.as_str_name(), "CATEGORY_"),
                     &enum_label(risk.as_str_name(), "RISK_GRADE_"),
                 ])
@@ -77,17 +75,15 @@ impl Recorder {
         if !self.seen_sla_events.first_time(&event.sla_event_id) {
             return;
         }
-        let force = event
-            .labels
-            .as_ref()
-            .map(|l| l.force_id.as_str())
-            .unwrap_or_default();
-        let force = self.forces.bound(force);
-        let rule = self.rules.bound(&event.rule_id);
+        let labels = event.labels.clone().unwrap_or_default();
+        let force = self.bounds.force(&labels.force_id);
+        let category = self.bounds.category(&labels.category);
+        let risk = self.bounds.risk(&labels.risk);
+        let rule = self.bounds.rule(&event.rule_id);
         let transition = event.transition();
         self.metrics
             .transitions
-            .with_label_values(&[force, rule, transition_label(transition)])
+            .with_label_values(&[force, rule, category, risk, transition_label(transition)])
             .inc();
         match transition {
             SlaTransition::Breached => {
@@ -104,8 +100,8 @@ impl Recorder {
                 if let Some(elapsed) = &event.elapsed {
                     let secs = duration_to_jiff(elapsed).as_secs_f64().max(0.0);
                     self.metrics
-                        .time_to_stop
-                        .with_label_values(&[force, rule])
+                        .time_to_stop(rule)
+                        .with_label_values(&[force, category, risk])
                         .observe(secs);
                 }
             }
@@ -124,13 +120,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
-    let metrics = ExporterMetrics::register(&deps.registry)?;
-    let rule_ids: Vec<String> = Policy::load(&settings)?
-        .rules
-        .rules
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let rules = Policy::load(&settings)?.rules.rules;
+    let metrics = ExporterMetrics::register(&deps.registry, &rules)?;
+    let rule_ids: Vec<String> = rules.into_iter().map(|r| r.id).collect();
     let mut recorder = Recorder::new(metrics, &settings.forces, &rule_ids);
     let referral_topic = settings.topic(Topic::ReferralEvents);
     let sla_topic = settings.topic(Topic::SlaEvents);
@@ -141,6 +133,7 @@ pub async fn run(
         &[&referral_topic, &sla_topic],
         deps.readiness.component(SERVICE),
     )?;
+    consumer.context().report_lag(consumer_metrics.lag.clone());
     let producer = kafka::producer(&settings)?;
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
     tracing::info!(referral_topic, sla_topic, "exporter started");
@@ -159,6 +152,7 @@ pub async fn run(
                 .consumed
                 .with_label_values(&[SERVICE, message.topic()])
                 .inc();
+            consumer_metrics.observe_latency(SERVICE, message.timestamp().to_millis());
             let payload = message.payload().unwrap_or_default();
             let outcome: Result<(), Rejection> = if message.topic() == sla_topic {
                 decode_sla_event(payload).map(|e| recorder.sla_event(&e))
@@ -211,7 +205,7 @@ mod tests {
     #[test]
     fn counts_breaches_once_observes_time_to_stop_and_bounds_labels() {
         let registry = Registry::new();
-        let metrics = ExporterMetrics::register(&registry).unwrap();
+        let metrics = ExporterMetrics::register(&registry, &[]).unwrap();
         let mut r = Recorder::new(
             metrics.clone(),
             &["nottinghamshire".to_string()],
@@ -240,7 +234,9 @@ mod tests {
                 .get(),
             1
         );
-        let h = metrics.time_to_stop.with_label_values(&["other", "other"]);
+        let h = metrics
+            .time_to_stop("made-up-rule")
+            .with_label_values(&["other", "other", "other"]);
         assert_eq!(h.get_sample_count(), 1);
         assert_eq!(h.get_sample_sum(), 5.0 * 86_400.0);
     }
