@@ -439,11 +439,14 @@ impl OpenState {
     }
 }
 
+/// Force, rule, category, risk and state of a group of open clocks.
+pub type CensusKey = (String, String, String, String, OpenState);
+
 /// Open clocks counted by labels and state, and the oldest breach per force and rule.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Census {
     /// ((force, rule, category, risk, state), open clocks).
-    pub open: Vec<((String, String, String, String, OpenState), u64)>,
+    pub open: Vec<(CensusKey, u64)>,
     /// ((force, rule), the earliest deadline among open breached clocks).
     pub oldest_breach: Vec<((String, String), Timestamp)>,
 }
