@@ -46,7 +46,8 @@ impl SlaLabelBounds {
 }
 
 /// Registers `safeclock_build_info{version}` = 1: a series present from the first scrape, so
-/// dashboards can tell "up, nothing happened yet" from "not scraped", and can show the version.
+/// dashboards can tell "up, nothing happened yet" from "not scraped", and can show the version;
+/// and the standard `process_*` metrics (start time, so restarts show, and memory).
 ///
 /// # Errors
 /// When a metric of the same name is already registered.
@@ -59,7 +60,13 @@ pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
         &["version"],
     )?;
     info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    registry.register(Box::new(info))
+    registry.register(Box::new(info))?;
+    // process_start_time_seconds (restarts), resident memory, CPU, open file descriptors.
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    Ok(())
 }
 
 /// Consumer health metrics, labelled by service.

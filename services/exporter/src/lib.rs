@@ -34,6 +34,15 @@ const SERVICE: &str = "exporter";
 const MAX_BATCH: usize = 1000;
 const DEDUP_WINDOW: usize = 200_000;
 
+/// The transitions whose series are created at 0 when a clock of a new label set starts.
+const CLOCK_OUTCOMES: [SlaTransition; 5] = [
+    SlaTransition::Warning,
+    SlaTransition::Breached,
+    SlaTransition::Met,
+    SlaTransition::MetLate,
+    SlaTransition::Cancelled,
+];
+
 /// Turns records into metric updates; separate from Kafka so tests can feed it directly.
 pub struct Recorder {
     metrics: ExporterMetrics,
@@ -81,6 +90,23 @@ impl Recorder {
         let risk = self.bounds.risk(&labels.risk);
         let rule = self.bounds.rule(&event.rule_id);
         let transition = event.transition();
+        if transition == SlaTransition::Started {
+            // Every series a clock can move exists (at 0) from its start, so rate() and
+            // increase() see its first met, breach or cancellation, and dashboards show 0
+            // rather than "no data".
+            for t in CLOCK_OUTCOMES {
+                self.metrics.transitions.with_label_values(&[
+                    force,
+                    rule,
+                    category,
+                    risk,
+                    transition_label(t),
+                ]);
+            }
+            self.metrics
+                .time_to_stop(rule)
+                .with_label_values(&[force, category, risk]);
+        }
         self.metrics
             .transitions
             .with_label_values(&[force, rule, category, risk, transition_label(transition)])
