@@ -11,7 +11,7 @@
 //! Invalid input never stops a partition: it goes to the dead-letter topic with the original key,
 //! value and headers plus headers saying why, and processing continues with the next record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -47,22 +47,29 @@ pub enum Topic {
     /// The clock's durable state (compacted; binary protobuf). Key: referral id. Partitioned
     /// like `ReferralEvents`.
     ClockState,
+    /// The exporter's totals and the input offsets they reflect (compacted; JSON). Key: the
+    /// exporter's consumer group.
+    ExporterState,
 }
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 6] = [
+    pub const ALL: [Topic; 7] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
         Topic::SlaOutcomes,
         Topic::EscalationLog,
         Topic::DeadLetter,
         Topic::ClockState,
+        Topic::ExporterState,
     ];
 
     /// Whether only the latest record per key matters (the topic is compacted).
     pub fn compacted(self) -> bool {
-        matches!(self, Topic::ClockState | Topic::SlaOutcomes)
+        matches!(
+            self,
+            Topic::ClockState | Topic::SlaOutcomes | Topic::ExporterState
+        )
     }
 
     /// The name without the deployment's prefix.
@@ -74,6 +81,7 @@ impl Topic {
             Topic::DeadLetter => "dead-letter.v1",
             Topic::ClockState => "clock-state.v1",
             Topic::SlaOutcomes => "sla-outcomes.v1",
+            Topic::ExporterState => "exporter-state.v1",
         }
     }
 }
@@ -643,4 +651,80 @@ mod tests {
             "safeclock.dead-letter.v1"
         );
     }
+}
+
+/// How long reading a compacted partition may go without a record before it is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once the reported high watermark is reached, reading goes on until the partition has been
+/// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
+/// rather than the next offset, so the watermark alone would stop a restore early and lose state.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
+/// The latest value per key (`None` for a tombstone) of one partition of a compacted topic,
+/// read from its beginning to its end (blocking), and the number of records read. `group_id`
+/// names the reading client; it commits nothing.
+///
+/// # Errors
+/// When the partition cannot be read to its end.
+pub fn read_compacted_partition(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+    group_id: &str,
+) -> anyhow::Result<(HashMap<String, Option<Vec<u8>>>, usize)> {
+    use anyhow::Context;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
+    cfg.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .with_context(|| format!("cannot create a consumer to read {topic}"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(30))
+        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    let mut latest = HashMap::new();
+    if high <= low {
+        return Ok((latest, 0));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut records = 0usize;
+    let mut last_progress = std::time::Instant::now();
+    let mut reached_watermark = false;
+    loop {
+        let wait = if reached_watermark {
+            DRAIN_QUIET
+        } else {
+            Duration::from_millis(200)
+        };
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                last_progress = std::time::Instant::now();
+                records += 1;
+                if let Some(key) = m.key() {
+                    latest.insert(
+                        String::from_utf8_lossy(key).into_owned(),
+                        m.payload().map(<[u8]>::to_vec),
+                    );
+                }
+                reached_watermark |= m.offset() >= high - 1;
+            }
+            Some(Err(e)) => {
+                return Err(e).with_context(|| format!("cannot read {topic}[{partition}]"));
+            }
+            None if reached_watermark => break,
+            None => {
+                anyhow::ensure!(
+                    last_progress.elapsed() < STALL_TIMEOUT,
+                    "reading {topic}[{partition}] stalled: no record for {STALL_TIMEOUT:?} before offset {high}"
+                );
+            }
+        }
+    }
+    Ok((latest, records))
 }

@@ -7,14 +7,15 @@
 //! The time-to-stop histogram has buckets per rule, placed at the rule's targets and their
 //! multiples, so "how many were stopped within the target" is one bucket for every rule, whether
 //! its target is 15 minutes or 6 months. Prometheus allows bucket bounds to differ between the
-//! series of one histogram; each rule is registered as its own collector under the same name,
-//! with `rule` as a constant label.
+//! series of one histogram. The values live in [`crate::totals`], which survives restarts.
 
 use std::collections::HashMap;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::Registry;
 use safeclock_calendar::{CivilUnit, Target};
 use safeclock_common::rules::Rule;
+
+use crate::totals::TotalsMetrics;
 
 /// Multiples of a rule's target that get a bucket bound.
 pub const TARGET_MULTIPLES: [f64; 8] = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0];
@@ -35,10 +36,6 @@ pub const OTHER_RULE_BUCKETS: [f64; 12] = [
     182.0 * 86_400.0,
     365.0 * 86_400.0,
 ];
-
-const TIME_TO_STOP: &str = "safeclock_sla_time_to_stop_seconds";
-const TIME_TO_STOP_HELP: &str =
-    "Time from clock start to the stop event (met or met late), in event time, minus pauses.";
 
 /// A target's nominal length in seconds, for bucket placement: working days count 7/5 of a
 /// calendar day (a week of five working days is seven days long), months 30.44 days, the next
@@ -81,82 +78,18 @@ pub fn rule_buckets(rule: &Rule) -> Vec<f64> {
     bounds
 }
 
-#[derive(Clone)]
-pub struct ExporterMetrics {
-    /// `safeclock_referrals_received_total{force,category,risk}`
-    pub referrals_received: IntCounterVec,
-    /// `safeclock_sla_transitions_total{force,rule,category,risk,transition}`: clocks started,
-    /// warned, breached, met, met late, cancelled, corrected, paused, resumed.
-    pub transitions: IntCounterVec,
-    /// `safeclock_sla_breaches_total{force,rule,severity}`
-    pub breaches: IntCounterVec,
-    /// `safeclock_sla_time_to_stop_seconds{force,category,risk}` per rule (constant label
-    /// `rule`): clock start to stop (met or met late).
-    time_to_stop: HashMap<String, HistogramVec>,
-    /// The same for rules not known to this exporter (`rule="other"`).
-    time_to_stop_other: HistogramVec,
-}
-
-impl ExporterMetrics {
-    /// Registers the exporter's metrics, with time-to-stop buckets for each of `rules`.
-    ///
-    /// # Errors
-    /// When a metric of the same name is already registered.
-    pub fn register(registry: &Registry, rules: &[Rule]) -> prometheus::Result<Self> {
-        let referrals_received = IntCounterVec::new(
-            Opts::new(
-                "safeclock_referrals_received_total",
-                "Child-protection referrals received, by force, category and risk grade.",
-            ),
-            &["force", "category", "risk"],
-        )?;
-        let transitions = IntCounterVec::new(
-            Opts::new(
-                "safeclock_sla_transitions_total",
-                "SLA clock transitions (started, warning, breached, met, met_late, cancelled, corrected, paused, resumed), by force, rule, category and risk.",
-            ),
-            &["force", "rule", "category", "risk", "transition"],
-        )?;
-        let breaches = IntCounterVec::new(
-            Opts::new(
-                "safeclock_sla_breaches_total",
-                "SLA clocks that passed their deadline, by force, rule and severity.",
-            ),
-            &["force", "rule", "severity"],
-        )?;
-        registry.register(Box::new(referrals_received.clone()))?;
-        registry.register(Box::new(transitions.clone()))?;
-        registry.register(Box::new(breaches.clone()))?;
-        let histogram = |rule: &str, buckets: Vec<f64>| -> prometheus::Result<HistogramVec> {
-            let h = HistogramVec::new(
-                HistogramOpts::new(TIME_TO_STOP, TIME_TO_STOP_HELP)
-                    .const_label("rule", rule)
-                    .buckets(buckets),
-                &["force", "category", "risk"],
-            )?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let mut time_to_stop = HashMap::new();
-        for rule in rules {
-            time_to_stop.insert(rule.id.clone(), histogram(&rule.id, rule_buckets(rule))?);
-        }
-        let time_to_stop_other = histogram("other", OTHER_RULE_BUCKETS.to_vec())?;
-        Ok(Self {
-            referrals_received,
-            transitions,
-            breaches,
-            time_to_stop,
-            time_to_stop_other,
-        })
-    }
-
-    /// The time-to-stop histogram of `rule` (the `other` one for unknown rules).
-    pub fn time_to_stop(&self, rule: &str) -> &HistogramVec {
-        self.time_to_stop
-            .get(rule)
-            .unwrap_or(&self.time_to_stop_other)
-    }
+/// Registers the exporter's metrics, with time-to-stop buckets for each of `rules`.
+///
+/// # Errors
+/// When a metric of the same name is already registered.
+pub fn register(registry: &Registry, rules: &[Rule]) -> prometheus::Result<TotalsMetrics> {
+    let buckets: HashMap<String, Vec<f64>> = rules
+        .iter()
+        .map(|r| (r.id.clone(), rule_buckets(r)))
+        .collect();
+    let metrics = TotalsMetrics::new(buckets, OTHER_RULE_BUCKETS.to_vec());
+    metrics.register(registry)?;
+    Ok(metrics)
 }
 
 #[cfg(test)]
@@ -184,18 +117,18 @@ mod tests {
     }
 
     #[test]
-    fn every_rule_registers_under_one_metric_name() {
+    fn every_rule_gets_its_own_buckets_under_one_metric_name() {
         let pack = RuleSet::default_pack().unwrap();
         let registry = Registry::new();
-        let metrics = ExporterMetrics::register(&registry, &pack.rules).unwrap();
+        let metrics = register(&registry, &pack.rules).unwrap();
         for rule in &pack.rules {
-            metrics
-                .time_to_stop(&rule.id)
-                .with_label_values(&["f", "grooming", "high"])
-                .observe(60.0);
+            metrics.time_to_stop(&rule.id, "f", "grooming", "high", Some(60.0));
         }
         let families = registry.gather();
-        let family = families.iter().find(|f| f.name() == TIME_TO_STOP).unwrap();
+        let family = families
+            .iter()
+            .find(|f| f.name() == crate::totals::TIME_TO_STOP)
+            .unwrap();
         assert_eq!(family.get_metric().len(), pack.rules.len());
     }
 }
