@@ -65,7 +65,10 @@ async fn wait_for_breaches(running: &Running, want: f64) {
         if got == want {
             return;
         }
-        assert!(got < want, "counted {got} breaches, more than the {want} sent");
+        assert!(
+            got < want,
+            "counted {got} breaches, more than the {want} sent"
+        );
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out at {got} breaches, waiting for {want}"

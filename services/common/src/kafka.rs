@@ -610,55 +610,15 @@ pub async fn or_shutdown<F: Future>(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_configured_property_reaches_librdkafka_and_safeclock_keeps_its_own() {
-        let mut settings = Settings::defaults().unwrap();
-        settings.kafka.brokers = "kafka-1:9093".into();
-        for (k, v) in [
-            ("security.protocol", "SASL_SSL"),
-            ("sasl.mechanism", "SCRAM-SHA-512"),
-            ("sasl.username", "safeclock"),
-            ("sasl.password", "hunter2"),
-            ("ssl.ca.location", "/etc/ssl/force-ca.pem"),
-        ] {
-            settings.kafka.properties.insert(k.into(), v.into());
-        }
-        settings
-            .kafka
-            .producer_properties
-            .insert("acks".into(), "1".into());
-        let cfg = client_config(&settings.kafka, &settings.kafka.producer_properties);
-        assert_eq!(cfg.get("bootstrap.servers"), Some("kafka-1:9093"));
-        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
-        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
-        assert_eq!(cfg.get("ssl.ca.location"), Some("/etc/ssl/force-ca.pem"));
-        assert_eq!(cfg.get("acks"), Some("1"), "operator overrides win");
-    }
-
-    #[test]
-    fn topic_names_carry_the_prefix_and_a_version() {
-        let settings = Settings::defaults().unwrap();
-        assert_eq!(
-            settings.topic(Topic::ReferralEvents),
-            "safeclock.referral-events.v1"
-        );
-        assert_eq!(
-            settings.topic(Topic::DeadLetter),
-            "safeclock.dead-letter.v1"
-        );
-    }
-}
-
 /// How long reading a compacted partition may go without a record before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Once the reported high watermark is reached, reading goes on until the partition has been
 /// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
 /// rather than the next offset, so the watermark alone would stop a restore early and lose state.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
+/// Key -> latest value (`None`: a tombstone) of a compacted topic's partition.
+pub type LatestByKey = HashMap<String, Option<Vec<u8>>>;
 
 /// The latest value per key (`None` for a tombstone) of one partition of a compacted topic,
 /// read from its beginning to its end (blocking), and the number of records read. `group_id`
@@ -671,7 +631,7 @@ pub fn read_compacted_partition(
     topic: &str,
     partition: i32,
     group_id: &str,
-) -> anyhow::Result<(HashMap<String, Option<Vec<u8>>>, usize)> {
+) -> anyhow::Result<(LatestByKey, usize)> {
     use anyhow::Context;
     use rdkafka::{Offset, TopicPartitionList};
     let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
@@ -727,4 +687,47 @@ pub fn read_compacted_partition(
         }
     }
     Ok((latest, records))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configured_property_reaches_librdkafka_and_safeclock_keeps_its_own() {
+        let mut settings = Settings::defaults().unwrap();
+        settings.kafka.brokers = "kafka-1:9093".into();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "safeclock"),
+            ("sasl.password", "hunter2"),
+            ("ssl.ca.location", "/etc/ssl/force-ca.pem"),
+        ] {
+            settings.kafka.properties.insert(k.into(), v.into());
+        }
+        settings
+            .kafka
+            .producer_properties
+            .insert("acks".into(), "1".into());
+        let cfg = client_config(&settings.kafka, &settings.kafka.producer_properties);
+        assert_eq!(cfg.get("bootstrap.servers"), Some("kafka-1:9093"));
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(cfg.get("ssl.ca.location"), Some("/etc/ssl/force-ca.pem"));
+        assert_eq!(cfg.get("acks"), Some("1"), "operator overrides win");
+    }
+
+    #[test]
+    fn topic_names_carry_the_prefix_and_a_version() {
+        let settings = Settings::defaults().unwrap();
+        assert_eq!(
+            settings.topic(Topic::ReferralEvents),
+            "safeclock.referral-events.v1"
+        );
+        assert_eq!(
+            settings.topic(Topic::DeadLetter),
+            "safeclock.dead-letter.v1"
+        );
+    }
 }
