@@ -298,7 +298,7 @@ pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
         sample(
             &text,
             "safeclock_sla_time_to_stop_seconds_count",
-            &["force=\"nottinghamshire\""],
+            &["force=\"nottinghamshire\"", "rule=\"victim-contact\""],
         ) == Some(2.0)
     })
     .await;
