@@ -2,10 +2,13 @@
 # The whole safeclock test suite, on a fresh machine or a warm one:
 #   1. installs what is missing (Debian packages, the tansu broker into a cache directory);
 #   2. checks formatting and clippy;
-#   3. starts a real Kafka-protocol broker (tansu) and a real Alertmanager (Debian's
-#      prometheus-alertmanager) on free loopback ports;
-#   4. runs every test: unit, component (in-process mock cluster), integration (real broker);
-#   5. stops what it started, on success and on failure.
+#   3. checks the Prometheus rules (promtool check/test rules) and that generated deployment
+#      files (dashboards) are up to date;
+#   4. starts a real Kafka-protocol broker (tansu), a real Prometheus and a real Alertmanager
+#      (Debian's prometheus-alertmanager) on free loopback ports;
+#   5. runs every test: unit, component (in-process mock cluster), integration (real broker,
+#      real Prometheus, real Alertmanager);
+#   6. stops what it started, on success and on failure.
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh -p safeclock-clock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,32 +25,42 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "building tests"
 cargo test --workspace --no-run --quiet "$@"
 
+log "promtool check rules / test rules"
+promtool check rules deploy/prometheus/rules/*.yml
+promtool test rules deploy/prometheus/tests/*.yml
+log "generated dashboards are up to date"
+python3 deploy/grafana/generate.py --check
+
 workdir=$(mktemp -d -t safeclock-test.XXXXXX)
 broker_pid=""
+prometheus_pid=""
 alertmanager_pid=""
 cleanup() {
   status=$?
-  for pid in "$broker_pid" "$alertmanager_pid"; do
+  for pid in "$broker_pid" "$prometheus_pid" "$alertmanager_pid"; do
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
     fi
   done
-  if [ $status -ne 0 ] && [ -f "$workdir/tansu.log" ]; then
-    log "tests failed; last lines of the broker log:"
-    tail -n 30 "$workdir/tansu.log" >&2 || true
+  if [ $status -ne 0 ] && [ -f "$workdir/prometheus.log" ]; then
+    log "last lines of the Prometheus log:"
+    tail -n 20 "$workdir/prometheus.log" >&2 || true
   fi
   if [ $status -ne 0 ] && [ -f "$workdir/alertmanager.log" ]; then
     log "last lines of the Alertmanager log:"
     tail -n 15 "$workdir/alertmanager.log" >&2 || true
+  fi
+  if [ $status -ne 0 ] && [ -f "$workdir/tansu.log" ]; then
+    log "tests failed; last lines of the broker log:"
+    tail -n 30 "$workdir/tansu.log" >&2 || true
   fi
   rm -rf "$workdir"
   exit $status
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
-port=$(free_port)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 log "starting tansu on 127.0.0.1:$port"
 "$tansu" broker \
   --listener-url "tcp://127.0.0.1:$port" \
@@ -60,6 +73,35 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 export SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
+
+# A real Prometheus: scrapes whatever tests/prometheus.rs writes into the targets file every
+# second, and evaluates the repository's recording and alert rules every second.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+prom_port=$(free_port)
+echo '[]' >"$workdir/targets.json"
+cat >"$workdir/prometheus.yml" <<YAML
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $PWD/deploy/prometheus/rules/*.yml
+scrape_configs:
+  - job_name: safeclock-exporter
+    file_sd_configs:
+      - files: ["$workdir/targets.json"]
+        refresh_interval: 1s
+YAML
+log "starting prometheus on 127.0.0.1:$prom_port"
+prometheus --config.file="$workdir/prometheus.yml" --storage.tsdb.path="$workdir/prometheus-data" \
+  --web.listen-address="127.0.0.1:$prom_port" >"$workdir/prometheus.log" 2>&1 &
+prometheus_pid=$!
+for _ in $(seq 1 100); do
+  if curl -fsS "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$prometheus_pid" 2>/dev/null; then log "prometheus exited at start"; cat "$workdir/prometheus.log" >&2; exit 1; fi
+  sleep 0.2
+done
+export SAFECLOCK_TEST_PROMETHEUS="http://127.0.0.1:$prom_port"
+export SAFECLOCK_TEST_PROMETHEUS_TARGETS="$workdir/targets.json"
 
 # A real Alertmanager for the escalator's integration test: loopback only, clustering off,
 # storage in the temporary directory.
@@ -84,5 +126,5 @@ for _ in $(seq 1 100); do
 done
 export SAFECLOCK_TEST_ALERTMANAGER="http://127.0.0.1:$am_port"
 
-log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
+log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Prometheus $SAFECLOCK_TEST_PROMETHEUS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
 cargo test --workspace "$@"

@@ -23,14 +23,14 @@ use crate::{header, produce, read_until, reader, wait_for, RecordingWebhook};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn referral_event(id: &str, referral: &str, force: &str, at: Timestamp, kind: &str) -> Vec<u8> {
+pub fn referral_event(id: &str, referral: &str, force: &str, at: Timestamp, kind: &str) -> Vec<u8> {
     format!(
         r#"{{"eventId":"{id}","referralId":"{referral}","forceId":"{force}","occurredAt":"{at}","recordedAt":"{at}","sourceSystem":"test",{kind}}}"#
     )
     .into_bytes()
 }
 
-fn received(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8> {
+pub fn received(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8> {
     referral_event(
         id,
         referral,
@@ -40,7 +40,7 @@ fn received(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8> {
     )
 }
 
-fn contacted(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8> {
+pub fn contacted(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8> {
     referral_event(id, referral, force, at, r#""victimContacted":{}"#)
 }
 
@@ -310,7 +310,7 @@ pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
         sample(
             &text,
             "safeclock_sla_time_to_stop_seconds_count",
-            &["force=\"nottinghamshire\""],
+            &["force=\"nottinghamshire\"", "rule=\"victim-contact\""],
         ) == Some(2.0)
     })
     .await;

@@ -1,11 +1,14 @@
 //! Engine benchmarks, without Kafka, on one core: `cargo bench -p safeclock-clock --bench engine`.
 //!
-//! 1. throughput: events/s through `Engine::on_event` (+ ticks) for a realistic mix of referral
-//!    events under the default rule pack;
-//! 2. memory: heap bytes per open clock with 1,000,000 open clocks (counted by a global allocator
-//!    wrapper, so the figure is exact for the engine's own allocations);
-//! 3. restore: time to rebuild the engine from changelog records (decode + import) for 1,000,000
-//!    open clocks.
+//! 1. memory: heap bytes per open clock with 1,000,000 open clocks (counted by a global allocator
+//!    wrapper, so the figure is exact for the engine's own allocations), and the growth of the
+//!    resident set (allocator overhead included);
+//! 2. restore: time to rebuild the engine from changelog records (decode + import) for 1,000,000
+//!    open clocks;
+//! 3. throughput: events/s through the engine core (`apply_event` + `fire_due`: every decision,
+//!    as compact transitions) for a realistic mix of referral events under the default rule
+//!    pack, then the same stream through `on_event`/`on_tick`, which also builds every SLA event
+//!    record the service publishes.
 //!
 //! Sizes can be reduced for a quick run: `SAFECLOCK_BENCH_CLOCKS=100000`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -163,6 +166,14 @@ fn stream(referrals: usize, start: Timestamp) -> Vec<ReferralEvent> {
     out
 }
 
+/// The process's resident set, from /proc (0 where there is none).
+fn resident_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
 fn policy() -> Policy {
     Policy {
         rules: RuleSet::default_pack().unwrap(),
@@ -178,37 +189,9 @@ fn main() {
     let policy = policy();
     let start: Timestamp = "2026-01-05T09:00:00Z".parse().unwrap();
 
-    // 1. Throughput.
-    let referrals = (clocks_target / 5).max(1000);
-    let events = stream(referrals, start);
-    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
-    let t = Instant::now();
-    let mut emitted = 0usize;
-    for (i, e) in events.iter().enumerate() {
-        let now = safeclock_common::schema::to_jiff(e.occurred_at.as_ref().unwrap()).unwrap();
-        if i % 64 == 0 {
-            emitted += engine.on_tick(now).len();
-        }
-        emitted += engine.on_event(e, now).len();
-        if i % 1024 == 0 {
-            engine.take_dirty();
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "throughput: {} events ({} referrals, default pack of {} rules) in {:.3} s = {:.0} events/s on one core; {} SLA events emitted",
-        events.len(),
-        referrals,
-        policy.rules.rules.len(),
-        secs,
-        events.len() as f64 / secs,
-        emitted
-    );
-    drop(engine);
-    drop(events);
-
-    // 2. Memory per open clock: only referral_received, nothing stops.
+    // 1. Memory per open clock (first, so the resident set is not yet warm): only referral_received, nothing stops.
     let before = ALLOCATED.load(Ordering::Relaxed);
+    let rss_before = resident_bytes();
     let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
     let mut i = 0usize;
     while engine.stats().open_clocks < clocks_target {
@@ -223,16 +206,18 @@ fn main() {
     }
     let stats = engine.stats();
     let bytes = ALLOCATED.load(Ordering::Relaxed) - before;
+    let rss = resident_bytes().saturating_sub(rss_before);
     println!(
-        "memory: {} open clocks ({} referrals, {} timers) hold {:.1} MiB of heap = {:.0} bytes per open clock",
+        "memory: {} open clocks ({} referrals, {} timers) hold {:.1} MiB of heap = {:.0} bytes per open clock (resident set grew {:.0} bytes per open clock, allocator overhead included)",
         stats.open_clocks,
         stats.referrals,
         stats.pending_timers,
         bytes as f64 / 1048576.0,
-        bytes as f64 / stats.open_clocks as f64
+        bytes as f64 / stats.open_clocks as f64,
+        rss as f64 / stats.open_clocks as f64
     );
 
-    // 3. Restore: the changelog records of those referrals, decoded and imported.
+    // 2. Restore: the changelog records of those referrals, decoded and imported.
     let ids: Vec<String> = (0..i).map(|k| format!("R-M-{k:08}")).collect();
     let records: Vec<Vec<u8>> = ids
         .iter()
@@ -255,4 +240,74 @@ fn main() {
         secs,
         stats.open_clocks as f64 / secs
     );
+    // 3. Throughput: the core (decisions as compact transitions), then the same stream with
+    //    every transition materialized as the SlaEvent the service publishes.
+    let referrals = (clocks_target / 5).max(1000);
+    let events = stream(referrals, start);
+    let times: Vec<Timestamp> = events
+        .iter()
+        .map(|e| safeclock_common::schema::to_jiff(e.occurred_at.as_ref().unwrap()).unwrap())
+        .collect();
+    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    let mut transitions = Vec::new();
+    let mut emitted = 0usize;
+    let t = Instant::now();
+    for (i, (e, &now)) in events.iter().zip(&times).enumerate() {
+        if i % 64 == 0 {
+            engine.fire_due(now, &mut transitions);
+        }
+        engine.apply_event(e, now, &mut transitions);
+        emitted += transitions.len();
+        transitions.clear();
+        if i % 1024 == 0 {
+            engine.take_dirty();
+        }
+    }
+    let core_secs = t.elapsed().as_secs_f64();
+    drop(engine);
+    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    let mut records = 0usize;
+    let t = Instant::now();
+    for (i, (e, &now)) in events.iter().zip(&times).enumerate() {
+        if i % 64 == 0 {
+            records += engine.on_tick(now).len();
+        }
+        records += engine.on_event(e, now).len();
+        if i % 1024 == 0 {
+            engine.take_dirty();
+        }
+    }
+    let full_secs = t.elapsed().as_secs_f64();
+    // For profiling the core: SAFECLOCK_BENCH_ONLY=core runs it five more times.
+    let only_core = std::env::var("SAFECLOCK_BENCH_ONLY").is_ok_and(|v| v == "core");
+    assert_eq!(
+        emitted, records,
+        "the core and the full path decide the same"
+    );
+    println!(
+        "throughput (core): {} events ({} referrals, default pack of {} rules) in {:.3} s = {:.0} events/s on one core; {} transitions",
+        events.len(),
+        referrals,
+        policy.rules.rules.len(),
+        core_secs,
+        events.len() as f64 / core_secs,
+        emitted
+    );
+    println!(
+        "throughput (core + SlaEvent records): {:.3} s = {:.0} events/s on one core; {} SLA events",
+        full_secs,
+        events.len() as f64 / full_secs,
+        records
+    );
+    drop(engine);
+    if only_core {
+        for _ in 0..5 {
+            let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+            for (e, &now) in events.iter().zip(&times) {
+                engine.fire_due(now, &mut transitions);
+                engine.apply_event(e, now, &mut transitions);
+                transitions.clear();
+            }
+        }
+    }
 }

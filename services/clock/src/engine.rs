@@ -25,14 +25,23 @@
 //! - repeating rules start the next clock at the stop time;
 //! - cancel events (e.g. referral closed) cancel open clocks.
 //!
-//! Timers sit in an ordered set keyed by due time, so a tick costs O(log n) per due timer and
-//! nothing for clocks that are not due.
+//! # Layout, for speed and memory
+//! The engine holds millions of open clocks, so its state is compact (see docs/architecture.md,
+//! "engine state layout"): referrals live in a slab addressed by a `u32` slot; label values are
+//! interned once per engine; a clock is a fixed-size `Copy` struct of nanosecond timestamps and
+//! small indices (its id and instance strings sit in a per-referral table); seen event ids are
+//! 64-bit XXH3 hashes; each running clock has exactly one timer (its next warning or its
+//! deadline) in a binary heap, so a tick costs O(log n) per due timer and nothing for clocks that
+//! are not due. The core ([`Engine::apply_event`], [`Engine::fire_due`]) emits compact
+//! [`Transition`]s; [`Engine::materialize`] turns one into the published [`SlaEvent`].
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use jiff::{SignedDuration, Timestamp};
+use safeclock_calendar::Target;
 use safeclock_common::event::kind_name;
 use safeclock_common::ids::derive_id;
 pub use safeclock_common::policy::CalendarBook;
@@ -42,84 +51,361 @@ use safeclock_common::schema::v1::{
     ReferralEvent, ReferralState, RiskGrade, SlaEvent, SlaLabels, SlaTransition,
 };
 use safeclock_common::schema::{
-    duration_from_jiff, duration_to_jiff, enum_label, from_jiff, to_jiff,
+    duration_to_jiff, enum_label, to_jiff, ProtoDuration, ProtoTimestamp,
 };
+
+use crate::attribute::attribute;
 
 /// How many stop events that arrived before their start are remembered per referral.
 const MAX_EARLY_STOPS: usize = 16;
+/// `Clock::paused_since` when the clock runs.
+const RUNNING: i64 = i64::MIN;
 
+/// Nanoseconds since the Unix epoch (1677..2262), saturating outside.
+fn nanos(t: Timestamp) -> i64 {
+    i64::try_from(t.as_nanosecond()).unwrap_or(if t > Timestamp::UNIX_EPOCH {
+        i64::MAX
+    } else {
+        i64::MIN + 1
+    })
+}
+
+fn timestamp(n: i64) -> Timestamp {
+    Timestamp::from_nanosecond(i128::from(n)).unwrap_or(Timestamp::MAX)
+}
+
+fn duration_nanos(d: SignedDuration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(if d.is_negative() {
+        i64::MIN + 1
+    } else {
+        i64::MAX
+    })
+}
+
+fn proto_timestamp(n: i64) -> ProtoTimestamp {
+    ProtoTimestamp {
+        seconds: n.div_euclid(1_000_000_000),
+        nanos: n.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+fn proto_duration(n: i64) -> ProtoDuration {
+    ProtoDuration {
+        seconds: n / 1_000_000_000,
+        nanos: (n % 1_000_000_000) as i32,
+    }
+}
+
+/// The 64-bit hash of an event id kept for duplicate detection (stable across versions and
+/// machines: it is part of the changelog).
+fn event_hash(event_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(event_id.as_bytes())
+}
+
+/// The in-memory index's hash of a referral id (never persisted, so it may change between
+/// versions).
+fn index_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<rustc_hash::FxHasher>::default().hash_one(id)
+}
+
+/// An interned label value; 0 is the empty string.
+type Sym = u32;
+
+/// Label values (forces, categories, risk grades, areas, teams) are few; each referral holds
+/// numbers instead of strings.
 #[derive(Debug)]
+struct Symbols {
+    names: Vec<Box<str>>,
+    index: HashMap<Box<str>, Sym>,
+    /// Contract enum names (`CATEGORY_GROOMING`) -> the symbol of their label (`grooming`).
+    enums: HashMap<&'static str, Sym>,
+}
+
+impl Symbols {
+    fn new() -> Self {
+        let mut s = Self {
+            names: Vec::new(),
+            index: HashMap::default(),
+            enums: HashMap::default(),
+        };
+        s.intern("");
+        s
+    }
+
+    fn intern(&mut self, name: &str) -> Sym {
+        if let Some(&sym) = self.index.get(name) {
+            return sym;
+        }
+        let sym = Sym::try_from(self.names.len()).unwrap_or(Sym::MAX);
+        self.names.push(name.into());
+        self.index.insert(name.into(), sym);
+        sym
+    }
+
+    /// The label of a contract enum value, e.g. `grooming` for `CATEGORY_GROOMING`.
+    fn enum_label(&mut self, full_name: &'static str, prefix: &str) -> Sym {
+        if let Some(&sym) = self.enums.get(full_name) {
+            return sym;
+        }
+        let sym = self.intern(&enum_label(full_name, prefix));
+        self.enums.insert(full_name, sym);
+        sym
+    }
+
+    fn name(&self, sym: Sym) -> &str {
+        self.names.get(sym as usize).map_or("", |n| n)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Labels {
+    force: Sym,
+    category: Sym,
+    risk: Sym,
+    child_age_band: Sym,
+    area: Sym,
+    team: Sym,
+}
+
+impl Labels {
+    fn get(&self, field: LabelField) -> Sym {
+        match field {
+            LabelField::Force => self.force,
+            LabelField::Category => self.category,
+            LabelField::Risk => self.risk,
+            LabelField::ChildAgeBand => self.child_age_band,
+            LabelField::Area => self.area,
+            LabelField::Team => self.team,
+        }
+    }
+
+    fn to_proto(self, symbols: &Symbols) -> SlaLabels {
+        SlaLabels {
+            force_id: symbols.name(self.force).to_string(),
+            category: symbols.name(self.category).to_string(),
+            risk: symbols.name(self.risk).to_string(),
+            child_age_band: symbols.name(self.child_age_band).to_string(),
+            area: symbols.name(self.area).to_string(),
+            team: symbols.name(self.team).to_string(),
+        }
+    }
+
+    fn from_proto(labels: &SlaLabels, symbols: &mut Symbols) -> Self {
+        Self {
+            force: symbols.intern(&labels.force_id),
+            category: symbols.intern(&labels.category),
+            risk: symbols.intern(&labels.risk),
+            child_age_band: symbols.intern(&labels.child_age_band),
+            area: symbols.intern(&labels.area),
+            team: symbols.intern(&labels.team),
+        }
+    }
+}
+
+/// One open clock: 56 bytes, no heap of its own.
+#[derive(Debug, Clone, Copy)]
 struct Clock {
-    rule: usize,
-    /// Tells clocks of one rule apart (e.g. the device reference); empty when the rule has none.
-    instance: String,
-    /// The id of the event that started this clock: part of every record id it causes.
-    clock_id: String,
-    started_at: Timestamp,
+    started_at: i64,
     /// Deadline from the calendar, before pauses.
-    base_deadline: Timestamp,
-    paused_total: SignedDuration,
-    paused_since: Option<Timestamp>,
-    /// Id of the `breached` record, once emitted.
-    breach_id: Option<String>,
-    /// Bit i set: warning i fired or was skipped.
-    warned: u32,
-    /// How many times the clock has been paused.
-    pauses: u32,
+    base_deadline: i64,
+    paused_total: i64,
+    /// When the current pause began, or [`RUNNING`].
+    paused_since: i64,
     /// Timers carry the generation they were set for; anything that reschedules bumps it.
     generation: u64,
+    /// Bit i set: warning i fired or was skipped.
+    warned: u32,
+    rule: u16,
+    /// Index in the referral's string table of the clock id (the id of the event that started
+    /// it, part of every record id it causes).
+    clock_id: u16,
+    /// 1 + index in the referral's string table of the instance (e.g. the device reference);
+    /// 0 when the rule has none.
+    instance: u16,
+    /// How many times the clock has been paused.
+    pauses: u16,
+    /// Whether the `breached` record was emitted (its id derives from the clock).
+    breached: bool,
 }
 
 impl Clock {
-    fn deadline(&self) -> Timestamp {
-        self.base_deadline
-            .saturating_add(self.paused_total)
-            .unwrap_or(self.base_deadline)
+    fn deadline(&self) -> i64 {
+        self.base_deadline.saturating_add(self.paused_total)
+    }
+
+    fn paused(&self) -> bool {
+        self.paused_since != RUNNING
+    }
+
+    /// Time paused up to `at`, including a pause still running.
+    fn paused_until(&self, at: i64) -> i64 {
+        let mut paused = self.paused_total;
+        if self.paused() {
+            paused = paused.saturating_add(at.saturating_sub(self.paused_since).max(0));
+        }
+        paused
     }
 
     /// Time counted against the target up to `at`: wall time minus pauses.
-    fn elapsed(&self, at: Timestamp) -> SignedDuration {
-        let mut paused = self.paused_total;
-        if let Some(since) = self.paused_since {
-            paused += at.duration_since(since).max(SignedDuration::ZERO);
-        }
-        at.duration_since(self.started_at) - paused
+    fn elapsed(&self, at: i64) -> i64 {
+        at.saturating_sub(self.started_at)
+            .saturating_sub(self.paused_until(at))
     }
 
-    fn allowed(&self) -> SignedDuration {
-        self.base_deadline.duration_since(self.started_at)
+    fn allowed(&self) -> i64 {
+        self.base_deadline.saturating_sub(self.started_at)
     }
 }
 
 #[derive(Debug)]
 struct EarlyStop {
-    rule: usize,
-    instance: String,
-    occurred_at: Timestamp,
-    event_id: String,
+    rule: u16,
+    instance: Box<str>,
+    occurred_at: i64,
+    event_id: Box<str>,
 }
 
 #[derive(Debug, Default)]
 struct Referral {
-    labels: SlaLabels,
-    seen_event_ids: HashSet<String>,
+    id: Box<str>,
+    labels: Labels,
+    /// Hashes of the event ids applied.
+    seen: Vec<u64>,
     clocks: Vec<Clock>,
+    /// Clock ids and instances the clocks refer to.
+    strings: Vec<Box<str>>,
     early_stops: Vec<EarlyStop>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    Warning(usize),
-    Deadline,
+impl Referral {
+    fn string(&self, index: u16) -> &str {
+        self.strings.get(usize::from(index)).map_or("", |s| s)
+    }
+
+    fn instance(&self, clock: &Clock) -> &str {
+        match clock.instance {
+            0 => "",
+            i => self.string(i - 1),
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> u16 {
+        if let Some(i) = self.strings.iter().position(|x| &**x == s) {
+            return u16::try_from(i).unwrap_or(u16::MAX);
+        }
+        self.strings.reserve_exact(1);
+        self.strings.push(s.into());
+        u16::try_from(self.strings.len() - 1).unwrap_or(u16::MAX)
+    }
+
+    /// Drops strings no clock refers to any more. Called before an event is applied, never
+    /// between a transition and its materialization.
+    fn collect_strings(&mut self) {
+        let live = self.clocks.len() * 2;
+        if self.strings.len() <= live.max(4) {
+            return;
+        }
+        let old = std::mem::take(&mut self.strings);
+        let mut clocks = std::mem::take(&mut self.clocks);
+        for c in &mut clocks {
+            c.clock_id = self.intern(old.get(usize::from(c.clock_id)).map_or("", |s| s));
+            if c.instance != 0 {
+                c.instance =
+                    1 + self.intern(old.get(usize::from(c.instance - 1)).map_or("", |s| s));
+            }
+        }
+        self.clocks = clocks;
+        self.strings.shrink_to_fit();
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// Referral id -> slab slot, keyed by the id's 64-bit hash: the id itself is stored once, in
+/// the slab, and compared there. Ids whose hash collides with another's go to a small exact map.
+#[derive(Debug, Default)]
+struct ReferralIndex {
+    by_hash: HashMap<u64, u32>,
+    collided: HashMap<Box<str>, u32>,
+    len: usize,
+}
+
+impl ReferralIndex {
+    fn get(&self, slab: &[Referral], id: &str) -> Option<u32> {
+        let hash = index_hash(id);
+        if let Some(&slot) = self.by_hash.get(&hash) {
+            if slab.get(slot as usize).is_some_and(|r| &*r.id == id) {
+                return Some(slot);
+            }
+        }
+        self.collided.get(id).copied()
+    }
+
+    /// Adds an id not yet present.
+    fn insert(&mut self, id: &str, slot: u32) {
+        let hash = index_hash(id);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(hash) {
+            e.insert(slot);
+        } else {
+            self.collided.insert(id.into(), slot);
+        }
+        self.len += 1;
+    }
+
+    fn remove(&mut self, slab: &[Referral], id: &str) -> Option<u32> {
+        let hash = index_hash(id);
+        let slot = match self.by_hash.get(&hash) {
+            Some(&slot) if slab.get(slot as usize).is_some_and(|r| &*r.id == id) => {
+                self.by_hash.remove(&hash);
+                Some(slot)
+            }
+            _ => self.collided.remove(id),
+        };
+        if slot.is_some() {
+            self.len -= 1;
+        }
+        slot
+    }
+}
+
+/// A clock's next warning or deadline. Ordered by due time, then generation (deterministic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Timer {
-    at: Timestamp,
-    seq: u64,
-    referral_id: String,
+    at: i64,
     generation: u64,
-    kind: TimerKind,
+    slot: u32,
+}
+
+/// What the engine decided, before it becomes an [`SlaEvent`] (see [`Engine::materialize`]).
+#[derive(Debug, Clone)]
+pub struct Transition {
+    slot: u32,
+    what: SlaTransition,
+    /// The clock as it was at this transition.
+    clock: Clock,
+    occurred_at: i64,
+    now: i64,
+    cause: Cause,
+    /// The warning's index, for warnings.
+    warning: u8,
+    /// A `corrected` record: it names the clock's breach.
+    corrects_breach: bool,
+}
+
+impl Transition {
+    pub fn what(&self) -> SlaTransition {
+        self.what
+    }
+}
+
+/// The event a transition is attributed to.
+#[derive(Debug, Clone)]
+enum Cause {
+    /// The wall clock (warnings, deadlines).
+    None,
+    /// The event being applied.
+    Input,
+    /// An earlier event (a stop that arrived before its start).
+    Earlier(Box<str>),
 }
 
 /// Counts of what the engine holds, for gauges.
@@ -130,6 +416,39 @@ pub struct EngineStats {
     pub paused_clocks: usize,
     pub breached_open_clocks: usize,
     pub pending_timers: usize,
+}
+
+/// What state an open clock is in, for the `state` label of the open-clock gauge: the first
+/// that holds of breached, paused, warned (past a warning threshold), running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpenState {
+    Running,
+    Warned,
+    Paused,
+    Breached,
+}
+
+impl OpenState {
+    pub fn label(self) -> &'static str {
+        match self {
+            OpenState::Running => "running",
+            OpenState::Warned => "warned",
+            OpenState::Paused => "paused",
+            OpenState::Breached => "breached",
+        }
+    }
+}
+
+/// Force, rule, category, risk and state of a group of open clocks.
+pub type CensusKey = (String, String, String, String, OpenState);
+
+/// Open clocks counted by labels and state, and the oldest breach per force and rule.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Census {
+    /// ((force, rule, category, risk, state), open clocks).
+    pub open: Vec<(CensusKey, u64)>,
+    /// ((force, rule), the earliest deadline among open breached clocks).
+    pub oldest_breach: Vec<((String, String), Timestamp)>,
 }
 
 /// An open clock, for `explain` and inspection.
@@ -144,41 +463,1186 @@ pub struct OpenClock {
     pub breached: bool,
 }
 
-/// The event's JSON form, computed only when a predicate or instance needs an attribute.
-struct LazyJson<'a> {
-    event: &'a ReferralEvent,
-    kind_json: String,
-    value: Option<serde_json::Value>,
+/// What one event does to one rule's clocks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Matched {
+    start: bool,
+    stop: bool,
+    pause: bool,
+    resume: bool,
+    reset: bool,
+    cancel: bool,
 }
 
-impl LazyJson<'_> {
-    fn attribute(&mut self, name: &str) -> Option<&serde_json::Value> {
-        if self.value.is_none() {
-            self.value = Some(serde_json::to_value(self.event).unwrap_or_default());
+/// The rules that react to one event kind.
+#[derive(Debug)]
+struct KindRules {
+    /// The kind's field name in the event's JSON form, where its attributes sit.
+    json_name: String,
+    rules: Vec<Reacting>,
+}
+
+/// One rule reacting to one event kind: for each role (start, stop, pause, resume, reset,
+/// cancel), the indices of the rule's conditions on that kind.
+#[derive(Debug)]
+struct Reacting {
+    rule: u16,
+    roles: [Vec<u16>; 6],
+}
+
+impl Reacting {
+    fn matched(&self, rule: &Rule, event: &ReferralEvent, json_name: &str) -> Matched {
+        let lists = [
+            &rule.start,
+            &rule.stop,
+            &rule.pause,
+            &rule.resume,
+            &rule.reset,
+            &rule.cancel,
+        ];
+        let test = |role: usize| {
+            self.roles[role].iter().any(|&i| {
+                let c = &lists[role][usize::from(i)];
+                c.predicates.is_empty() || matches(event, json_name, c)
+            })
+        };
+        Matched {
+            start: test(0),
+            stop: test(1),
+            pause: test(2),
+            resume: test(3),
+            reset: test(4),
+            cancel: test(5),
         }
-        self.value.as_ref()?.get(&self.kind_json)?.get(name)
+    }
+}
+
+/// The rule set, prepared for matching: never changes after [`Engine::new`].
+#[derive(Debug)]
+struct Policy {
+    rules: Vec<Rule>,
+    /// Per rule: `applies_to` with interned values.
+    applies_to: Vec<Vec<(LabelField, Vec<Sym>)>>,
+    calendars: CalendarBook,
+    by_kind: HashMap<String, KindRules>,
+}
+
+impl Policy {
+    fn applies(&self, rule: u16, labels: &Labels) -> bool {
+        self.applies_to[usize::from(rule)]
+            .iter()
+            .all(|(field, values)| values.contains(&labels.get(*field)))
+    }
+}
+
+/// The parts of an input event every transition needs.
+struct Ctx<'a> {
+    slot: u32,
+    event_id: &'a str,
+    /// The event's `occurred_at`.
+    at: i64,
+    /// Wall-clock time of processing.
+    now: i64,
+}
+
+/// The SLA engine for one rule set.
+#[derive(Debug)]
+pub struct Engine {
+    policy: Policy,
+    state: State,
+}
+
+/// Everything that changes.
+#[derive(Debug)]
+struct State {
+    symbols: Symbols,
+    index: ReferralIndex,
+    slab: Vec<Referral>,
+    free: Vec<u32>,
+    timers: BinaryHeap<Reverse<Timer>>,
+    /// Rebuild the timer heap without stale entries once it grows past this.
+    compact_timers_at: usize,
+    next_generation: u64,
+    /// Slots whose state changed since the last [`Engine::take_dirty`].
+    dirty: HashSet<u32>,
+    deadlines: DeadlineMemo,
+}
+
+impl Engine {
+    pub fn new(rules: RuleSet, calendars: CalendarBook) -> Self {
+        let mut symbols = Symbols::new();
+        let mut by_kind: HashMap<String, KindRules> = HashMap::default();
+        for (i, rule) in rules.rules.iter().enumerate() {
+            let i = u16::try_from(i).unwrap_or(u16::MAX);
+            let lists = [
+                &rule.start,
+                &rule.stop,
+                &rule.pause,
+                &rule.resume,
+                &rule.reset,
+                &rule.cancel,
+            ];
+            for kind in rule.kinds() {
+                let entry = by_kind
+                    .entry(kind.to_string())
+                    .or_insert_with(|| KindRules {
+                        json_name: camel(kind),
+                        rules: Vec::new(),
+                    });
+                if entry.rules.iter().any(|r| r.rule == i) {
+                    continue;
+                }
+                let roles = lists.map(|conds| {
+                    (0..conds.len())
+                        .filter(|&c| conds[c].event == kind)
+                        .map(|c| u16::try_from(c).unwrap_or(u16::MAX))
+                        .collect()
+                });
+                entry.rules.push(Reacting { rule: i, roles });
+            }
+        }
+        let applies_to = rules
+            .rules
+            .iter()
+            .map(|r| {
+                r.applies_to
+                    .iter()
+                    .map(|(field, values)| {
+                        let mut syms: Vec<Sym> = values.iter().map(|v| symbols.intern(v)).collect();
+                        syms.sort_unstable();
+                        (*field, syms)
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            policy: Policy {
+                rules: rules.rules,
+                applies_to,
+                calendars,
+                by_kind,
+            },
+            state: State {
+                symbols,
+                index: ReferralIndex::default(),
+                slab: Vec::new(),
+                free: Vec::new(),
+                timers: BinaryHeap::new(),
+                compact_timers_at: 1024,
+                next_generation: 0,
+                dirty: HashSet::default(),
+                deadlines: DeadlineMemo::default(),
+            },
+        }
     }
 
-    fn matches(&mut self, condition: &Condition) -> bool {
-        condition.predicates.iter().all(|(attr, accepted)| {
-            let value = self.attribute(attr).cloned();
-            accepted.iter().any(|want| match &value {
-                Some(v) => v == want,
-                // proto3 JSON omits default values: absent means false, "" or the zero enum.
-                None => match want {
-                    serde_json::Value::Bool(b) => !b,
-                    serde_json::Value::String(s) => s.is_empty() || s.ends_with("_UNSPECIFIED"),
-                    _ => false,
-                },
-            })
+    pub fn rules(&self) -> &[Rule] {
+        &self.policy.rules
+    }
+
+    /// Whether any referral's state changed since the last [`Engine::take_dirty`].
+    pub fn has_dirty(&self) -> bool {
+        !self.state.dirty.is_empty()
+    }
+
+    /// The referrals whose state changed since the last call: their new state (or its absence)
+    /// must reach the changelog before the inputs that changed them are committed.
+    pub fn take_dirty(&mut self) -> Vec<String> {
+        // Order does not matter: each referral's record is independent.
+        let State { dirty, slab, .. } = &mut self.state;
+        dirty
+            .drain()
+            .filter_map(|slot| slab.get(slot as usize))
+            .map(|r| r.id.to_string())
+            .collect()
+    }
+
+    fn referral(&self, referral_id: &str) -> Option<&Referral> {
+        let slot = self.state.index.get(&self.state.slab, referral_id)?;
+        self.state.slab.get(slot as usize)
+    }
+
+    /// The durable form of a referral's state; `None` once the engine holds nothing for it
+    /// (write a tombstone).
+    pub fn export(&self, referral_id: &str) -> Option<ReferralState> {
+        let r = self.referral(referral_id)?;
+        let rules = &self.policy.rules;
+        Some(ReferralState {
+            referral_id: referral_id.to_string(),
+            labels: Some(r.labels.to_proto(&self.state.symbols)),
+            seen_event_ids: Vec::new(),
+            seen_event_hashes: r.seen.clone(),
+            clocks: r
+                .clocks
+                .iter()
+                .map(|c| {
+                    let rule = &rules[usize::from(c.rule)];
+                    let clock_id = r.string(c.clock_id);
+                    ClockState {
+                        rule_id: rule.id.clone(),
+                        instance: r.instance(c).to_string(),
+                        clock_id: clock_id.to_string(),
+                        started_at: Some(proto_timestamp(c.started_at)),
+                        base_deadline: Some(proto_timestamp(c.base_deadline)),
+                        paused_total: Some(proto_duration(c.paused_total)),
+                        paused_since: c.paused().then(|| proto_timestamp(c.paused_since)),
+                        breach_id: if c.breached {
+                            breach_id(referral_id, &rule.id, clock_id)
+                        } else {
+                            String::new()
+                        },
+                        warned: c.warned,
+                        pauses: u32::from(c.pauses),
+                    }
+                })
+                .collect(),
+            early_stops: r
+                .early_stops
+                .iter()
+                .map(|s| EarlyStopState {
+                    rule_id: rules[usize::from(s.rule)].id.clone(),
+                    instance: s.instance.to_string(),
+                    occurred_at: Some(proto_timestamp(s.occurred_at)),
+                    event_id: s.event_id.to_string(),
+                })
+                .collect(),
         })
     }
 
-    fn instance(&mut self, attr: Option<&str>) -> String {
-        attr.and_then(|a| self.attribute(a))
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
+    /// Restores a referral's state from the changelog and sets its timers; deadlines already
+    /// passed fire on the next tick. Clocks of rules that no longer exist are dropped.
+    pub fn import(&mut self, state: ReferralState) {
+        let rule_index: HashMap<&str, u16> = self
+            .policy
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), u16::try_from(i).unwrap_or(u16::MAX)))
+            .collect();
+        let slot = self.state.slot_for(&state.referral_id);
+        let labels = Labels::from_proto(&state.labels.unwrap_or_default(), &mut self.state.symbols);
+        let mut referral = Referral {
+            id: state.referral_id.as_str().into(),
+            labels,
+            seen: state.seen_event_hashes,
+            ..Referral::default()
+        };
+        // Records written before hashes were kept name the ids themselves.
+        referral
+            .seen
+            .extend(state.seen_event_ids.iter().map(|id| event_hash(id)));
+        referral.clocks.reserve_exact(state.clocks.len());
+        for c in state.clocks {
+            let Some(&rule) = rule_index.get(c.rule_id.as_str()) else {
+                tracing::warn!(rule = %c.rule_id, referral_id = %state.referral_id, "restored clock of an unknown rule dropped");
+                continue;
+            };
+            let (Some(started_at), Some(base_deadline)) = (
+                c.started_at.as_ref().and_then(to_jiff),
+                c.base_deadline.as_ref().and_then(to_jiff),
+            ) else {
+                continue;
+            };
+            let clock_id = referral.intern(&c.clock_id);
+            let instance = if c.instance.is_empty() {
+                0
+            } else {
+                1 + referral.intern(&c.instance)
+            };
+            referral.clocks.push(Clock {
+                started_at: nanos(started_at),
+                base_deadline: nanos(base_deadline),
+                paused_total: c
+                    .paused_total
+                    .as_ref()
+                    .map_or(0, |d| duration_nanos(duration_to_jiff(d))),
+                paused_since: c
+                    .paused_since
+                    .as_ref()
+                    .and_then(to_jiff)
+                    .map_or(RUNNING, nanos),
+                generation: self.state.next_generation(),
+                warned: c.warned,
+                rule,
+                clock_id,
+                instance,
+                pauses: u16::try_from(c.pauses).unwrap_or(u16::MAX),
+                breached: !c.breach_id.is_empty(),
+            });
+        }
+        referral.early_stops = state
+            .early_stops
+            .into_iter()
+            .filter_map(|s| {
+                Some(EarlyStop {
+                    rule: *rule_index.get(s.rule_id.as_str())?,
+                    instance: s.instance.into(),
+                    occurred_at: nanos(s.occurred_at.as_ref().and_then(to_jiff)?),
+                    event_id: s.event_id.into(),
+                })
+            })
+            .collect();
+        let clocks = referral.clocks.clone();
+        self.state.slab[slot as usize] = referral;
+        for clock in &clocks {
+            self.state.schedule(&self.policy, slot, clock);
+        }
+    }
+
+    /// Forgets a referral (a tombstone in the changelog).
+    pub fn forget(&mut self, referral_id: &str) {
+        let State {
+            index,
+            slab,
+            free,
+            dirty,
+            ..
+        } = &mut self.state;
+        if let Some(slot) = index.remove(slab, referral_id) {
+            slab[slot as usize] = Referral::default();
+            free.push(slot);
+            dirty.remove(&slot);
+        }
+    }
+
+    /// What the engine holds now.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = EngineStats {
+            referrals: self.state.index.len,
+            pending_timers: self.state.timers.len(),
+            ..EngineStats::default()
+        };
+        for c in self.state.slab.iter().flat_map(|r| &r.clocks) {
+            s.open_clocks += 1;
+            if c.paused() {
+                s.paused_clocks += 1;
+            }
+            if c.breached {
+                s.breached_open_clocks += 1;
+            }
+        }
+        s
+    }
+
+    /// Counts the open clocks by force, rule, category, risk and state, and finds the oldest
+    /// breach of each force and rule: the gauges dashboards read, rebuilt from state (so right
+    /// after a restart too).
+    pub fn census(&self) -> Census {
+        let mut open: HashMap<(Sym, u16, Sym, Sym, OpenState), u64> = HashMap::default();
+        let mut oldest: HashMap<(Sym, u16), i64> = HashMap::default();
+        for r in &self.state.slab {
+            for c in &r.clocks {
+                let state = if c.breached {
+                    OpenState::Breached
+                } else if c.paused() {
+                    OpenState::Paused
+                } else if c.warned != 0 {
+                    OpenState::Warned
+                } else {
+                    OpenState::Running
+                };
+                let l = r.labels;
+                *open
+                    .entry((l.force, c.rule, l.category, l.risk, state))
+                    .or_default() += 1;
+                if c.breached {
+                    let d = oldest.entry((l.force, c.rule)).or_insert(i64::MAX);
+                    *d = (*d).min(c.deadline());
+                }
+            }
+        }
+        let name = |s: Sym| self.state.symbols.name(s).to_string();
+        let rule = |r: u16| self.policy.rules[usize::from(r)].id.clone();
+        Census {
+            open: open
+                .into_iter()
+                .map(|((f, ru, c, ri, st), n)| ((name(f), rule(ru), name(c), name(ri), st), n))
+                .collect(),
+            oldest_breach: oldest
+                .into_iter()
+                .map(|((f, ru), d)| ((name(f), rule(ru)), timestamp(d)))
+                .collect(),
+        }
+    }
+
+    /// The open clocks of a referral.
+    pub fn open_clocks(&self, referral_id: &str) -> Vec<OpenClock> {
+        let Some(r) = self.referral(referral_id) else {
+            return Vec::new();
+        };
+        r.clocks
+            .iter()
+            .map(|c| OpenClock {
+                rule_id: self.policy.rules[usize::from(c.rule)].id.clone(),
+                clock_id: r.string(c.clock_id).to_string(),
+                instance: r.instance(c).to_string(),
+                started_at: timestamp(c.started_at),
+                deadline: timestamp(c.deadline()),
+                paused: c.paused(),
+                breached: c.breached,
+            })
+            .collect()
+    }
+
+    /// Applies one validated referral event at wall-clock time `now` and returns the SLA events
+    /// to publish.
+    pub fn on_event(&mut self, event: &ReferralEvent, now: Timestamp) -> Vec<SlaEvent> {
+        let mut transitions = Vec::new();
+        self.apply_event(event, now, &mut transitions);
+        transitions
+            .iter()
+            .map(|t| self.materialize(t, Some(event)))
+            .collect()
+    }
+
+    /// Fires every warning and deadline due at or before `now` and returns the SLA events.
+    pub fn on_tick(&mut self, now: Timestamp) -> Vec<SlaEvent> {
+        let mut transitions = Vec::new();
+        self.fire_due(now, &mut transitions);
+        transitions
+            .iter()
+            .map(|t| self.materialize(t, None))
+            .collect()
+    }
+
+    /// The core of [`Engine::on_event`]: appends the transitions `event` causes to `out`. Each
+    /// must be materialized before the next call that changes the engine.
+    pub fn apply_event(
+        &mut self,
+        event: &ReferralEvent,
+        now: Timestamp,
+        out: &mut Vec<Transition>,
+    ) {
+        let (Some(kind), Some(at)) = (
+            event.kind.as_ref(),
+            event.occurred_at.as_ref().and_then(to_jiff),
+        ) else {
+            return;
+        };
+        let Engine { policy, state } = self;
+        let slot = state.slot_for(&event.referral_id);
+        let referral = &mut state.slab[slot as usize];
+        let hash = event_hash(&event.event_id);
+        if referral.seen.contains(&hash) {
+            return; // duplicate
+        }
+        if referral.seen.len() == referral.seen.capacity() {
+            referral.seen.reserve_exact(referral.seen.len().clamp(1, 8));
+        }
+        referral.seen.push(hash);
+        referral.collect_strings();
+        state.dirty.insert(slot);
+        let risk_before = referral.labels.risk;
+        update_labels(
+            &mut state.symbols,
+            &mut referral.labels,
+            &event.force_id,
+            kind,
+        );
+        let regraded = referral.labels.risk != risk_before;
+
+        let ctx = Ctx {
+            slot,
+            event_id: &event.event_id,
+            at: nanos(at),
+            now: nanos(now),
+        };
+        let kind_name = kind_name(kind);
+        if let Some(reacting) = policy.by_kind.get(kind_name) {
+            for reaction in &reacting.rules {
+                let rule_idx = reaction.rule;
+                let rule = &policy.rules[usize::from(rule_idx)];
+                let m = reaction.matched(rule, event, &reacting.json_name);
+                let instance = rule
+                    .instance
+                    .as_deref()
+                    .and_then(|a| attribute(event, &reacting.json_name, a))
+                    .and_then(|v| match v {
+                        serde_json::Value::String(s) => Some(s),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                state.apply(policy, rule_idx, m, &instance, &ctx, out);
+            }
+        }
+        if regraded {
+            state.regrade(policy, &ctx);
+        }
+        // A closed referral keeps its seen event ids (no clocks), so a replayed or late duplicate
+        // cannot reopen clocks. Forgetting closed referrals after a retention period is future
+        // work (see the engine's memory figures).
+    }
+
+    /// The core of [`Engine::on_tick`]: appends the transitions due at or before `now`.
+    pub fn fire_due(&mut self, now: Timestamp, out: &mut Vec<Transition>) {
+        let Engine { policy, state } = self;
+        state.fire_due(policy, nanos(now), out);
+    }
+
+    /// The SLA event for a transition from the last [`Engine::apply_event`] (whose input is
+    /// `input`) or [`Engine::fire_due`] (`input` is `None`).
+    pub fn materialize(&self, t: &Transition, input: Option<&ReferralEvent>) -> SlaEvent {
+        let referral = &self.state.slab[t.slot as usize];
+        let clock = &t.clock;
+        let rule = &self.policy.rules[usize::from(clock.rule)];
+        let clock_id = referral.string(clock.clock_id);
+        let cause = match &t.cause {
+            Cause::None => "",
+            Cause::Input => input.map_or("", |e| e.event_id.as_str()),
+            Cause::Earlier(id) => id,
+        };
+        let name = t.what.as_str_name();
+        let sla_event_id = match t.what {
+            SlaTransition::Warning => {
+                let label = rule
+                    .warnings
+                    .get(usize::from(t.warning))
+                    .map(Warning::label)
+                    .unwrap_or_default();
+                derive_id(&[&referral.id, &rule.id, clock_id, "warning", &label])
+            }
+            SlaTransition::Paused => {
+                derive_id(&[&referral.id, &rule.id, clock_id, "paused", cause])
+            }
+            SlaTransition::Resumed => {
+                derive_id(&[&referral.id, &rule.id, clock_id, "resumed", cause])
+            }
+            _ => derive_id(&[&referral.id, &rule.id, clock_id, name]),
+        };
+        let breach = if t.what == SlaTransition::Breached {
+            sla_event_id.clone()
+        } else if clock.breached || t.corrects_breach {
+            breach_id(&referral.id, &rule.id, clock_id)
+        } else {
+            String::new()
+        };
+        let (breach_sla_event_id, corrects_sla_event_id) = if t.corrects_breach {
+            (String::new(), breach)
+        } else {
+            (breach, String::new())
+        };
+        let elapsed = match t.what {
+            SlaTransition::Breached => clock.allowed(),
+            _ => clock.elapsed(t.occurred_at),
+        };
+        let warning_percent = match t.what {
+            SlaTransition::Warning if clock.allowed() > 0 => {
+                (100.0 * clock.elapsed(t.occurred_at) as f64 / clock.allowed() as f64)
+                    .round()
+                    .clamp(0.0, 100.0) as u32
+            }
+            _ => 0,
+        };
+        SlaEvent {
+            breached: !breach_sla_event_id.is_empty(),
+            breach_sla_event_id,
+            paused_total: Some(proto_duration(clock.paused_until(t.occurred_at))),
+            instance: referral.instance(clock).to_string(),
+            pauses: u32::from(clock.pauses),
+            sla_event_id,
+            referral_id: referral.id.to_string(),
+            rule_id: rule.id.clone(),
+            clock_id: clock_id.to_string(),
+            transition: t.what as i32,
+            severity: rule.severity as i32,
+            labels: Some(referral.labels.to_proto(&self.state.symbols)),
+            started_at: Some(proto_timestamp(clock.started_at)),
+            deadline: Some(proto_timestamp(clock.deadline())),
+            occurred_at: Some(proto_timestamp(t.occurred_at)),
+            emitted_at: Some(proto_timestamp(t.now)),
+            elapsed: Some(proto_duration(elapsed)),
+            target: Some(proto_duration(clock.allowed())),
+            warning_percent,
+            cause_event_id: cause.to_string(),
+            corrects_sla_event_id,
+            rule_title: rule.title.clone(),
+        }
+    }
+}
+
+/// The id of a clock's `breached` record: derived, so the engine keeps only a flag.
+fn breach_id(referral_id: &str, rule_id: &str, clock_id: &str) -> String {
+    derive_id(&[
+        referral_id,
+        rule_id,
+        clock_id,
+        SlaTransition::Breached.as_str_name(),
+    ])
+}
+
+fn matches(event: &ReferralEvent, json_name: &str, condition: &Condition) -> bool {
+    condition.predicates.iter().all(|(attr, accepted)| {
+        let value = attribute(event, json_name, attr);
+        accepted.iter().any(|want| match &value {
+            Some(v) => v == want,
+            // proto3 JSON omits default values: absent means false, "" or the zero enum.
+            None => match want {
+                serde_json::Value::Bool(b) => !b,
+                serde_json::Value::String(s) => s.is_empty() || s.ends_with("_UNSPECIFIED"),
+                _ => false,
+            },
+        })
+    })
+}
+
+impl State {
+    fn next_generation(&mut self) -> u64 {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        g
+    }
+
+    /// The slot of `referral_id`, allocated if new.
+    fn slot_for(&mut self, referral_id: &str) -> u32 {
+        if let Some(slot) = self.index.get(&self.slab, referral_id) {
+            return slot;
+        }
+        let referral = Referral {
+            id: referral_id.into(),
+            ..Referral::default()
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = referral;
+                slot
+            }
+            None => {
+                self.slab.push(referral);
+                u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.index.insert(referral_id, slot);
+        slot
+    }
+
+    fn apply(
+        &mut self,
+        policy: &Policy,
+        rule_idx: u16,
+        m: Matched,
+        instance: &str,
+        ctx: &Ctx<'_>,
+        out: &mut Vec<Transition>,
+    ) {
+        let rule = &policy.rules[usize::from(rule_idx)];
+        let referral = &mut self.slab[ctx.slot as usize];
+        // An instance-less event affects every clock of the rule; one that names an instance,
+        // only that clock.
+        let affects = |r: &Referral, c: &Clock| {
+            c.rule == rule_idx && (instance.is_empty() || r.instance(c) == instance)
+        };
+
+        // Cancel ends the rule's clocks; reset ends them and starts them again from this event.
+        if m.cancel || m.reset {
+            if !referral.clocks.iter().any(|c| affects(referral, c)) {
+                return;
+            }
+            let mut ended = Vec::new();
+            let mut kept = Vec::with_capacity(referral.clocks.len());
+            for c in &referral.clocks {
+                if affects(referral, c) {
+                    ended.push(*c);
+                } else {
+                    kept.push(*c);
+                }
+            }
+            referral.clocks = kept;
+            for clock in &ended {
+                out.push(transition(
+                    ctx.slot,
+                    SlaTransition::Cancelled,
+                    *clock,
+                    ctx.at,
+                    ctx.now,
+                    Cause::Input,
+                ));
+            }
+            if m.reset {
+                let restart: Vec<String> = ended
+                    .iter()
+                    .map(|c| referral.instance(c).to_string())
+                    .collect();
+                for inst in restart {
+                    // One reset event can restart several instances: each gets its own clock id.
+                    let clock_id = if inst.is_empty() {
+                        ctx.event_id.to_string()
+                    } else {
+                        format!("{}/{inst}", ctx.event_id)
+                    };
+                    self.start_clock(policy, rule_idx, &inst, &clock_id, ctx, out);
+                }
+            }
+            return;
+        }
+        if m.stop {
+            let pos = referral.clocks.iter().position(|c| {
+                c.rule == rule_idx && referral.instance(c) == instance && ctx.at >= c.started_at
+            });
+            match pos {
+                Some(pos) => {
+                    let clock = referral.clocks.remove(pos);
+                    complete(ctx.slot, clock, ctx.at, ctx.now, Cause::Input, out);
+                    if rule.repeat {
+                        self.start_clock(policy, rule_idx, instance, ctx.event_id, ctx, out);
+                        return;
+                    }
+                }
+                // An event that both stops and starts the rule (a review that also opens the next
+                // review period) starts a clock below; it is not an early stop.
+                None if m.start => {}
+                None => {
+                    if referral.early_stops.len() >= MAX_EARLY_STOPS {
+                        referral.early_stops.remove(0);
+                    }
+                    referral.early_stops.push(EarlyStop {
+                        rule: rule_idx,
+                        instance: instance.into(),
+                        occurred_at: ctx.at,
+                        event_id: ctx.event_id.into(),
+                    });
+                }
+            }
+        }
+        if m.pause {
+            let referral = &mut self.slab[ctx.slot as usize];
+            for i in 0..referral.clocks.len() {
+                let c = referral.clocks[i];
+                if affects(referral, &c) && !c.paused() && !c.breached {
+                    let generation = self.next_generation;
+                    self.next_generation += 1;
+                    let clock = &mut referral.clocks[i];
+                    clock.paused_since = ctx.at;
+                    clock.pauses = clock.pauses.saturating_add(1);
+                    clock.generation = generation;
+                    out.push(transition(
+                        ctx.slot,
+                        SlaTransition::Paused,
+                        *clock,
+                        ctx.at,
+                        ctx.now,
+                        Cause::Input,
+                    ));
+                }
+            }
+        }
+        if m.resume {
+            let referral = &mut self.slab[ctx.slot as usize];
+            let mut resumed = Vec::new();
+            for i in 0..referral.clocks.len() {
+                let c = referral.clocks[i];
+                if affects(referral, &c) && c.paused() {
+                    let clock = &mut referral.clocks[i];
+                    clock.paused_total = clock
+                        .paused_total
+                        .saturating_add(ctx.at.saturating_sub(clock.paused_since).max(0));
+                    clock.paused_since = RUNNING;
+                    out.push(transition(
+                        ctx.slot,
+                        SlaTransition::Resumed,
+                        *clock,
+                        ctx.at,
+                        ctx.now,
+                        Cause::Input,
+                    ));
+                    resumed.push(*clock);
+                }
+            }
+            for clock in &resumed {
+                self.schedule(policy, ctx.slot, clock);
+            }
+        }
+        if m.start {
+            let referral = &self.slab[ctx.slot as usize];
+            let open = referral
+                .clocks
+                .iter()
+                .any(|c| c.rule == rule_idx && referral.instance(c) == instance);
+            if !open {
+                self.start_clock(policy, rule_idx, instance, ctx.event_id, ctx, out);
+            }
+        }
+    }
+
+    /// Starts a clock of `rule_idx` at `ctx.at` if the rule applies to the referral.
+    fn start_clock(
+        &mut self,
+        policy: &Policy,
+        rule_idx: u16,
+        instance: &str,
+        clock_id: &str,
+        ctx: &Ctx<'_>,
+        out: &mut Vec<Transition>,
+    ) {
+        let rule = &policy.rules[usize::from(rule_idx)];
+        let referral = &mut self.slab[ctx.slot as usize];
+        if !policy.applies(rule_idx, &referral.labels) {
+            return;
+        }
+        let Some(base_deadline) = deadline_for(
+            &policy.calendars,
+            &mut self.deadlines,
+            rule,
+            self.symbols.name(referral.labels.force),
+            self.symbols.name(referral.labels.risk),
+            timestamp(ctx.at),
+        ) else {
+            return;
+        };
+        let mut clock = Clock {
+            started_at: ctx.at,
+            base_deadline: nanos(base_deadline),
+            paused_total: 0,
+            paused_since: RUNNING,
+            generation: self.next_generation,
+            warned: 0,
+            rule: rule_idx,
+            clock_id: referral.intern(clock_id),
+            instance: if instance.is_empty() {
+                0
+            } else {
+                1 + referral.intern(instance)
+            },
+            pauses: 0,
+            breached: false,
+        };
+        self.next_generation += 1;
+        out.push(transition(
+            ctx.slot,
+            SlaTransition::Started,
+            clock,
+            ctx.at,
+            ctx.now,
+            Cause::Input,
+        ));
+        // A stop that arrived first completes the clock at once.
+        let early = referral.early_stops.iter().position(|s| {
+            s.rule == rule_idx && &*s.instance == instance && s.occurred_at >= ctx.at
+        });
+        if let Some(pos) = early {
+            let stop = referral.early_stops.remove(pos);
+            complete(
+                ctx.slot,
+                clock,
+                stop.occurred_at,
+                ctx.now,
+                Cause::Earlier(stop.event_id),
+                out,
+            );
+            return;
+        }
+        // Warnings already past at start are skipped for good.
+        for (i, w) in rule.warnings.iter().enumerate() {
+            if warning_at(&clock, *w).is_none_or(|t| t <= ctx.now) {
+                clock.warned |= 1 << i;
+            }
+        }
+        if referral.clocks.len() == referral.clocks.capacity() {
+            referral.clocks.reserve_exact(1);
+        }
+        referral.clocks.push(clock);
+        self.schedule(policy, ctx.slot, &clock);
+    }
+
+    /// Recomputes the deadlines of graded rules after the referral's risk changed.
+    fn regrade(&mut self, policy: &Policy, ctx: &Ctx<'_>) {
+        let referral = &mut self.slab[ctx.slot as usize];
+        let force = self.symbols.name(referral.labels.force);
+        let risk = self.symbols.name(referral.labels.risk);
+        let mut changed = Vec::new();
+        for clock in &mut referral.clocks {
+            let rule = &policy.rules[usize::from(clock.rule)];
+            if !rule.graded() || clock.breached {
+                continue;
+            }
+            let Some(base) = deadline_for(
+                &policy.calendars,
+                &mut self.deadlines,
+                rule,
+                force,
+                risk,
+                timestamp(clock.started_at),
+            ) else {
+                continue;
+            };
+            let base = nanos(base);
+            if base != clock.base_deadline {
+                clock.base_deadline = base;
+                clock.generation = self.next_generation;
+                self.next_generation += 1;
+                changed.push(*clock);
+            }
+        }
+        for clock in &changed {
+            self.schedule(policy, ctx.slot, clock);
+        }
+    }
+
+    /// Sets the one timer of a running clock: its next pending warning, else its deadline. Older
+    /// timers of the clock are left to expire unread (their generation no longer matches).
+    fn schedule(&mut self, policy: &Policy, slot: u32, clock: &Clock) {
+        if clock.paused() {
+            return;
+        }
+        let rule = &policy.rules[usize::from(clock.rule)];
+        if let Some((at, _)) = next_due(rule, clock) {
+            self.timers.push(Reverse(Timer {
+                at,
+                generation: clock.generation,
+                slot,
+            }));
+            if self.timers.len() >= self.compact_timers_at {
+                self.compact_timers();
+            }
+        }
+    }
+
+    /// Drops timers whose clock has been rescheduled, stopped or paused, so rescheduling far in
+    /// the future cannot make the heap grow without bound.
+    fn compact_timers(&mut self) {
+        let slab = &self.slab;
+        let live = |t: &Timer| {
+            slab.get(t.slot as usize).is_some_and(|r| {
+                r.clocks
+                    .iter()
+                    .any(|c| c.generation == t.generation && !c.paused())
+            })
+        };
+        let timers = std::mem::take(&mut self.timers).into_vec();
+        let kept: Vec<Reverse<Timer>> = timers.into_iter().filter(|t| live(&t.0)).collect();
+        self.compact_timers_at = (kept.len() * 2).max(1024);
+        self.timers = BinaryHeap::from(kept);
+    }
+
+    fn fire_due(&mut self, policy: &Policy, now: i64, out: &mut Vec<Transition>) {
+        while let Some(&Reverse(timer)) = self.timers.peek() {
+            if timer.at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(referral) = self.slab.get_mut(timer.slot as usize) else {
+                continue;
+            };
+            let Some(clock) = referral
+                .clocks
+                .iter_mut()
+                .find(|c| c.generation == timer.generation)
+            else {
+                continue;
+            };
+            if clock.paused() || clock.breached {
+                continue;
+            }
+            let rule = &policy.rules[usize::from(clock.rule)];
+            let Some((at, due)) = next_due(rule, clock) else {
+                continue;
+            };
+            if at > now {
+                // Not due after all (defensive: the clock changed without a new generation).
+                self.timers.push(Reverse(Timer { at, ..timer }));
+                continue;
+            }
+            self.dirty.insert(timer.slot);
+            match due {
+                Due::Warning(i) => {
+                    clock.warned |= 1 << i;
+                    let mut t = transition(
+                        timer.slot,
+                        SlaTransition::Warning,
+                        *clock,
+                        at,
+                        now,
+                        Cause::None,
+                    );
+                    t.warning = i;
+                    out.push(t);
+                }
+                Due::Deadline => {
+                    out.push(transition(
+                        timer.slot,
+                        SlaTransition::Breached,
+                        *clock,
+                        at,
+                        now,
+                        Cause::None,
+                    ));
+                    clock.breached = true;
+                }
+            }
+            let clock = *clock;
+            self.schedule(policy, timer.slot, &clock);
+        }
+    }
+}
+
+fn transition(
+    slot: u32,
+    what: SlaTransition,
+    clock: Clock,
+    occurred_at: i64,
+    now: i64,
+    cause: Cause,
+) -> Transition {
+    Transition {
+        slot,
+        what,
+        clock,
+        occurred_at,
+        now,
+        cause,
+        warning: 0,
+        corrects_breach: false,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    Warning(u8),
+    Deadline,
+}
+
+/// The clock's next pending warning or, after the last, its deadline (if not breached).
+fn next_due(rule: &Rule, clock: &Clock) -> Option<(i64, Due)> {
+    let mut next: Option<(i64, Due)> = None;
+    for (i, w) in rule.warnings.iter().enumerate().take(32) {
+        if clock.warned & (1 << i) != 0 {
+            continue;
+        }
+        if let Some(at) = warning_at(clock, *w) {
+            if next.is_none_or(|(n, _)| at < n) {
+                next = Some((at, Due::Warning(i as u8)));
+            }
+        }
+    }
+    if next.is_none() && !clock.breached {
+        next = Some((clock.deadline(), Due::Deadline));
+    }
+    next
+}
+
+/// Working-day deadlines depend only on the London date of the start, which is constant within
+/// each UTC hour (London's midnight is always 00:00 or 23:00 UTC), so they are memoized per
+/// (calendar, N, hour of start): most clocks then skip the day-by-day calendar walk.
+#[derive(Debug, Default)]
+struct DeadlineMemo {
+    working_days: HashMap<(usize, u32, i64), Timestamp>,
+}
+
+const DEADLINE_MEMO_MAX: usize = 1 << 14;
+
+fn deadline_for(
+    book: &CalendarBook,
+    memo: &mut DeadlineMemo,
+    rule: &Rule,
+    force: &str,
+    risk: &str,
+    start: Timestamp,
+) -> Option<Timestamp> {
+    let target = rule.target_for(force, risk);
+    let Some(calendar) = book.resolve(rule.calendar_for(force), force) else {
+        tracing::error!(rule = %rule.id, force, "no calendar for this rule and force; clock not started");
+        return None;
+    };
+    let key = match target {
+        Target::WorkingDays(n) => Some((
+            std::ptr::from_ref(calendar) as usize,
+            n.get(),
+            start.as_second().div_euclid(3600),
+        )),
+        _ => None,
+    };
+    if let Some(d) = key.and_then(|k| memo.working_days.get(&k)) {
+        return Some(*d);
+    }
+    match calendar.deadline(start, target) {
+        Ok(d) => {
+            if let Some(k) = key {
+                if memo.working_days.len() >= DEADLINE_MEMO_MAX {
+                    memo.working_days.clear();
+                }
+                memo.working_days.insert(k, d);
+            }
+            Some(d)
+        }
+        Err(e) => {
+            tracing::error!(rule = %rule.id, force, error.message = %e, "cannot compute a deadline; clock not started");
+            None
+        }
+    }
+}
+
+fn warning_at(clock: &Clock, warning: Warning) -> Option<i64> {
+    let at = match warning {
+        Warning::Percent(pct) => {
+            let offset = i128::from(clock.allowed()) * i128::from(pct) / 100;
+            let offset = i64::try_from(offset).ok()?;
+            clock
+                .started_at
+                .saturating_add(clock.paused_total)
+                .saturating_add(offset)
+        }
+        Warning::Before(lead) => clock.deadline().saturating_sub(duration_nanos(lead)),
+    };
+    (at > clock.started_at && at < clock.deadline()).then_some(at)
+}
+
+/// Ends `clock` with a stop that occurred at `stopped_at`.
+fn complete(
+    slot: u32,
+    mut clock: Clock,
+    stopped_at: i64,
+    now: i64,
+    cause: Cause,
+    out: &mut Vec<Transition>,
+) {
+    if clock.paused() {
+        clock.paused_total = clock
+            .paused_total
+            .saturating_add(stopped_at.saturating_sub(clock.paused_since).max(0));
+        clock.paused_since = RUNNING;
+    }
+    if stopped_at <= clock.deadline() {
+        out.push(transition(
+            slot,
+            SlaTransition::Met,
+            clock,
+            stopped_at,
+            now,
+            cause.clone(),
+        ));
+        if clock.breached {
+            clock.breached = false;
+            let mut correction = transition(
+                slot,
+                SlaTransition::Corrected,
+                clock,
+                stopped_at,
+                now,
+                cause,
+            );
+            correction.corrects_breach = true;
+            out.push(correction);
+        }
+    } else {
+        if !clock.breached {
+            // The timer had not fired yet: the clock still breached, exactly once.
+            out.push(transition(
+                slot,
+                SlaTransition::Breached,
+                clock,
+                clock.deadline(),
+                now,
+                Cause::None,
+            ));
+            clock.breached = true;
+        }
+        out.push(transition(
+            slot,
+            SlaTransition::MetLate,
+            clock,
+            stopped_at,
+            now,
+            cause,
+        ));
     }
 }
 
@@ -198,856 +1662,32 @@ fn camel(snake: &str) -> String {
     out
 }
 
-/// The SLA engine for one rule set.
-#[derive(Debug)]
-pub struct Engine {
-    rules: Vec<Rule>,
-    calendars: CalendarBook,
-    /// Event kind -> the rules that react to it.
-    by_kind: HashMap<String, Vec<usize>>,
-    referrals: HashMap<String, Referral>,
-    timers: BTreeSet<Timer>,
-    next_seq: u64,
-    next_generation: u64,
-    /// Referrals whose state changed since the last [`Engine::take_dirty`].
-    dirty: HashSet<String>,
-}
-
-/// What one event does to one rule's clocks.
-#[derive(Debug, Default, Clone, Copy)]
-struct Matched {
-    start: bool,
-    stop: bool,
-    pause: bool,
-    resume: bool,
-    reset: bool,
-    cancel: bool,
-}
-
-impl Engine {
-    pub fn new(rules: RuleSet, calendars: CalendarBook) -> Self {
-        let mut by_kind: HashMap<String, Vec<usize>> = HashMap::default();
-        for (i, rule) in rules.rules.iter().enumerate() {
-            for kind in rule.kinds() {
-                let entry = by_kind.entry(kind.to_string()).or_default();
-                if !entry.contains(&i) {
-                    entry.push(i);
-                }
-            }
-        }
-        Self {
-            rules: rules.rules,
-            calendars,
-            by_kind,
-            referrals: HashMap::default(),
-            timers: BTreeSet::new(),
-            next_seq: 0,
-            next_generation: 0,
-            dirty: HashSet::default(),
-        }
-    }
-
-    /// The referrals whose state changed since the last call: their new state (or its absence)
-    /// must reach the changelog before the inputs that changed them are committed.
-    /// Whether any referral's state changed since the last [`Engine::take_dirty`].
-    pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
-    }
-
-    pub fn take_dirty(&mut self) -> Vec<String> {
-        // Order does not matter: each referral's record is independent.
-        self.dirty.drain().collect()
-    }
-
-    /// The durable form of a referral's state; `None` once the engine holds nothing for it
-    /// (write a tombstone).
-    pub fn export(&self, referral_id: &str) -> Option<ReferralState> {
-        let r = self.referrals.get(referral_id)?;
-        let mut seen: Vec<String> = r.seen_event_ids.iter().cloned().collect();
-        seen.sort();
-        Some(ReferralState {
-            referral_id: referral_id.to_string(),
-            labels: Some(r.labels.clone()),
-            seen_event_ids: seen,
-            clocks: r
-                .clocks
-                .iter()
-                .map(|c| ClockState {
-                    rule_id: self.rules[c.rule].id.clone(),
-                    instance: c.instance.clone(),
-                    clock_id: c.clock_id.clone(),
-                    started_at: Some(from_jiff(c.started_at)),
-                    base_deadline: Some(from_jiff(c.base_deadline)),
-                    paused_total: Some(duration_from_jiff(c.paused_total)),
-                    paused_since: c.paused_since.map(from_jiff),
-                    breach_id: c.breach_id.clone().unwrap_or_default(),
-                    warned: c.warned,
-                    pauses: c.pauses,
-                })
-                .collect(),
-            early_stops: r
-                .early_stops
-                .iter()
-                .map(|s| EarlyStopState {
-                    rule_id: self.rules[s.rule].id.clone(),
-                    instance: s.instance.clone(),
-                    occurred_at: Some(from_jiff(s.occurred_at)),
-                    event_id: s.event_id.clone(),
-                })
-                .collect(),
-        })
-    }
-
-    /// Restores a referral's state from the changelog and sets its timers; deadlines already
-    /// passed fire on the next tick. Clocks of rules that no longer exist are dropped.
-    pub fn import(&mut self, state: ReferralState) {
-        let rule_index: HashMap<&str, usize> = self
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.as_str(), i))
-            .collect();
-        let mut clocks = Vec::with_capacity(state.clocks.len());
-        for c in state.clocks {
-            let Some(&rule) = rule_index.get(c.rule_id.as_str()) else {
-                tracing::warn!(rule = %c.rule_id, referral_id = %state.referral_id, "restored clock of an unknown rule dropped");
-                continue;
-            };
-            let (Some(started_at), Some(base_deadline)) = (
-                c.started_at.as_ref().and_then(to_jiff),
-                c.base_deadline.as_ref().and_then(to_jiff),
-            ) else {
-                continue;
-            };
-            clocks.push(Clock {
-                rule,
-                instance: c.instance,
-                clock_id: c.clock_id,
-                started_at,
-                base_deadline,
-                paused_total: c
-                    .paused_total
-                    .as_ref()
-                    .map(duration_to_jiff)
-                    .unwrap_or_default(),
-                paused_since: c.paused_since.as_ref().and_then(to_jiff),
-                breach_id: (!c.breach_id.is_empty()).then_some(c.breach_id),
-                warned: c.warned,
-                pauses: c.pauses,
-                generation: self.next_generation,
-            });
-            self.next_generation += 1;
-        }
-        let early_stops = state
-            .early_stops
-            .into_iter()
-            .filter_map(|s| {
-                Some(EarlyStop {
-                    rule: *rule_index.get(s.rule_id.as_str())?,
-                    instance: s.instance,
-                    occurred_at: s.occurred_at.as_ref().and_then(to_jiff)?,
-                    event_id: s.event_id,
-                })
-            })
-            .collect();
-        let generations: Vec<u64> = clocks.iter().map(|c| c.generation).collect();
-        self.referrals.insert(
-            state.referral_id.clone(),
-            Referral {
-                labels: state.labels.unwrap_or_default(),
-                seen_event_ids: state.seen_event_ids.into_iter().collect(),
-                clocks,
-                early_stops,
-            },
-        );
-        for generation in generations {
-            self.reschedule(&state.referral_id, generation);
-        }
-    }
-
-    /// Forgets a referral (a tombstone in the changelog).
-    pub fn forget(&mut self, referral_id: &str) {
-        self.referrals.remove(referral_id);
-    }
-
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
-    }
-
-    /// What the engine holds now.
-    pub fn stats(&self) -> EngineStats {
-        let mut s = EngineStats {
-            referrals: self.referrals.len(),
-            pending_timers: self.timers.len(),
-            ..EngineStats::default()
-        };
-        for c in self.referrals.values().flat_map(|r| &r.clocks) {
-            s.open_clocks += 1;
-            if c.paused_since.is_some() {
-                s.paused_clocks += 1;
-            }
-            if c.breach_id.is_some() {
-                s.breached_open_clocks += 1;
-            }
-        }
-        s
-    }
-
-    /// The open clocks of a referral.
-    pub fn open_clocks(&self, referral_id: &str) -> Vec<OpenClock> {
-        self.referrals
-            .get(referral_id)
-            .map(|r| {
-                r.clocks
-                    .iter()
-                    .map(|c| OpenClock {
-                        rule_id: self.rules[c.rule].id.clone(),
-                        clock_id: c.clock_id.clone(),
-                        instance: c.instance.clone(),
-                        started_at: c.started_at,
-                        deadline: c.deadline(),
-                        paused: c.paused_since.is_some(),
-                        breached: c.breach_id.is_some(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Applies one validated referral event at wall-clock time `now`.
-    pub fn on_event(&mut self, event: &ReferralEvent, now: Timestamp) -> Vec<SlaEvent> {
-        let mut out = Vec::new();
-        let (Some(kind), Some(at)) = (
-            event.kind.as_ref(),
-            event.occurred_at.as_ref().and_then(to_jiff),
-        ) else {
-            return out;
-        };
-        let kind_name = kind_name(kind);
-        let reacting = self.by_kind.get(kind_name).cloned().unwrap_or_default();
-        let referral = self.referrals.entry(event.referral_id.clone()).or_default();
-        if !referral.seen_event_ids.insert(event.event_id.clone()) {
-            return out; // duplicate
-        }
-        self.dirty.insert(event.referral_id.clone());
-        let risk_before = referral.labels.risk.clone();
-        update_labels(&mut referral.labels, &event.force_id, kind);
-        let regraded = referral.labels.risk != risk_before;
-
-        let mut json = LazyJson {
-            event,
-            kind_json: camel(kind_name),
-            value: None,
-        };
-        let ctx = Ctx {
-            referral_id: &event.referral_id,
-            event_id: &event.event_id,
-            at,
-            now,
-        };
-        for rule_idx in reacting {
-            let rule = &self.rules[rule_idx];
-            let test = |conds: &[Condition], json: &mut LazyJson<'_>| {
-                conds
-                    .iter()
-                    .any(|c| c.event == kind_name && json.matches(c))
-            };
-            let m = Matched {
-                start: test(&rule.start, &mut json),
-                stop: test(&rule.stop, &mut json),
-                pause: test(&rule.pause, &mut json),
-                resume: test(&rule.resume, &mut json),
-                reset: test(&rule.reset, &mut json),
-                cancel: test(&rule.cancel, &mut json),
-            };
-            let instance = json.instance(rule.instance.as_deref());
-            self.apply(rule_idx, m, &instance, &ctx, &mut out);
-        }
-        if regraded {
-            self.regrade(&ctx);
-        }
-        // A closed referral keeps its seen event ids (no clocks), so a replayed or late duplicate
-        // cannot reopen clocks. Forgetting closed referrals after a retention period is future
-        // work (see the engine's memory figures).
-        out
-    }
-
-    fn apply(
-        &mut self,
-        rule_idx: usize,
-        m: Matched,
-        instance: &str,
-        ctx: &Ctx<'_>,
-        out: &mut Vec<SlaEvent>,
-    ) {
-        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
-            return;
-        };
-        // An instance-less event affects every clock of the rule; one that names an instance,
-        // only that clock.
-        let affects =
-            |c: &Clock| c.rule == rule_idx && (instance.is_empty() || c.instance == instance);
-        let rule = &self.rules[rule_idx];
-
-        // Cancel ends the rule's clocks; reset ends them and starts them again from this event.
-        if m.cancel || m.reset {
-            let (ended, kept): (Vec<Clock>, Vec<Clock>) = std::mem::take(&mut referral.clocks)
-                .into_iter()
-                .partition(|c| affects(c));
-            referral.clocks = kept;
-            let restart: Vec<String> = if m.cancel {
-                Vec::new()
-            } else {
-                ended.iter().map(|c| c.instance.clone()).collect()
-            };
-            for clock in ended {
-                out.push(record(
-                    rule,
-                    ctx.referral_id,
-                    &referral.labels,
-                    &clock,
-                    SlaTransition::Cancelled,
-                    ctx.at,
-                    ctx.now,
-                    ctx.event_id,
-                ));
-            }
-            for inst in restart {
-                // One reset event can restart several instances: each gets its own clock id.
-                let clock_id = if inst.is_empty() {
-                    ctx.event_id.to_string()
-                } else {
-                    format!("{}/{inst}", ctx.event_id)
-                };
-                self.start_clock(rule_idx, &inst, &clock_id, ctx, out);
-            }
-            return;
-        }
-        if m.stop {
-            let pos = referral.clocks.iter().position(|c| {
-                c.rule == rule_idx && c.instance == instance && ctx.at >= c.started_at
-            });
-            match pos {
-                Some(pos) => {
-                    let clock = referral.clocks.remove(pos);
-                    complete(
-                        rule,
-                        ctx.referral_id,
-                        &referral.labels,
-                        clock,
-                        ctx.at,
-                        ctx.now,
-                        ctx.event_id,
-                        out,
-                    );
-                    if rule.repeat {
-                        self.start_clock(rule_idx, instance, ctx.event_id, ctx, out);
-                        return;
-                    }
-                }
-                // An event that both stops and starts the rule (a review that also opens the next
-                // review period) starts a clock below; it is not an early stop.
-                None if m.start => {}
-                None => {
-                    if referral.early_stops.len() >= MAX_EARLY_STOPS {
-                        referral.early_stops.remove(0);
-                    }
-                    referral.early_stops.push(EarlyStop {
-                        rule: rule_idx,
-                        instance: instance.to_string(),
-                        occurred_at: ctx.at,
-                        event_id: ctx.event_id.to_string(),
-                    });
-                }
-            }
-        }
-        if m.pause {
-            for clock in referral.clocks.iter_mut().filter(|c| affects(c)) {
-                if clock.paused_since.is_none() && clock.breach_id.is_none() {
-                    clock.paused_since = Some(ctx.at);
-                    clock.pauses += 1;
-                    clock.generation = self.next_generation;
-                    self.next_generation += 1;
-                    let mut ev = record(
-                        rule,
-                        ctx.referral_id,
-                        &referral.labels,
-                        clock,
-                        SlaTransition::Paused,
-                        ctx.at,
-                        ctx.now,
-                        ctx.event_id,
-                    );
-                    distinguish(&mut ev, "paused", ctx.event_id);
-                    out.push(ev);
-                }
-            }
-        }
-        if m.resume {
-            let mut resumed = Vec::new();
-            for clock in referral.clocks.iter_mut().filter(|c| affects(c)) {
-                if let Some(since) = clock.paused_since.take() {
-                    clock.paused_total += ctx.at.duration_since(since).max(SignedDuration::ZERO);
-                    let mut ev = record(
-                        rule,
-                        ctx.referral_id,
-                        &referral.labels,
-                        clock,
-                        SlaTransition::Resumed,
-                        ctx.at,
-                        ctx.now,
-                        ctx.event_id,
-                    );
-                    distinguish(&mut ev, "resumed", ctx.event_id);
-                    out.push(ev);
-                    resumed.push(clock.generation);
-                }
-            }
-            for generation in resumed {
-                self.reschedule(ctx.referral_id, generation);
-            }
-        }
-        if m.start {
-            let referral = &self.referrals[ctx.referral_id];
-            let open = referral
-                .clocks
-                .iter()
-                .any(|c| c.rule == rule_idx && c.instance == instance);
-            if !open {
-                self.start_clock(rule_idx, instance, ctx.event_id, ctx, out);
-            }
-        }
-    }
-
-    /// Starts a clock of `rule_idx` at `ctx.at` if the rule applies to the referral.
-    fn start_clock(
-        &mut self,
-        rule_idx: usize,
-        instance: &str,
-        clock_id: &str,
-        ctx: &Ctx<'_>,
-        out: &mut Vec<SlaEvent>,
-    ) {
-        let rule = &self.rules[rule_idx];
-        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
-            return;
-        };
-        if !applies(rule, &referral.labels) {
-            return;
-        }
-        let force = referral.labels.force_id.clone();
-        let Some(base_deadline) =
-            deadline_for(&self.calendars, rule, &force, &referral.labels.risk, ctx.at)
-        else {
-            return;
-        };
-        let mut clock = Clock {
-            rule: rule_idx,
-            instance: instance.to_string(),
-            clock_id: clock_id.to_string(),
-            started_at: ctx.at,
-            base_deadline,
-            paused_total: SignedDuration::ZERO,
-            paused_since: None,
-            breach_id: None,
-            warned: 0,
-            pauses: 0,
-            generation: self.next_generation,
-        };
-        self.next_generation += 1;
-        out.push(record(
-            rule,
-            ctx.referral_id,
-            &referral.labels,
-            &clock,
-            SlaTransition::Started,
-            ctx.at,
-            ctx.now,
-            ctx.event_id,
-        ));
-        // A stop that arrived first completes the clock at once.
-        let early = referral
-            .early_stops
-            .iter()
-            .position(|s| s.rule == rule_idx && s.instance == instance && s.occurred_at >= ctx.at);
-        if let Some(pos) = early {
-            let stop = referral.early_stops.remove(pos);
-            complete(
-                rule,
-                ctx.referral_id,
-                &referral.labels,
-                clock,
-                stop.occurred_at,
-                ctx.now,
-                &stop.event_id,
-                out,
-            );
-            return;
-        }
-        // Warnings already past at start are skipped for good.
-        for (i, w) in rule.warnings.iter().enumerate() {
-            if warning_at(&clock, *w).is_none_or(|t| t <= ctx.now) {
-                clock.warned |= 1 << i;
-            }
-        }
-        let generation = clock.generation;
-        referral.clocks.push(clock);
-        self.reschedule(ctx.referral_id, generation);
-    }
-
-    /// Recomputes the deadlines of graded rules after the referral's risk changed.
-    fn regrade(&mut self, ctx: &Ctx<'_>) {
-        let Some(referral) = self.referrals.get_mut(ctx.referral_id) else {
-            return;
-        };
-        let mut changed = Vec::new();
-        for clock in &mut referral.clocks {
-            let rule = &self.rules[clock.rule];
-            if !rule.graded() || clock.breach_id.is_some() {
-                continue;
-            }
-            let Some(base) = deadline_for(
-                &self.calendars,
-                rule,
-                &referral.labels.force_id,
-                &referral.labels.risk,
-                clock.started_at,
-            ) else {
-                continue;
-            };
-            if base != clock.base_deadline {
-                clock.base_deadline = base;
-                clock.generation = self.next_generation;
-                self.next_generation += 1;
-                changed.push(clock.generation);
-            }
-        }
-        for generation in changed {
-            self.reschedule(ctx.referral_id, generation);
-        }
-    }
-
-    /// Sets timers for the clock of `generation`: its pending warnings and its deadline. Old
-    /// timers of the clock are left to expire unread (their generation no longer matches).
-    fn reschedule(&mut self, referral_id: &str, generation: u64) {
-        let Some(referral) = self.referrals.get(referral_id) else {
-            return;
-        };
-        let Some(clock) = referral.clocks.iter().find(|c| c.generation == generation) else {
-            return;
-        };
-        if clock.paused_since.is_some() {
-            return;
-        }
-        let rule = &self.rules[clock.rule];
-        let mut due = Vec::new();
-        for (i, w) in rule.warnings.iter().enumerate() {
-            if clock.warned & (1 << i) == 0 {
-                if let Some(at) = warning_at(clock, *w) {
-                    due.push((at, TimerKind::Warning(i)));
-                }
-            }
-        }
-        if clock.breach_id.is_none() {
-            due.push((clock.deadline(), TimerKind::Deadline));
-        }
-        for (at, kind) in due {
-            self.timers.insert(Timer {
-                at,
-                seq: self.next_seq,
-                referral_id: referral_id.to_string(),
-                generation,
-                kind,
-            });
-            self.next_seq += 1;
-        }
-    }
-
-    /// Fires every warning and deadline due at or before `now`.
-    pub fn on_tick(&mut self, now: Timestamp) -> Vec<SlaEvent> {
-        let mut out = Vec::new();
-        while self.timers.first().is_some_and(|t| t.at <= now) {
-            let Some(timer) = self.timers.pop_first() else {
-                break;
-            };
-            let Some(referral) = self.referrals.get_mut(&timer.referral_id) else {
-                continue;
-            };
-            let Some(clock) = referral
-                .clocks
-                .iter_mut()
-                .find(|c| c.generation == timer.generation)
-            else {
-                continue;
-            };
-            if clock.paused_since.is_some() || clock.breach_id.is_some() {
-                continue;
-            }
-            self.dirty.insert(timer.referral_id.clone());
-            let rule = &self.rules[clock.rule];
-            match timer.kind {
-                TimerKind::Warning(i) => {
-                    if clock.warned & (1 << i) != 0 {
-                        continue;
-                    }
-                    clock.warned |= 1 << i;
-                    let mut ev = record(
-                        rule,
-                        &timer.referral_id,
-                        &referral.labels,
-                        clock,
-                        SlaTransition::Warning,
-                        timer.at,
-                        now,
-                        "",
-                    );
-                    let allowed = clock.allowed().as_secs_f64();
-                    ev.warning_percent = if allowed > 0.0 {
-                        (100.0 * clock.elapsed(timer.at).as_secs_f64() / allowed)
-                            .round()
-                            .clamp(0.0, 100.0) as u32
-                    } else {
-                        0
-                    };
-                    distinguish(&mut ev, "warning", &rule.warnings[i].label());
-                    out.push(ev);
-                }
-                TimerKind::Deadline => {
-                    let deadline = clock.deadline();
-                    let ev = record(
-                        rule,
-                        &timer.referral_id,
-                        &referral.labels,
-                        clock,
-                        SlaTransition::Breached,
-                        deadline,
-                        now,
-                        "",
-                    );
-                    clock.breach_id = Some(ev.sla_event_id.clone());
-                    out.push(ev);
-                }
-            }
-        }
-        out
-    }
-}
-
-/// The parts of an input event every transition needs.
-struct Ctx<'a> {
-    referral_id: &'a str,
-    event_id: &'a str,
-    /// The event's `occurred_at`.
-    at: Timestamp,
-    /// Wall-clock time of processing.
-    now: Timestamp,
-}
-
-fn applies(rule: &Rule, labels: &SlaLabels) -> bool {
-    rule.applies_to.iter().all(|(field, values)| {
-        let value = match field {
-            LabelField::Force => &labels.force_id,
-            LabelField::Category => &labels.category,
-            LabelField::Risk => &labels.risk,
-            LabelField::ChildAgeBand => &labels.child_age_band,
-            LabelField::Area => &labels.area,
-            LabelField::Team => &labels.team,
-        };
-        values.contains(value)
-    })
-}
-
-fn deadline_for(
-    book: &CalendarBook,
-    rule: &Rule,
-    force: &str,
-    risk: &str,
-    start: Timestamp,
-) -> Option<Timestamp> {
-    let target = rule.target_for(force, risk);
-    let Some(calendar) = book.resolve(rule.calendar_for(force), force) else {
-        tracing::error!(rule = %rule.id, force, "no calendar for this rule and force; clock not started");
-        return None;
-    };
-    match calendar.deadline(start, target) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            tracing::error!(rule = %rule.id, force, error.message = %e, "cannot compute a deadline; clock not started");
-            None
-        }
-    }
-}
-
-fn warning_at(clock: &Clock, warning: Warning) -> Option<Timestamp> {
-    let at = match warning {
-        Warning::Percent(pct) => {
-            let nanos = clock.allowed().as_nanos() * i128::from(pct) / 100;
-            let offset = SignedDuration::from_nanos(i64::try_from(nanos).ok()?);
-            clock
-                .started_at
-                .saturating_add(clock.paused_total)
-                .ok()?
-                .saturating_add(offset)
-                .ok()?
-        }
-        Warning::Before(lead) => clock.deadline().saturating_sub(lead).ok()?,
-    };
-    (at > clock.started_at && at < clock.deadline()).then_some(at)
-}
-
-/// Ends `clock` with a stop that occurred at `stopped_at`.
-#[allow(clippy::too_many_arguments)]
-fn complete(
-    rule: &Rule,
-    referral_id: &str,
-    labels: &SlaLabels,
-    mut clock: Clock,
-    stopped_at: Timestamp,
-    now: Timestamp,
-    cause: &str,
-    out: &mut Vec<SlaEvent>,
-) {
-    if let Some(since) = clock.paused_since.take() {
-        clock.paused_total += stopped_at.duration_since(since).max(SignedDuration::ZERO);
-    }
-    if stopped_at <= clock.deadline() {
-        out.push(record(
-            rule,
-            referral_id,
-            labels,
-            &clock,
-            SlaTransition::Met,
-            stopped_at,
-            now,
-            cause,
-        ));
-        if let Some(breach_id) = clock.breach_id.take() {
-            let mut correction = record(
-                rule,
-                referral_id,
-                labels,
-                &clock,
-                SlaTransition::Corrected,
-                stopped_at,
-                now,
-                cause,
-            );
-            correction.corrects_sla_event_id = breach_id;
-            out.push(correction);
-        }
-    } else {
-        if clock.breach_id.is_none() {
-            // The timer had not fired yet: the clock still breached, exactly once.
-            let deadline = clock.deadline();
-            let breach = record(
-                rule,
-                referral_id,
-                labels,
-                &clock,
-                SlaTransition::Breached,
-                deadline,
-                now,
-                "",
-            );
-            clock.breach_id = Some(breach.sla_event_id.clone());
-            out.push(breach);
-        }
-        out.push(record(
-            rule,
-            referral_id,
-            labels,
-            &clock,
-            SlaTransition::MetLate,
-            stopped_at,
-            now,
-            cause,
-        ));
-    }
-}
-
-/// Re-derives the id of a transition that can happen more than once per clock (warnings,
-/// pauses, resumes) from one more part: the warning or the causing event.
-fn distinguish(ev: &mut SlaEvent, name: &str, part: &str) {
-    ev.sla_event_id = derive_id(&[&ev.referral_id, &ev.rule_id, &ev.clock_id, name, part]);
-}
-
-/// Builds an SLA event for `clock`; its id depends only on the cause.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    rule: &Rule,
-    referral_id: &str,
-    labels: &SlaLabels,
-    clock: &Clock,
-    what: SlaTransition,
-    occurred_at: Timestamp,
-    now: Timestamp,
-    cause_event_id: &str,
-) -> SlaEvent {
-    let name = what.as_str_name();
-    let elapsed = match what {
-        SlaTransition::Breached => clock.allowed(),
-        _ => clock.elapsed(occurred_at),
-    };
-    let sla_event_id = derive_id(&[referral_id, &rule.id, &clock.clock_id, name]);
-    let breach_sla_event_id = match (&clock.breach_id, what) {
-        (Some(id), _) => id.clone(),
-        (None, SlaTransition::Breached) => sla_event_id.clone(),
-        (None, _) => String::new(),
-    };
-    let mut paused_total = clock.paused_total;
-    if let Some(since) = clock.paused_since {
-        paused_total += occurred_at.duration_since(since).max(SignedDuration::ZERO);
-    }
-    SlaEvent {
-        breached: !breach_sla_event_id.is_empty(),
-        breach_sla_event_id,
-        paused_total: Some(duration_from_jiff(paused_total)),
-        instance: clock.instance.clone(),
-        pauses: clock.pauses,
-        sla_event_id,
-        referral_id: referral_id.to_string(),
-        rule_id: rule.id.clone(),
-        clock_id: clock.clock_id.clone(),
-        transition: what as i32,
-        severity: rule.severity as i32,
-        labels: Some(labels.clone()),
-        started_at: Some(from_jiff(clock.started_at)),
-        deadline: Some(from_jiff(clock.deadline())),
-        occurred_at: Some(from_jiff(occurred_at)),
-        emitted_at: Some(from_jiff(now)),
-        elapsed: Some(duration_from_jiff(elapsed)),
-        target: Some(duration_from_jiff(clock.allowed())),
-        warning_percent: 0,
-        cause_event_id: cause_event_id.to_string(),
-        corrects_sla_event_id: String::new(),
-        rule_title: rule.title.clone(),
-    }
-}
-
 /// Keeps the referral's labels current from the attributes events carry.
-fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
-    if labels.force_id != force_id {
-        labels.force_id = force_id.to_string();
+fn update_labels(symbols: &mut Symbols, labels: &mut Labels, force_id: &str, kind: &Kind) {
+    if symbols.name(labels.force) != force_id {
+        labels.force = symbols.intern(force_id);
     }
-    let set_risk = |labels: &mut SlaLabels, risk: i32| {
+    let enum_sym =
+        |symbols: &mut Symbols, full: &str, prefix: &str| symbols.intern(&enum_label(full, prefix));
+    let set_risk = |symbols: &mut Symbols, labels: &mut Labels, risk: i32| {
         let risk = RiskGrade::try_from(risk).unwrap_or(RiskGrade::Unspecified);
         if risk != RiskGrade::Unspecified {
-            labels.risk = enum_label(risk.as_str_name(), "RISK_GRADE_");
+            labels.risk = symbols.enum_label(risk.as_str_name(), "RISK_GRADE_");
         }
     };
     match kind {
         Kind::ReferralReceived(r) => {
             let category = Category::try_from(r.category).unwrap_or(Category::Unspecified);
-            labels.category = enum_label(category.as_str_name(), "CATEGORY_");
-            set_risk(labels, r.risk);
+            labels.category = enum_sym(symbols, category.as_str_name(), "CATEGORY_");
+            set_risk(symbols, labels, r.risk);
             let age = AgeBand::try_from(r.child_age_band).unwrap_or(AgeBand::Unspecified);
-            labels.child_age_band = enum_label(age.as_str_name(), "AGE_BAND_");
-            labels.area = r.area.clone();
-            labels.team = r.team.clone();
+            labels.child_age_band = enum_sym(symbols, age.as_str_name(), "AGE_BAND_");
+            labels.area = symbols.intern(&r.area);
+            labels.team = symbols.intern(&r.team);
         }
-        Kind::RiskAssessed(r) => set_risk(labels, r.risk),
-        Kind::ChildMissingReported(r) => set_risk(labels, r.risk),
-        Kind::MissingRiskReviewed(r) => set_risk(labels, r.risk),
+        Kind::RiskAssessed(r) => set_risk(symbols, labels, r.risk),
+        Kind::ChildMissingReported(r) => set_risk(symbols, labels, r.risk),
+        Kind::MissingRiskReviewed(r) => set_risk(symbols, labels, r.risk),
         Kind::OnlineAbuseReferralReceived(r) => {
             // NCA/CEOP priorities map onto the same four grades.
             let risk =
@@ -1058,15 +1698,15 @@ fn update_labels(labels: &mut SlaLabels, force_id: &str, kind: &Kind) {
                     OnlinePriority::High => RiskGrade::High,
                     OnlinePriority::VeryHigh => RiskGrade::VeryHigh,
                 };
-            set_risk(labels, risk as i32);
+            set_risk(symbols, labels, risk as i32);
         }
         Kind::ChildDetained(d) => {
             let age = AgeBand::try_from(d.child_age_band).unwrap_or(AgeBand::Unspecified);
             if age != AgeBand::Unspecified {
-                labels.child_age_band = enum_label(age.as_str_name(), "AGE_BAND_");
+                labels.child_age_band = enum_sym(symbols, age.as_str_name(), "AGE_BAND_");
             }
         }
-        Kind::Allocated(a) if !a.team.is_empty() => labels.team = a.team.clone(),
+        Kind::Allocated(a) if !a.team.is_empty() => labels.team = symbols.intern(&a.team),
         _ => {}
     }
 }

@@ -681,3 +681,82 @@ fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
         .is_empty());
     assert!(e.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
 }
+
+#[test]
+fn census_counts_open_clocks_by_state_and_finds_the_oldest_breach() {
+    let mut e = engine();
+    e.on_event(
+        &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+        ts("2026-11-29T10:00:00Z"),
+    );
+    let state_of = |census: &Census, rule: &str| -> Vec<(OpenState, u64)> {
+        census
+            .open
+            .iter()
+            .filter(|((force, r, category, risk, _), _)| {
+                r == rule && force == "nottinghamshire" && category == "grooming" && risk == "high"
+            })
+            .map(|((.., state), n)| (*state, *n))
+            .collect()
+    };
+    assert_eq!(
+        state_of(&e.census(), "victim-contact"),
+        [(OpenState::Running, 1)]
+    );
+    // 18 h in: past the 75 % warning.
+    e.on_tick(ts("2026-11-30T04:00:00Z"));
+    assert_eq!(
+        state_of(&e.census(), "victim-contact"),
+        [(OpenState::Warned, 1)]
+    );
+    e.on_tick(ts("2026-11-30T10:00:00Z"));
+    let census = e.census();
+    assert_eq!(
+        state_of(&census, "victim-contact"),
+        [(OpenState::Breached, 1)]
+    );
+    assert!(census.oldest_breach.contains(&(
+        ("nottinghamshire".to_string(), "victim-contact".to_string()),
+        ts("2026-11-30T10:00:00Z")
+    )));
+    // Stopped: no longer open.
+    e.on_event(
+        &event("e2", "2026-11-30T11:00:00Z", r#""victimContacted":{}"#),
+        ts("2026-11-30T11:00:00Z"),
+    );
+    assert!(state_of(&e.census(), "victim-contact").is_empty());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// For a calendar-duration rule, a pause of length p moves the deadline by exactly p, and the
+    /// breach fires at the moved deadline, not a nanosecond before.
+    #[test]
+    fn a_pause_of_length_p_moves_the_deadline_by_exactly_p(
+        start_offset in 0i64..(400 * 86_400),
+        pause_after in 1i64..(24 * 3600 - 1),
+        p in 1i64..(90 * 86_400),
+    ) {
+        let start = ts("2025-01-01T00:00:00Z") + SignedDuration::from_secs(start_offset);
+        let pause_at = start + SignedDuration::from_secs(pause_after);
+        let resume_at = pause_at + SignedDuration::from_secs(p);
+        let mut e = engine();
+        let started = e.on_event(&event("e1", &start.to_string(), RECEIVED), start);
+        let original = deadline(of_rule(&started, "victim-contact")[0]);
+        e.on_event(
+            &event("e2", &pause_at.to_string(), r#""childMissingReported":{"risk":"RISK_GRADE_HIGH"}"#),
+            pause_at,
+        );
+        let resumed = e.on_event(
+            &event("e3", &resume_at.to_string(), r#""missingChildFound":{}"#),
+            resume_at,
+        );
+        let moved = deadline(of_rule(&resumed, "victim-contact")[0]);
+        proptest::prop_assert_eq!(moved, original + SignedDuration::from_secs(p));
+        let before = e.on_tick(moved - SignedDuration::from_nanos(1));
+        proptest::prop_assert!(!transitions(&before, "victim-contact").contains(&SlaTransition::Breached));
+        let at = e.on_tick(moved);
+        proptest::prop_assert!(transitions(&at, "victim-contact").contains(&SlaTransition::Breached));
+    }
+}

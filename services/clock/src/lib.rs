@@ -22,6 +22,7 @@
 //! same ids (consumers de-duplicate); a crash between 2 and 3 re-reads inputs the restored state
 //! has already seen, which are ignored as duplicates. No transition is lost either way.
 
+mod attribute;
 pub mod engine;
 pub mod explain;
 pub mod metrics;
@@ -36,7 +37,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use safeclock_common::event::{decode_referral_event, transition_label};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
-use safeclock_common::metrics::ConsumerMetrics;
+use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::policy::Policy;
 use safeclock_common::schema::v1::SlaEvent;
@@ -257,6 +258,53 @@ fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &ClockMetrics) {
     set(&metrics.partitions, engines.len());
 }
 
+/// Rebuilds the open-clock gauges by force, rule, category, risk and state, and the age of the
+/// oldest breach, from the engines' state: a full scan, so it runs every few seconds, not every
+/// tick. After a restart the gauges are right as soon as the state is restored.
+fn update_census(
+    engines: &BTreeMap<i32, Engine>,
+    metrics: &ClockMetrics,
+    bounds: &SlaLabelBounds,
+    now: jiff::Timestamp,
+) {
+    use std::collections::HashMap;
+    let mut open: HashMap<[&str; 5], i64> = HashMap::new();
+    let mut oldest: HashMap<[&str; 2], jiff::Timestamp> = HashMap::new();
+    let censuses: Vec<_> = engines.values().map(Engine::census).collect();
+    for census in &censuses {
+        for ((force, rule, category, risk, state), n) in &census.open {
+            let key = [
+                bounds.force(force),
+                bounds.rule(rule),
+                bounds.category(category),
+                bounds.risk(risk),
+                state.label(),
+            ];
+            *open.entry(key).or_default() += i64::try_from(*n).unwrap_or(i64::MAX);
+        }
+        for ((force, rule), deadline) in &census.oldest_breach {
+            let key = [bounds.force(force), bounds.rule(rule)];
+            let d = oldest.entry(key).or_insert(*deadline);
+            *d = (*d).min(*deadline);
+        }
+    }
+    metrics.sla_open_clocks.reset();
+    for (labels, n) in open {
+        metrics.sla_open_clocks.with_label_values(&labels).set(n);
+    }
+    metrics.oldest_breach_age.reset();
+    for (labels, deadline) in oldest {
+        let age = now.duration_since(deadline).as_secs_f64().max(0.0);
+        metrics
+            .oldest_breach_age
+            .with_label_values(&labels)
+            .set(age);
+    }
+}
+
+/// How often [`update_census`] runs.
+const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Runs the clock service until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -285,6 +333,7 @@ pub async fn run(
             kafka::OffsetCommits::Auto
         },
     )?;
+    consumer.context().report_lag(consumer_metrics.lag.clone());
     let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
     let outputs = Outputs {
         producer: producer.clone(),
@@ -298,6 +347,14 @@ pub async fn run(
     restore::check_copartitioned(&settings).await?;
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
     let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();
+    let bounds = SlaLabelBounds::new(
+        &settings.forces,
+        policy.rules.rules.iter().map(|r| r.id.as_str()),
+    );
+    // The first tick after the state is restored publishes the census.
+    let mut last_census = Instant::now()
+        .checked_sub(CENSUS_INTERVAL)
+        .unwrap_or_else(Instant::now);
     let mut tick = tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
@@ -322,6 +379,10 @@ pub async fn run(
                     outputs.commit_effects(&due, Vec::new(), &mut engines, None).await?;
                 }
                 update_gauges(&engines, &metrics);
+                if last_census.elapsed() >= CENSUS_INTERVAL {
+                    update_census(&engines, &metrics, &bounds, now);
+                    last_census = Instant::now();
+                }
             }
             batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
                 let started = Instant::now();
@@ -332,6 +393,7 @@ pub async fn run(
                 let mut offsets = OffsetBook::default();
                 for message in &batch {
                     consumer_metrics.consumed.with_label_values(&[SERVICE, message.topic()]).inc();
+                    consumer_metrics.observe_latency(SERVICE, message.timestamp().to_millis());
                     let span = tracing::debug_span!("record", topic = message.topic(), partition = message.partition(), offset = message.offset());
                     let _enter = span.enter();
                     let Some(engine) = engines.get_mut(&message.partition()) else {

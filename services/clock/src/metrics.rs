@@ -1,7 +1,10 @@
 //! The clock service's own metrics. (Responsiveness metrics for dashboards come from the
 //! exporter, which reads the SLA events this service publishes.)
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 #[derive(Clone)]
 pub struct ClockMetrics {
@@ -21,6 +24,12 @@ pub struct ClockMetrics {
     pub state_writes: IntCounter,
     /// `safeclock_clock_restore_seconds`: time to restore one partition from the changelog.
     pub restore_seconds: Histogram,
+    /// `safeclock_sla_open_clocks{force,rule,category,risk,state}`: open clocks by state
+    /// (running, warned, paused, breached), rebuilt from the engine's state.
+    pub sla_open_clocks: IntGaugeVec,
+    /// `safeclock_sla_oldest_breach_age_seconds{force,rule}`: how long the oldest open breached
+    /// clock has been past its deadline.
+    pub oldest_breach_age: GaugeVec,
 }
 
 impl ClockMetrics {
@@ -75,7 +84,25 @@ impl ClockMetrics {
         registry.register(Box::new(paused_clocks.clone()))?;
         registry.register(Box::new(breached_open_clocks.clone()))?;
         registry.register(Box::new(emitted.clone()))?;
+        let sla_open_clocks = IntGaugeVec::new(
+            Opts::new(
+                "safeclock_sla_open_clocks",
+                "Open SLA clocks held by this instance, by force, rule, category, risk and state (running, warned = past a warning threshold, paused, breached).",
+            ),
+            &["force", "rule", "category", "risk", "state"],
+        )?;
+        let oldest_breach_age = GaugeVec::new(
+            Opts::new(
+                "safeclock_sla_oldest_breach_age_seconds",
+                "Time since the deadline of the oldest open breached clock, by force and rule (absent when none is breached).",
+            ),
+            &["force", "rule"],
+        )?;
+        registry.register(Box::new(sla_open_clocks.clone()))?;
+        registry.register(Box::new(oldest_breach_age.clone()))?;
         Ok(Self {
+            sla_open_clocks,
+            oldest_breach_age,
             open_clocks,
             pending_timers,
             paused_clocks,

@@ -1,31 +1,21 @@
 //! Restoring a partition's clocks from the compacted changelog.
 //!
-//! Reads the changelog partition from its beginning to the high watermark observed at the start,
-//! keeps the latest record per referral (a tombstone deletes it), and imports the result into a
-//! fresh [`Engine`]. The input partition is not processed until this returns, so no record is
+//! Reads the changelog partition from its beginning to its end
+//! ([`safeclock_common::kafka::read_compacted_partition`]), keeps the latest record per referral
+//! (a tombstone deletes it), and imports the result into a fresh [`Engine`]. The input partition is not processed until this returns, so no record is
 //! applied to state older than the record's own effects.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use safeclock_common::config::Settings;
-use safeclock_common::kafka::{client_config, Topic};
+use safeclock_common::kafka::{client_config, read_compacted_partition, Topic};
 use safeclock_common::policy::Policy;
 use safeclock_common::schema::v1::ReferralState;
 
 use crate::engine::Engine;
-
-/// How long a restore may go without receiving a record before it is declared stuck.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Once the reported high watermark is reached, reading goes on until the partition has been
-/// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
-/// rather than the next offset, so the watermark alone would stop a restore early and lose state.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 /// Restores partition `partition` of the changelog into a new engine; returns it and the number
 /// of changelog records read.
@@ -49,58 +39,12 @@ fn restore_blocking(
 ) -> anyhow::Result<(Engine, usize)> {
     let topic = settings.topic(Topic::ClockState);
     let mut engine = Engine::new(policy.rules, policy.calendars);
-    let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
-    cfg.set("group.id", format!("{}-restore", settings.clock.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "10");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .context("cannot create the changelog restore consumer")?;
-    let (low, high) = consumer
-        .fetch_watermarks(&topic, partition, Duration::from_secs(30))
-        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
-    if high <= low {
-        return Ok((engine, 0));
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-    let mut records = 0usize;
-    let mut last_progress = Instant::now();
-    let mut reached_watermark = false;
-    loop {
-        let wait = if reached_watermark {
-            DRAIN_QUIET
-        } else {
-            Duration::from_millis(200)
-        };
-        match consumer.poll(wait) {
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                records += 1;
-                if let Some(key) = m.key() {
-                    latest.insert(
-                        String::from_utf8_lossy(key).into_owned(),
-                        m.payload().map(<[u8]>::to_vec),
-                    );
-                }
-                reached_watermark |= m.offset() >= high - 1;
-            }
-            Some(Err(e)) => {
-                return Err(e).with_context(|| format!("cannot read {topic}[{partition}]"));
-            }
-            None if reached_watermark => break,
-            None => {
-                anyhow::ensure!(
-                    last_progress.elapsed() < STALL_TIMEOUT,
-                    "restoring {topic}[{partition}] stalled: no record for {STALL_TIMEOUT:?} before offset {high}"
-                );
-            }
-        }
-    }
+    let (latest, records) = read_compacted_partition(
+        settings,
+        &topic,
+        partition,
+        &format!("{}-restore", settings.clock.group_id),
+    )?;
     for (referral_id, value) in latest {
         if let Some(bytes) = value {
             let state: ReferralState =

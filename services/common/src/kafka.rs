@@ -11,7 +11,7 @@
 //! Invalid input never stops a partition: it goes to the dead-letter topic with the original key,
 //! value and headers plus headers saying why, and processing continues with the next record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
@@ -50,11 +50,14 @@ pub enum Topic {
     /// The escalator's durable state: open escalations and their pending notifications
     /// (compacted; binary protobuf). Key: escalation id. Partitioned like `SlaEvents`.
     EscalationState,
+    /// The exporter's totals and the input offsets they reflect (compacted; JSON). Key: the
+    /// exporter's consumer group.
+    ExporterState,
 }
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 7] = [
+    pub const ALL: [Topic; 8] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
         Topic::SlaOutcomes,
@@ -62,13 +65,14 @@ impl Topic {
         Topic::DeadLetter,
         Topic::ClockState,
         Topic::EscalationState,
+        Topic::ExporterState,
     ];
 
     /// Whether only the latest record per key matters (the topic is compacted).
     pub fn compacted(self) -> bool {
         matches!(
             self,
-            Topic::ClockState | Topic::SlaOutcomes | Topic::EscalationState
+            Topic::ClockState | Topic::SlaOutcomes | Topic::EscalationState | Topic::ExporterState
         )
     }
 
@@ -82,6 +86,7 @@ impl Topic {
             Topic::ClockState => "clock-state.v1",
             Topic::SlaOutcomes => "sla-outcomes.v1",
             Topic::EscalationState => "escalation-state.v1",
+            Topic::ExporterState => "exporter-state.v1",
         }
     }
 }
@@ -158,6 +163,25 @@ pub fn producer_with(
 pub struct ServiceConsumerContext {
     service: &'static str,
     ready: ReadinessHandle,
+    lag: std::sync::OnceLock<LagReport>,
+}
+
+/// Where a consumer reports its lag, and the partitions it last reported (to remove the series
+/// of partitions it no longer holds).
+struct LagReport {
+    gauge: prometheus::IntGaugeVec,
+    reported: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl ServiceConsumerContext {
+    /// Reports consumer lag per partition from librdkafka statistics (every
+    /// `statistics.interval.ms`, 5 s by default) into `gauge` (`service`, `topic`, `partition`).
+    pub fn report_lag(&self, gauge: prometheus::IntGaugeVec) {
+        let _ = self.lag.set(LagReport {
+            gauge,
+            reported: std::sync::Mutex::new(Vec::new()),
+        });
+    }
 }
 
 impl ClientContext for ServiceConsumerContext {
@@ -190,6 +214,38 @@ impl ClientContext for ServiceConsumerContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(service = self.service, error.message = %error, "Kafka client error: {reason}");
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(report) = self.lag.get() else {
+            return;
+        };
+        let mut now = Vec::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; a negative lag is unknown.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                let partition = partition.to_string();
+                report
+                    .gauge
+                    .with_label_values(&[self.service, topic, &partition])
+                    .set(p.consumer_lag);
+                now.push((topic.clone(), partition));
+            }
+        }
+        let Ok(mut reported) = report.reported.lock() else {
+            return;
+        };
+        for (topic, partition) in reported.iter() {
+            if !now.contains(&(topic.clone(), partition.clone())) {
+                let _ = report
+                    .gauge
+                    .remove_label_values(&[self.service, topic, partition]);
+            }
+        }
+        *reported = now;
     }
 }
 
@@ -269,7 +325,8 @@ pub fn consumer_with(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.partition.eof", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
     let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
     for (k, v) in base.config_map() {
         cfg.set(k, v);
@@ -282,7 +339,11 @@ pub fn consumer_with(
     }
     cfg.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: ServiceConsumer = cfg
-        .create_with_context(ServiceConsumerContext { service, ready })
+        .create_with_context(ServiceConsumerContext {
+            service,
+            ready,
+            lag: std::sync::OnceLock::new(),
+        })
         .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
     consumer
         .subscribe(topics)
@@ -595,6 +656,85 @@ pub async fn or_shutdown<F: Future>(
         out = f => Some(out),
         _ = shutdown.cancelled() => None,
     }
+}
+
+/// How long reading a compacted partition may go without a record before it is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once the reported high watermark is reached, reading goes on until the partition has been
+/// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
+/// rather than the next offset, so the watermark alone would stop a restore early and lose state.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
+/// Key -> latest value (`None`: a tombstone) of a compacted topic's partition.
+pub type LatestByKey = HashMap<String, Option<Vec<u8>>>;
+
+/// The latest value per key (`None` for a tombstone) of one partition of a compacted topic,
+/// read from its beginning to its end (blocking), and the number of records read. `group_id`
+/// names the reading client; it commits nothing.
+///
+/// # Errors
+/// When the partition cannot be read to its end.
+pub fn read_compacted_partition(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+    group_id: &str,
+) -> anyhow::Result<(LatestByKey, usize)> {
+    use anyhow::Context;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
+    cfg.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .with_context(|| format!("cannot create a consumer to read {topic}"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(30))
+        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    let mut latest = HashMap::new();
+    if high <= low {
+        return Ok((latest, 0));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut records = 0usize;
+    let mut last_progress = std::time::Instant::now();
+    let mut reached_watermark = false;
+    loop {
+        let wait = if reached_watermark {
+            DRAIN_QUIET
+        } else {
+            Duration::from_millis(200)
+        };
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                last_progress = std::time::Instant::now();
+                records += 1;
+                if let Some(key) = m.key() {
+                    latest.insert(
+                        String::from_utf8_lossy(key).into_owned(),
+                        m.payload().map(<[u8]>::to_vec),
+                    );
+                }
+                reached_watermark |= m.offset() >= high - 1;
+            }
+            Some(Err(e)) => {
+                return Err(e).with_context(|| format!("cannot read {topic}[{partition}]"));
+            }
+            None if reached_watermark => break,
+            None => {
+                anyhow::ensure!(
+                    last_progress.elapsed() < STALL_TIMEOUT,
+                    "reading {topic}[{partition}] stalled: no record for {STALL_TIMEOUT:?} before offset {high}"
+                );
+            }
+        }
+    }
+    Ok((latest, records))
 }
 
 #[cfg(test)]

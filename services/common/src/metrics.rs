@@ -2,10 +2,52 @@
 //! processing latency. Registered once into the registry that is passed in, then handed to the
 //! code that uses them; no global statics.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::rules::LabelSet;
+use crate::schema::{category_labels, risk_labels};
+
+/// The label values SLA metrics may carry: configured forces, known rules, the contract's
+/// categories and risk grades. Anything else is reported as `other`, so a bad or hostile record
+/// cannot create series.
+#[derive(Debug, Clone)]
+pub struct SlaLabelBounds {
+    forces: LabelSet,
+    rules: LabelSet,
+    categories: LabelSet,
+    risks: LabelSet,
+}
+
+impl SlaLabelBounds {
+    pub fn new<'a>(forces: &[String], rules: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            forces: LabelSet::new(forces.iter().cloned()),
+            rules: LabelSet::new(rules),
+            categories: LabelSet::new(category_labels()),
+            risks: LabelSet::new(risk_labels()),
+        }
+    }
+
+    pub fn force<'a>(&'a self, v: &'a str) -> &'a str {
+        self.forces.bound(v)
+    }
+
+    pub fn rule<'a>(&'a self, v: &'a str) -> &'a str {
+        self.rules.bound(v)
+    }
+
+    pub fn category<'a>(&'a self, v: &'a str) -> &'a str {
+        self.categories.bound(v)
+    }
+
+    pub fn risk<'a>(&'a self, v: &'a str) -> &'a str {
+        self.risks.bound(v)
+    }
+}
 
 /// Registers `safeclock_build_info{version}` = 1: a series present from the first scrape, so
-/// dashboards can tell "up, nothing happened yet" from "not scraped", and can show the version.
+/// dashboards can tell "up, nothing happened yet" from "not scraped", and can show the version;
+/// and the standard `process_*` metrics (start time, so restarts show, and memory).
 ///
 /// # Errors
 /// When a metric of the same name is already registered.
@@ -18,7 +60,13 @@ pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
         &["version"],
     )?;
     info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    registry.register(Box::new(info))
+    registry.register(Box::new(info))?;
+    // process_start_time_seconds (restarts), resident memory, CPU, open file descriptors.
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    Ok(())
 }
 
 /// Consumer health metrics, labelled by service.
@@ -32,9 +80,27 @@ pub struct ConsumerMetrics {
     pub dead_letters: IntCounterVec,
     /// `safeclock_batch_processing_seconds{service}`: from first record polled to offsets stored.
     pub batch_seconds: HistogramVec,
+    /// `safeclock_record_latency_seconds{service}`: from a record's Kafka timestamp (when it was
+    /// produced) to its processing.
+    pub record_latency: HistogramVec,
+    /// `safeclock_consumer_lag{service,topic,partition}`: records behind the partition's end,
+    /// from librdkafka statistics.
+    pub lag: IntGaugeVec,
 }
 
 impl ConsumerMetrics {
+    /// Observes the latency of a record with Kafka timestamp `millis` (ignored when absent).
+    pub fn observe_latency(&self, service: &str, millis: Option<i64>) {
+        let Some(millis) = millis else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let secs = (now - millis).max(0) as f64 / 1000.0;
+        self.record_latency
+            .with_label_values(&[service])
+            .observe(secs);
+    }
+
     /// Registers the consumer metrics.
     ///
     /// # Errors
@@ -74,12 +140,33 @@ impl ConsumerMetrics {
         registry.register(Box::new(consumed.clone()))?;
         registry.register(Box::new(invalid.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
+        let record_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "safeclock_record_latency_seconds",
+                "Time from a record's Kafka timestamp (when it was produced) to its processing.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            &["service"],
+        )?;
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "safeclock_consumer_lag",
+                "Records between the consumer's position and the end of the partition (librdkafka statistics).",
+            ),
+            &["service", "topic", "partition"],
+        )?;
         registry.register(Box::new(batch_seconds.clone()))?;
+        registry.register(Box::new(record_latency.clone()))?;
+        registry.register(Box::new(lag.clone()))?;
         Ok(Self {
             consumed,
             invalid,
             dead_letters,
             batch_seconds,
+            record_latency,
+            lag,
         })
     }
 }

@@ -49,6 +49,22 @@ pub fn enum_label(full_name: &str, prefix: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Every category label value (`grooming`, ..., and `unspecified`).
+pub fn category_labels() -> Vec<String> {
+    (0..64)
+        .filter_map(|i| v1::Category::try_from(i).ok())
+        .map(|c| enum_label(c.as_str_name(), "CATEGORY_"))
+        .collect()
+}
+
+/// Every risk label value (`low`, `medium`, `high`, `very_high`, and `unspecified`).
+pub fn risk_labels() -> Vec<String> {
+    (0..64)
+        .filter_map(|i| v1::RiskGrade::try_from(i).ok())
+        .map(|r| enum_label(r.as_str_name(), "RISK_GRADE_"))
+        .collect()
+}
+
 /// The compiled schema (a `FileDescriptorSet`), for validating rule files against the contract.
 pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/safeclock_descriptor.bin"));
 
