@@ -198,6 +198,21 @@ def escalations():
             [(f'histogram_quantile({q}, sum by (receiver, le) (rate(safeclock_escalation_delivery_seconds_bucket[$__rate_interval])))', f"{{{{receiver}}}} p{int(q * 100)}")
              for q in (0.5, 0.99)],
             unit="s")
+    b.panel("timeseries", "Open escalations by level",
+            "Escalations not yet resolved, by the highest level paged and whether someone acknowledged.",
+            [('sum by (level, status) (safeclock_escalations_open)', "level {{level}} {{status}}")],
+            unit="short")
+    b.panel("timeseries", "Time to acknowledge p50 / p90",
+            "From an escalation opening to its first acknowledgement through the API.",
+            [(f'histogram_quantile({q}, sum by (le) (rate(safeclock_escalation_time_to_acknowledge_seconds_bucket[$__rate_interval])))', f"p{int(q * 100)}")
+             for q in (0.5, 0.9)],
+            unit="s")
+    b.panel("timeseries", "Undeliverable: pending, breakers open, dead letters",
+            "Notifications waiting for delivery, receivers whose circuit breaker is open, and notifications given up on (dead-lettered) per second.",
+            [('sum(safeclock_escalation_pending_notifications)', "pending"),
+             ('sum(safeclock_escalation_breaker_open)', "breakers open"),
+             ('sum by (receiver) (rate(safeclock_escalation_dead_letters_total[$__rate_interval]))', "dead letters {{receiver}}")],
+            unit="short")
     b.panel("stat", "Breaches vs escalations delivered (range)",
             "Breaches in the range beside notifications delivered: a gap means people were not told.",
             [('sum(increase(safeclock_sla_breaches_total[$__range]))', "breaches"),
