@@ -1,27 +1,20 @@
 //! Restoring a partition's escalations from the compacted `escalation-state` changelog.
 //!
 //! The same approach as the clock's restore (and for the same reasons, see docs/architecture.md
-//! decision (i)): read the partition from the beginning, keep the latest record per escalation
-//! (a tombstone deletes it), and once the reported high watermark has been reached keep reading
-//! until the partition has been quiet for a moment, because tansu 0.6 under-reports the
-//! watermark. The input partition is not processed until this returns.
+//! decision (i)), through the shared `kafka::read_compacted_partition`: read the partition from
+//! the beginning, keep the latest record per escalation (a tombstone deletes it), and once the
+//! reported high watermark has been reached keep reading until the partition has been quiet for
+//! a moment, because tansu 0.6 under-reports the watermark. The input partition is not processed
+//! until this returns.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use safeclock_common::config::Settings;
-use safeclock_common::kafka::{client_config, Topic};
+use safeclock_common::kafka::{client_config, read_compacted_partition, Topic};
 use safeclock_common::schema::v1::EscalationState;
-
-/// How long a restore may go without a record before it is declared stuck.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Quiet time after the reported watermark that ends a restore.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 /// Reads partition `partition` of the escalation changelog; returns the live states.
 ///
@@ -31,75 +24,24 @@ pub async fn restore_partition(
     settings: Arc<Settings>,
     partition: i32,
 ) -> anyhow::Result<Vec<EscalationState>> {
-    tokio::task::spawn_blocking(move || restore_blocking(&settings, partition))
-        .await
-        .context("restore task failed")?
-}
-
-fn restore_blocking(settings: &Settings, partition: i32) -> anyhow::Result<Vec<EscalationState>> {
-    let topic = settings.topic(Topic::EscalationState);
-    let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
-    cfg.set(
-        "group.id",
-        format!("{}-restore", settings.escalator.group_id),
-    )
-    .set("enable.auto.commit", "false")
-    .set("enable.auto.offset.store", "false")
-    .set("enable.partition.eof", "false")
-    .set("fetch.wait.max.ms", "10");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .context("cannot create the escalation state restore consumer")?;
-    let (low, high) = consumer
-        .fetch_watermarks(&topic, partition, Duration::from_secs(30))
-        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
-    if high <= low {
-        return Ok(Vec::new());
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-    let mut last_progress = Instant::now();
-    let mut reached_watermark = false;
-    loop {
-        let wait = if reached_watermark {
-            DRAIN_QUIET
-        } else {
-            Duration::from_millis(200)
-        };
-        match consumer.poll(wait) {
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                if let Some(key) = m.key() {
-                    latest.insert(
-                        String::from_utf8_lossy(key).into_owned(),
-                        m.payload().map(<[u8]>::to_vec),
-                    );
-                }
-                reached_watermark |= m.offset() >= high - 1;
+    tokio::task::spawn_blocking(move || {
+        let topic = settings.topic(Topic::EscalationState);
+        let group = format!("{}-restore", settings.escalator.group_id);
+        let (latest, _records) = read_compacted_partition(&settings, &topic, partition, &group)?;
+        let mut out = Vec::with_capacity(latest.len());
+        for (id, value) in latest {
+            if let Some(bytes) = value {
+                let state: EscalationState = prost::Message::decode(bytes.as_slice())
+                    .with_context(|| {
+                        format!("invalid state record for escalation {id} in {topic}[{partition}]")
+                    })?;
+                out.push(state);
             }
-            Some(Err(e)) => {
-                return Err(e).with_context(|| format!("cannot read {topic}[{partition}]"));
-            }
-            None if reached_watermark => break,
-            None => anyhow::ensure!(
-                last_progress.elapsed() < STALL_TIMEOUT,
-                "restoring {topic}[{partition}] stalled: no record for {STALL_TIMEOUT:?} before offset {high}"
-            ),
         }
-    }
-    let mut out = Vec::with_capacity(latest.len());
-    for (id, value) in latest {
-        if let Some(bytes) = value {
-            let state: EscalationState =
-                prost::Message::decode(bytes.as_slice()).with_context(|| {
-                    format!("invalid state record for escalation {id} in {topic}[{partition}]")
-                })?;
-            out.push(state);
-        }
-    }
-    Ok(out)
+        Ok(out)
+    })
+    .await
+    .context("restore task failed")?
 }
 
 /// Checks that the changelog has at least as many partitions as `sla-events`.
