@@ -10,10 +10,12 @@
 //! and tries again until the attempt budget is spent.
 //!
 //! A **circuit breaker** per receiver opens after `breaker_failures` consecutive failed
-//! attempts. While it is open, jobs are not attempted at all: they fail at once with "circuit
-//! breaker open", so the engine hands them to the receiver's fallback without waiting out a
-//! retry budget against a receiver known to be down. After `breaker_cooldown` one trial attempt
-//! is let through; its success closes the breaker.
+//! attempts. While it is open, no request is made. If the receiver has a fallback, jobs fail at
+//! once with "circuit breaker open", so the engine hands them to the fallback without waiting out
+//! a retry budget against a receiver known to be down. Without a fallback, a refused attempt
+//! counts against the job's budget and the job backs off and tries again, so a short outage does
+//! not turn pages into dead letters. After `breaker_cooldown` one trial attempt is let through;
+//! its success closes the breaker.
 //!
 //! Every final outcome (and every failed attempt, for the audit log) is reported on a channel to
 //! the service loop, which owns the state. A job cut short by shutdown reports nothing: it is
@@ -269,10 +271,28 @@ async fn deliver(
                 .attempts
                 .with_label_values(&[name, "breaker_open"])
                 .inc();
-            break Outcome::Failed {
+            let error = "circuit breaker open: the receiver failed repeatedly".to_string();
+            // With a fallback, hand over at once. Without one, the notification keeps its retry
+            // budget: it waits out the backoff (no request is made) and tries again, so a short
+            // outage does not turn pages into dead letters.
+            attempts += 1;
+            if s.fallback.is_some() || attempts >= s.max_attempts {
+                break Outcome::Failed { attempts, error };
+            }
+            let wait = full_jitter(
                 attempts,
-                error: "circuit breaker open: the receiver failed repeatedly".to_string(),
-            };
+                Duration::from_millis(s.initial_backoff_ms),
+                Duration::from_millis(s.max_backoff_ms),
+                &mut rand::rng(),
+            );
+            let _ = reports.send(Report::AttemptFailed {
+                job: Box::new(job.clone()),
+                attempt: attempts,
+                error,
+                retry_in: wait,
+            });
+            tokio::time::sleep(wait).await;
+            continue;
         }
         let Ok(_slot) = lane.slots.acquire().await else {
             return;

@@ -303,6 +303,8 @@ async fn the_circuit_breaker_opens_after_consecutive_failures_and_then_fails_fas
     r.breaker_failures = 3;
     r.breaker_cooldown_ms = 60_000;
     r.concurrency = 1;
+    // With a fallback, an open breaker hands notifications over at once.
+    r.fallback = Some("backup".into());
     let mut h = start(vec![r]);
     for n in 0..3 {
         h.dispatcher
@@ -329,7 +331,7 @@ async fn the_circuit_breaker_opens_after_consecutive_failures_and_then_fails_fas
     assert!(started.elapsed() < Duration::from_millis(500));
     for (_, o) in &done {
         assert!(
-            matches!(o, Outcome::Failed { attempts: 0, error } if error.contains("circuit breaker open")),
+            matches!(o, Outcome::Failed { attempts: 1, error } if error.contains("circuit breaker open")),
             "{o:?}"
         );
     }
@@ -344,6 +346,45 @@ async fn the_circuit_breaker_opens_after_consecutive_failures_and_then_fails_fas
             &[("receiver", "flaky"), ("result", "breaker_open")]
         ),
         5.0
+    );
+}
+
+#[tokio::test]
+async fn without_a_fallback_an_open_breaker_holds_notifications_until_the_receiver_recovers() {
+    // Down for the first 3 requests; the breaker opens after 2 consecutive failures.
+    let (url, seen) = receiver(answers(&[500, 500, 500])).await;
+    let mut r = webhook("lonely", &url);
+    r.max_attempts = 50;
+    r.initial_backoff_ms = 20;
+    r.max_backoff_ms = 100;
+    r.breaker_failures = 2;
+    r.breaker_cooldown_ms = 300;
+    r.concurrency = 1;
+    let mut h = start(vec![r]);
+    for n in 0..4 {
+        h.dispatcher
+            .submit(job("lonely", n, NotificationKind::Trigger));
+    }
+    let (done, attempts) = h.outcomes(4).await;
+    for (j, o) in &done {
+        assert!(
+            matches!(o, Outcome::Delivered { .. }),
+            "{}: {o:?}",
+            j.pending.delivery_id
+        );
+    }
+    assert!(
+        attempts
+            .iter()
+            .any(|(_, e, _)| e.contains("circuit breaker open")),
+        "the breaker held them back: {attempts:?}"
+    );
+    // While open, nothing reached the receiver: 3 failures, then one trial and the 4 deliveries
+    // at most (the trial is one of them).
+    assert!(
+        seen.lock().unwrap().len() <= 3 + 4,
+        "{}",
+        seen.lock().unwrap().len()
     );
 }
 
