@@ -90,6 +90,21 @@ fn wait_ready(ops: &str) {
     }
 }
 
+/// The body of `GET /metrics` from the ops endpoint.
+fn metrics_text(ops: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(ops) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// How many input records the group has committed, over all partitions.
 fn committed(brokers: &str, group: &str, topic: &str) -> usize {
     use rdkafka::consumer::BaseConsumer;
@@ -265,6 +280,26 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
             1,
             "{referral} breached under more than one id: {ids:?}"
         );
+    }
+
+    // The open-clock gauge of the restarted instance counts every clock, including the half it
+    // restored from the changelog rather than re-processed: gauges are rebuilt from state.
+    let series = r#"safeclock_sla_open_clocks{category="grooming",force="nottinghamshire",risk="high",rule="victim-contact",state="breached"}"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics_text(&ops);
+        let value = text
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok());
+        if value == Some(REFERRALS) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "open breached victim-contact clocks after the restart: {value:?}, want {REFERRALS}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     Command::new("kill")
