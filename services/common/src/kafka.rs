@@ -164,6 +164,24 @@ pub struct ServiceConsumerContext {
     service: &'static str,
     ready: ReadinessHandle,
     lag: std::sync::OnceLock<LagReport>,
+    link: BrokerLink,
+}
+
+/// What readiness needs to know about the consumer: it has joined its group (an assignment,
+/// possibly empty, was made) and it can reach a broker. librdkafka reports "all brokers down"
+/// as an error and never says when one is back, so connectivity returns with the next
+/// statistics report (every `statistics.interval.ms`) that shows a broker up.
+#[derive(Debug, Default)]
+struct BrokerLink {
+    joined: std::sync::atomic::AtomicBool,
+    cut_off: std::sync::atomic::AtomicBool,
+}
+
+impl BrokerLink {
+    fn ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.joined.load(Relaxed) && !self.cut_off.load(Relaxed)
+    }
 }
 
 /// Where a consumer reports its lag, and the partitions it last reported (to remove the series
@@ -174,6 +192,31 @@ struct LagReport {
 }
 
 impl ServiceConsumerContext {
+    fn new(service: &'static str, ready: ReadinessHandle) -> Self {
+        Self {
+            service,
+            ready,
+            lag: std::sync::OnceLock::new(),
+            link: BrokerLink::default(),
+        }
+    }
+
+    /// Sets the `cut_off` flag and republishes readiness if it changed.
+    fn set_cut_off(&self, cut_off: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.link.cut_off.swap(cut_off, Relaxed) != cut_off {
+            if cut_off {
+                tracing::warn!(
+                    service = self.service,
+                    "cut off from every broker: not ready"
+                );
+            } else {
+                tracing::info!(service = self.service, "a broker is reachable again");
+            }
+            self.ready.set(self.link.ready());
+        }
+    }
+
     /// Reports consumer lag per partition from librdkafka statistics (every
     /// `statistics.interval.ms`, 5 s by default) into `gauge` (`service`, `topic`, `partition`).
     pub fn report_lag(&self, gauge: prometheus::IntGaugeVec) {
@@ -214,9 +257,21 @@ impl ClientContext for ServiceConsumerContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(service = self.service, error.message = %error, "Kafka client error: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.set_cut_off(true);
+        }
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
+        // Real brokers have a node id >= 0 (bootstrap entries and the internal one do not).
+        let brokers: Vec<_> = statistics
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0)
+            .collect();
+        if !brokers.is_empty() {
+            self.set_cut_off(!brokers.iter().any(|b| b.state == "UP"));
+        }
         let Some(report) = self.lag.get() else {
             return;
         };
@@ -258,7 +313,10 @@ impl ConsumerContext for ServiceConsumerContext {
                     partitions = tpl.count(),
                     "partitions assigned"
                 );
-                self.ready.set(true);
+                self.link
+                    .joined
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.ready.set(self.link.ready());
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(
@@ -339,11 +397,7 @@ pub fn consumer_with(
     }
     cfg.set_log_level(RDKafkaLogLevel::Warning);
     let consumer: ServiceConsumer = cfg
-        .create_with_context(ServiceConsumerContext {
-            service,
-            ready,
-            lag: std::sync::OnceLock::new(),
-        })
+        .create_with_context(ServiceConsumerContext::new(service, ready))
         .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
     consumer
         .subscribe(topics)

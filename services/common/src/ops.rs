@@ -1,9 +1,10 @@
 //! The per-process HTTP ops endpoint: `/metrics` (Prometheus text format), `/healthz` (the
 //! process is alive), `/readyz` (every component is consuming).
 //!
-//! Readiness is a set of named components ([`Readiness`]); a consumer marks itself ready once it
-//! has been assigned partitions, so a load balancer or Kubernetes never routes to, or counts as
-//! up, a process that is still joining its group.
+//! Readiness is a set of named components ([`Readiness`]); a consumer is ready once it has
+//! joined its group (received an assignment) and while it can reach a broker, so a load balancer
+//! or Kubernetes never routes to, or counts as up, a process that is still joining its group or
+//! is cut off from Kafka. The clock is also not ready while it restores state.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
