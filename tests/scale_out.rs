@@ -1,0 +1,189 @@
+//! Scaling the clock out and back in on the real broker yields the same SLA events, by id, as
+//! one instance on the same input: partitions and their state move between instances on each
+//! rebalance without losing or inventing a transition.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use rdkafka::message::Message;
+use safeclock::app::{self, Running, Service};
+use safeclock_common::config::Settings;
+use safeclock_common::event::decode_sla_event;
+use safeclock_common::kafka::Topic;
+use safeclock_common::shutdown::CancellationToken;
+use safeclock_common::time::SystemTime;
+use safeclock_tests::scenario::{contacted, received};
+use safeclock_tests::{isolated_settings, produce, reader, real_broker, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const REFERRALS_PER_PHASE: usize = 40;
+
+struct Instance {
+    running: Running,
+    shutdown: CancellationToken,
+}
+
+async fn start(settings: &Arc<Settings>) -> Instance {
+    let shutdown = CancellationToken::new();
+    let running = app::start(
+        settings.clone(),
+        Service::Clock,
+        Arc::new(SystemTime),
+        "127.0.0.1:0".parse().unwrap(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("clock starts");
+    let ready = running.readiness.clone();
+    wait_for("a clock instance to join", TIMEOUT, || ready.is_ready()).await;
+    Instance { running, shutdown }
+}
+
+impl Instance {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.wait().await.unwrap();
+    }
+}
+
+/// Phase `phase` of the input: referrals received 30 h before `t0` (victim contact already
+/// breached), half of them contacted 2 h before `t0` (met late), and one referral received an
+/// hour before `t0` whose clocks stay open.
+async fn phase(brokers: &str, topic: &str, t0: Timestamp, phase: usize) {
+    let h = SignedDuration::from_hours;
+    for i in 0..REFERRALS_PER_PHASE {
+        let referral = format!("R-P{phase}-{i:03}");
+        produce(
+            brokers,
+            topic,
+            &referral,
+            &received(
+                &format!("{referral}-r"),
+                &referral,
+                "nottinghamshire",
+                t0 - h(30),
+            ),
+        )
+        .await;
+        if i % 2 == 0 {
+            produce(
+                brokers,
+                topic,
+                &referral,
+                &contacted(
+                    &format!("{referral}-c"),
+                    &referral,
+                    "nottinghamshire",
+                    t0 - h(2),
+                ),
+            )
+            .await;
+        }
+    }
+    let referral = format!("R-P{phase}-open");
+    produce(
+        brokers,
+        topic,
+        &referral,
+        &received(
+            &format!("{referral}-r"),
+            &referral,
+            "nottinghamshire",
+            t0 - h(1),
+        ),
+    )
+    .await;
+}
+
+/// (SLA event id, what it is) for every SLA event on the output topic: read until `done` holds
+/// and then nothing new arrives for `quiet`.
+async fn sla_events(
+    settings: &Settings,
+    quiet: Duration,
+    done: impl Fn(&BTreeSet<(String, String)>) -> bool,
+) -> BTreeSet<(String, String)> {
+    let consumer = reader(
+        &settings.kafka.brokers,
+        &[&settings.topic(Topic::SlaEvents)],
+    );
+    let mut events = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        match tokio::time::timeout(quiet, rdkafka::consumer::StreamConsumer::recv(&consumer)).await
+        {
+            Ok(Ok(m)) => {
+                let e = decode_sla_event(m.payload().unwrap()).unwrap();
+                let what = format!("{} {} {:?}", e.referral_id, e.rule_id, e.transition());
+                events.insert((e.sla_event_id, what));
+            }
+            Ok(Err(e)) => eprintln!("reader: {e}"),
+            Err(_) if !events.is_empty() && done(&events) => return events,
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return events;
+        }
+    }
+}
+
+fn settings(brokers: &str) -> Arc<Settings> {
+    let mut s = isolated_settings(brokers);
+    s.kafka.create_topics = true;
+    s.kafka.partitions = 6;
+    Arc::new(s)
+}
+
+// Ignored until diagnosed (issue 7): on tansu 0.6 the scale-up and the state handover work, but
+// after instances 2 and 3 stop, the remaining instance gets their partitions back in only some
+// runs (2 of 5 here); otherwise the last phase's records in those partitions are never processed
+// within 90 s. The known tansu quirk (no rebalance after a member leaves or times out once
+// another member joined later) fits; our close path (LeaveGroup on drop) is not yet ruled out.
+// Run with `cargo test -p safeclock-tests --test scale_out -- --ignored`.
+#[ignore = "scale-in on tansu 0.6 does not always return partitions; see the comment above"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_sla_events() {
+    let brokers = real_broker();
+    let t0 = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+
+    // One instance, the whole input.
+    let single = settings(&brokers);
+    let input = single.topic(Topic::ReferralEvents);
+    let one = start(&single).await;
+    for p in 0..3 {
+        phase(&brokers, &input, t0, p).await;
+    }
+    let expected = sla_events(&single, Duration::from_secs(5), |_| true).await;
+    one.stop().await;
+
+    // One instance, then three, then one again, with input arriving in each period.
+    let scaled = settings(&brokers);
+    let input = scaled.topic(Topic::ReferralEvents);
+    let first = start(&scaled).await;
+    phase(&brokers, &input, t0, 0).await;
+    let second = start(&scaled).await;
+    let third = start(&scaled).await;
+    phase(&brokers, &input, t0, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.stop().await;
+    third.stop().await;
+    phase(&brokers, &input, t0, 2).await;
+    // tansu 0.6 hands the partitions of members that left back to the remaining one only after
+    // their session timeout (6 s here), so wait for every expected event (or the timeout).
+    let got = sla_events(&scaled, Duration::from_secs(3), |got| {
+        expected.is_subset(got)
+    })
+    .await;
+    first.stop().await;
+
+    let missing: Vec<_> = expected.difference(&got).map(|(_, what)| what).collect();
+    let extra: Vec<_> = got.difference(&expected).map(|(_, what)| what).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} SLA events from one instance, {} scaled; missing {missing:?}, extra {extra:?}",
+        expected.len(),
+        got.len()
+    );
+}
