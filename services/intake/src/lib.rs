@@ -71,6 +71,8 @@ struct Intake {
     /// Replaced when librdkafka reports a fatal error (e.g. an idempotence sequence lost
     /// across a long outage); requests clone the current one.
     producer: RwLock<FutureProducer>,
+    /// When the producer was last replaced after a failed delivery (see [`Intake::renew_producer`]).
+    renewed: Mutex<Instant>,
     settings: Arc<Settings>,
     topic: String,
     tokens: Tokens,
@@ -133,6 +135,7 @@ pub async fn serve(
     let ready = deps.readiness.component(SERVICE);
     let intake = Arc::new(Intake {
         producer: RwLock::new(producer(&settings)?),
+        renewed: Mutex::new(Instant::now()),
         topic: settings.topic(Topic::ReferralEvents),
         tokens,
         plausibility: Plausibility::new(&settings),
@@ -160,6 +163,26 @@ pub async fn serve(
 impl Intake {
     fn tokens_len(&self) -> usize {
         self.settings.intake.tokens.len()
+    }
+
+    /// Replaces the producer after a failed delivery (at most once a second). The old one is
+    /// dropped (its queue purged) once the requests holding it have answered 503, so nothing it
+    /// still holds is sent after the outage under its old producer id; the new one starts a
+    /// fresh idempotent session when the broker is back. Apache Kafka copes either way; tansu
+    /// 0.6 with file storage crashes when a producer id from before its restart produces again.
+    fn renew_producer(&self) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        if renewed.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        match producer(&self.settings) {
+            Ok(p) => {
+                *self.producer.write().unwrap_or_else(|p| p.into_inner()) = p;
+                *renewed = Instant::now();
+                tracing::info!("intake producer renewed after a failed delivery");
+            }
+            Err(e) => tracing::error!(error.message = %e, "cannot create a new producer"),
+        }
     }
 
     fn current_producer(&self) -> FutureProducer {
@@ -466,6 +489,8 @@ impl Intake {
             Err(_) => Some(format!("no acknowledgement within {bound:?}")),
         };
         if let Some(reason) = failure {
+            drop(producer);
+            self.renew_producer();
             self.metrics
                 .events
                 .with_label_values(&["unavailable"])
