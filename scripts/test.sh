@@ -99,3 +99,8 @@ export SAFECLOCK_TEST_PROMETHEUS_TARGETS="$workdir/targets.json"
 
 log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS)"
 cargo test --workspace "$@"
+
+# The intake's HTTP contract: Schemathesis against services/intake/openapi.json and a running
+# intake on the same broker (about 10 s; skipped if Schemathesis cannot be installed from PyPI).
+log "schemathesis against the intake"
+SCHEMATHESIS_OPTIONAL=1 bash scripts/schemathesis.sh
