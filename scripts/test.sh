@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[test] %s\n' "$*" >&2; }
 
 tansu=$(bash scripts/install-deps.sh | tail -n 1)
+export SAFECLOCK_TANSU="$tansu" # the intake outage test restarts a broker of its own
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -187,6 +187,17 @@ impl Plausibility {
         }
     }
 
+    /// [`decode_referral_event`], then [`Plausibility::check`]: what every reader of referral
+    /// events applies.
+    ///
+    /// # Errors
+    /// The first [`Rejection`] found.
+    pub fn decode(&self, bytes: &[u8], now: jiff::Timestamp) -> Result<ReferralEvent, Rejection> {
+        let event = decode_referral_event(bytes)?;
+        self.check(&event, now)?;
+        Ok(event)
+    }
+
     /// Checks `event` (already shape-validated) against the window around `now`.
     ///
     /// # Errors
