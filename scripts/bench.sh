@@ -2,7 +2,8 @@
 # Benchmarks, figures printed to stdout:
 #   - the engine core without Kafka (throughput, bytes per open clock, restore time);
 #   - end to end through a real broker process (tansu on a free loopback port) beside its raw
-#     consume rate, measured in the same run.
+#     consume rate, measured in the same run;
+#   - accepted events/s through intake beside the broker's raw produce rate, in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tansu=$(bash scripts/install-deps.sh | tail -n 1)
@@ -17,3 +18,4 @@ broker_pid=$!
 trap 'kill $broker_pid 2>/dev/null; wait $broker_pid 2>/dev/null; rm -rf "$workdir"' EXIT
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench e2e
+SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-intake --bench intake

@@ -40,33 +40,52 @@ fn tansu_binary() -> PathBuf {
     p
 }
 
-fn start_tansu(dir: &std::path::Path, port: u16) -> Child {
+/// A tansu process, killed when dropped (also when the test fails).
+struct Broker(Child);
+
+impl Broker {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start_tansu(dir: &std::path::Path, port: u16) -> Broker {
     let url = format!("tcp://127.0.0.1:{port}");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("tansu.log"))
         .unwrap();
-    let child = Command::new(tansu_binary())
-        .current_dir(dir)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "sqlite://tansu.db"])
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
+    let mut broker = Broker(
+        Command::new(tansu_binary())
+            .current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
+            return broker;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    broker.kill();
     panic!("tansu did not start on port {port}");
 }
 
@@ -144,8 +163,7 @@ async fn broker_outage_under_load_never_202_for_unstored_events_and_loses_nothin
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     *phase.lock().unwrap() = "down";
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    broker.kill();
     tokio::time::sleep(Duration::from_secs(6)).await;
     broker = start_tansu(&dir, port);
     *phase.lock().unwrap() = "restarted";
@@ -211,8 +229,7 @@ async fn broker_outage_under_load_never_202_for_unstored_events_and_loses_nothin
         on_topic.len()
     );
     intake.stop().await;
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
