@@ -89,7 +89,10 @@ for _ in $(seq 1 300); do
 done
 
 log "schemathesis run (max $max_examples examples per operation)"
-"$venv/bin/schemathesis" run services/intake/openapi.json \
+# From the scratch directory, so Schemathesis's cache (.schemathesis/) stays out of the tree.
+spec="$PWD/services/intake/openapi.json"
+cd "$workdir"
+"$venv/bin/schemathesis" run "$spec" \
   --url "http://127.0.0.1:$intake_port" \
   --header "Authorization: Bearer $token" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
