@@ -117,6 +117,14 @@ async fn main() {
             )
         })
         .collect();
+    // Warm up (metadata, connection, idempotent producer id) outside the measurement, as the
+    // intake's producer is warm by the time its requests are measured.
+    let warm = FutureRecord::<str, [u8]>::to(&topic)
+        .key("R-WARM")
+        .payload(&payloads[0].1);
+    kafka::await_deliveries(vec![kafka::enqueue(&producer, warm).await.unwrap()])
+        .await
+        .unwrap();
     let t = Instant::now();
     let mut deliveries = Vec::with_capacity(n);
     for (key, payload) in &payloads {
@@ -146,6 +154,7 @@ async fn main() {
         shutdown.clone(),
     ));
     let url = format!("http://{addr}");
+    through_intake(&url, "WARM", 100, 100, 1).await;
     let batch100 = through_intake(&url, "B100", n, 100, clients).await;
     let singles = (n / 4).max(1);
     let batch1 = through_intake(&url, "B1", singles, 1, clients).await;
