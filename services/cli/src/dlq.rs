@@ -366,3 +366,60 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_partition_colon_offset() {
+        assert_eq!(parse_source("2:17").unwrap(), (2, 17));
+        assert_eq!(parse_source(" 0 : 5 ").unwrap(), (0, 5));
+        for bad in ["2", "a:1", "1:b", ""] {
+            let err = parse_source(bad).unwrap_err().to_string();
+            assert!(err.contains("--source"), "{err}");
+        }
+    }
+
+    #[test]
+    fn filters_match_reason_service_and_topic() {
+        let m = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            Some(b"R-1".to_vec()),
+            "dlq".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            3,
+            Some(
+                OwnedHeaders::new()
+                    .insert(Header {
+                        key: dlq_headers::REASON,
+                        value: Some("unknown_force"),
+                    })
+                    .insert(Header {
+                        key: dlq_headers::SERVICE,
+                        value: Some("clock"),
+                    })
+                    .insert(Header {
+                        key: dlq_headers::SOURCE_TOPIC,
+                        value: Some("in"),
+                    })
+                    .insert(Header {
+                        key: dlq_headers::SOURCE_OFFSET,
+                        value: Some("9"),
+                    }),
+            ),
+        );
+        let d = DeadLetter::from_message(m);
+        assert_eq!((d.source_offset, d.source_partition), (Some(9), None));
+        assert!(d.matches(&Filter::default()));
+        let f = |reason: &str, service: &str| Filter {
+            reason: Some(reason.into()),
+            service: Some(service.into()),
+            source_topic: Some("in".into()),
+        };
+        assert!(d.matches(&f("unknown_force", "clock")));
+        assert!(!d.matches(&f("invalid_json", "clock")));
+        assert!(!d.matches(&f("unknown_force", "exporter")));
+    }
+}
