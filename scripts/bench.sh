@@ -7,6 +7,7 @@
 #     consume rate, measured in the same run;
 #   - the escalator through the same broker: breaches paged per second, and produce-to-page
 #     latency at a paced 1,000/s.
+#   - accepted events/s through intake beside the broker's raw produce rate, in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tansu=$(bash scripts/install-deps.sh | tail -n 1)
@@ -23,3 +24,4 @@ trap 'kill $broker_pid 2>/dev/null; wait $broker_pid 2>/dev/null; rm -rf "$workd
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench e2e
 SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench escalator
+SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-intake --bench intake

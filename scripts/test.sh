@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[test] %s\n' "$*" >&2; }
 
 tansu=$(bash scripts/install-deps.sh | tail -n 1)
+export SAFECLOCK_TANSU="$tansu" # the intake outage test restarts a broker of its own
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -128,3 +129,8 @@ export SAFECLOCK_TEST_ALERTMANAGER="http://127.0.0.1:$am_port"
 
 log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Prometheus $SAFECLOCK_TEST_PROMETHEUS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
 cargo test --workspace "$@"
+
+# The intake's HTTP contract: Schemathesis against services/intake/openapi.json and a running
+# intake on the same broker (about 10 s; skipped if Schemathesis cannot be installed from PyPI).
+log "schemathesis against the intake"
+SCHEMATHESIS_OPTIONAL=1 bash scripts/schemathesis.sh

@@ -19,14 +19,22 @@ pub enum Service {
     Clock,
     Escalator,
     Exporter,
-    /// Every service in one process.
+    /// The HTTP intake gateway (needs `[intake.tokens]`).
+    Intake,
+    /// Every service in one process (intake too when `[intake.tokens]` is set).
     All,
 }
 
 impl Service {
-    fn expand(self) -> Vec<Service> {
+    fn expand(self, settings: &Settings) -> Vec<Service> {
         match self {
-            Service::All => vec![Service::Clock, Service::Escalator, Service::Exporter],
+            Service::All => {
+                let mut all = vec![Service::Clock, Service::Escalator, Service::Exporter];
+                if !settings.intake.tokens.is_empty() {
+                    all.push(Service::Intake);
+                }
+                all
+            }
             s => vec![s],
         }
     }
@@ -86,12 +94,13 @@ pub async fn start(
     )
     .await?;
     tasks.spawn(async move { ops_task.await? });
-    for s in service.expand() {
+    for s in service.expand(&settings) {
         let (deps, m, token) = (deps.clone(), consumer_metrics.clone(), shutdown.clone());
         match s {
             Service::Clock => tasks.spawn(safeclock_clock::run(deps, m, token)),
             Service::Escalator => tasks.spawn(safeclock_escalator::run(deps, m, token)),
             Service::Exporter => tasks.spawn(safeclock_exporter::run(deps, m, token)),
+            Service::Intake => tasks.spawn(safeclock_intake::run(deps, m, token)),
             Service::All => unreachable!("expanded above"),
         };
     }

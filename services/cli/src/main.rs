@@ -81,6 +81,11 @@ enum Command {
         #[arg(long, default_value_t = 2015)]
         seed: u64,
     },
+    /// List dead letters with their reasons, or replay selected ones to their source topic.
+    Dlq {
+        #[command(subcommand)]
+        command: safeclock::dlq::DlqCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -231,6 +236,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             running.wait().await
+        }
+        Command::Dlq { command } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            safeclock::dlq::run(&settings, command).await
         }
         Command::Demo {
             duration,

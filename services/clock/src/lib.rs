@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use safeclock_common::event::{decode_referral_event, transition_label};
+use safeclock_common::event::transition_label;
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::ops::ReadinessHandle;
@@ -346,6 +346,7 @@ pub async fn run(
     };
     restore::check_copartitioned(&settings).await?;
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
+    let plausibility = safeclock_common::event::Plausibility::new(&settings);
     let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();
     let bounds = SlaLabelBounds::new(
         &settings.forces,
@@ -400,7 +401,7 @@ pub async fn run(
                         // Revoked between the fetch and now: its new owner processes it.
                         continue;
                     };
-                    match decode_referral_event(message.payload().unwrap_or_default()) {
+                    match plausibility.decode(message.payload().unwrap_or_default(), deps.time.now()) {
                         Err(rejection) => {
                             drop(_enter);
                             dead.push(dead_letters.send(message, &rejection).instrument(span.clone()).await?);

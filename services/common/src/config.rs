@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::intake_config::{IntakeSettings, Secret, UnknownForces, ValidationSettings};
+
 const DEFAULTS: &str = include_str!("defaults.toml");
 
 /// Why configuration could not be loaded.
@@ -47,6 +49,10 @@ pub struct Settings {
     pub exporter: ExporterSettings,
     pub rules: RulesSettings,
     pub calendars: CalendarSettings,
+    /// The HTTP intake gateway (`safeclock run intake`).
+    pub intake: IntakeSettings,
+    /// Plausibility checks on referral events beyond their shape (event time, known force).
+    pub validation: ValidationSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -985,6 +991,8 @@ impl fmt::Debug for Settings {
             .field("exporter", &self.exporter)
             .field("rules", &self.rules)
             .field("calendars", &self.calendars)
+            .field("intake", &self.intake)
+            .field("validation", &self.validation)
             .finish()
     }
 }
@@ -1191,6 +1199,8 @@ impl Settings {
                 "must differ from ops.listen: the acknowledgement API has a listener of its own",
             ));
         }
+        self.intake.validate()?;
+        self.validation.validate()?;
         Ok(())
     }
 

@@ -33,6 +33,10 @@ pub enum Rejection {
         "event has no known kind: set exactly one of the event kinds in safeclock.v1.ReferralEvent"
     )]
     UnknownKind,
+    #[error("field `{field}` is implausible: {detail}")]
+    ImplausibleTime { field: &'static str, detail: String },
+    #[error("field `forceId` is not a force this deployment knows (configuration `forces`)")]
+    UnknownForce,
 }
 
 impl Rejection {
@@ -45,6 +49,8 @@ impl Rejection {
             Rejection::MissingField { .. } => "missing_field",
             Rejection::InvalidField { .. } => "invalid_field",
             Rejection::UnknownKind => "unknown_event_kind",
+            Rejection::ImplausibleTime { .. } => "implausible_time",
+            Rejection::UnknownForce => "unknown_force",
         }
     }
 }
@@ -89,6 +95,15 @@ fn check_id(field: &'static str, value: &str) -> Result<(), Rejection> {
         });
     }
     Ok(())
+}
+
+/// Checks an id field (event, referral, force) the way every reader does: present, at most
+/// [`MAX_ID_LEN`] characters, pseudonymous-reference characters only.
+///
+/// # Errors
+/// A [`Rejection`] naming `field`.
+pub fn validate_id(field: &'static str, value: &str) -> Result<(), Rejection> {
+    check_id(field, value)
 }
 
 /// Describes a JSON error by its kind and position only: serde's own message can quote the
@@ -141,6 +156,92 @@ pub fn validate_referral_event(event: &ReferralEvent) -> Result<(), Rejection> {
         return Err(Rejection::UnknownKind);
     }
     Ok(())
+}
+
+/// Checks of a referral event's content that depend on the deployment and on "now": event
+/// times within a plausible window, and (optionally) a force this deployment knows. Built once
+/// from `[validation]` and `forces`; shared by intake and every reader of referral events, so
+/// all of them refuse the same records for the same reasons.
+#[derive(Debug, Clone)]
+pub struct Plausibility {
+    max_future: jiff::SignedDuration,
+    not_before: jiff::Timestamp,
+    max_past: Option<jiff::SignedDuration>,
+    /// `None` when unknown forces are accepted.
+    forces: Option<std::collections::HashSet<String>>,
+}
+
+impl Plausibility {
+    pub fn new(settings: &crate::config::Settings) -> Self {
+        let v = &settings.validation;
+        Self {
+            max_future: jiff::SignedDuration::from_secs(
+                i64::try_from(v.max_future_secs).unwrap_or(i64::MAX),
+            ),
+            not_before: v.not_before,
+            max_past: v
+                .max_past_days
+                .map(|d| jiff::SignedDuration::from_hours(i64::from(d) * 24)),
+            forces: (v.unknown_forces == crate::config::UnknownForces::Reject)
+                .then(|| settings.forces.iter().cloned().collect()),
+        }
+    }
+
+    /// [`decode_referral_event`], then [`Plausibility::check`]: what every reader of referral
+    /// events applies.
+    ///
+    /// # Errors
+    /// The first [`Rejection`] found.
+    pub fn decode(&self, bytes: &[u8], now: jiff::Timestamp) -> Result<ReferralEvent, Rejection> {
+        let event = decode_referral_event(bytes)?;
+        self.check(&event, now)?;
+        Ok(event)
+    }
+
+    /// Checks `event` (already shape-validated) against the window around `now`.
+    ///
+    /// # Errors
+    /// [`Rejection::ImplausibleTime`] naming the field, or [`Rejection::UnknownForce`].
+    pub fn check(&self, event: &ReferralEvent, now: jiff::Timestamp) -> Result<(), Rejection> {
+        for (field, ts) in [
+            ("occurredAt", event.occurred_at.as_ref()),
+            ("recordedAt", event.recorded_at.as_ref()),
+        ] {
+            let Some(ts) = ts else { continue };
+            let Some(t) = to_jiff(ts) else {
+                return Err(Rejection::InvalidField {
+                    field,
+                    detail: "timestamp out of range".into(),
+                });
+            };
+            if t < self.not_before {
+                return Err(Rejection::ImplausibleTime {
+                    field,
+                    detail: format!("before {}", self.not_before),
+                });
+            }
+            if let Some(max_past) = self.max_past {
+                if now.as_second() - t.as_second() > max_past.as_secs() {
+                    return Err(Rejection::ImplausibleTime {
+                        field,
+                        detail: format!("more than {} days in the past", max_past.as_hours() / 24),
+                    });
+                }
+            }
+            if t.as_second() - now.as_second() > self.max_future.as_secs() {
+                return Err(Rejection::ImplausibleTime {
+                    field,
+                    detail: format!("more than {} s in the future", self.max_future.as_secs()),
+                });
+            }
+        }
+        if let Some(forces) = &self.forces {
+            if !forces.contains(&event.force_id) {
+                return Err(Rejection::UnknownForce);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Decodes and validates an SLA event from its proto3 JSON bytes.
@@ -252,5 +353,37 @@ mod tests {
             decode_referral_event(&big).unwrap_err().reason(),
             "oversized"
         );
+    }
+
+    #[test]
+    fn implausible_times_and_unknown_forces_are_refused_with_their_own_reasons() {
+        let settings = crate::config::Settings::defaults().unwrap();
+        let p = Plausibility::new(&settings);
+        let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let ok = decode_referral_event(VALID.as_bytes()).unwrap();
+        p.check(&ok, now).unwrap();
+
+        let future = VALID.replace("2026-11-29T10:00:00Z", "2026-12-01T10:00:00Z");
+        let e = decode_referral_event(future.as_bytes()).unwrap();
+        let err = p.check(&e, now).unwrap_err();
+        assert_eq!(err.reason(), "implausible_time");
+        assert!(err.to_string().contains("occurredAt"), "{err}");
+
+        let epoch = VALID.replace("2026-11-29T10:00:00Z", "1970-01-01T00:00:00Z");
+        let e = decode_referral_event(epoch.as_bytes()).unwrap();
+        assert_eq!(p.check(&e, now).unwrap_err().reason(), "implausible_time");
+
+        let typo = VALID.replace("nottinghamshire", "notinghamshire");
+        let e = decode_referral_event(typo.as_bytes()).unwrap();
+        assert_eq!(p.check(&e, now).unwrap_err(), Rejection::UnknownForce);
+
+        let mut lenient = settings.clone();
+        lenient.validation.unknown_forces = crate::config::UnknownForces::Accept;
+        lenient.validation.max_past_days = Some(1);
+        let p = Plausibility::new(&lenient);
+        p.check(&e, now).unwrap();
+        let old = VALID.replace("2026-11-29T10:00:00Z", "2026-11-20T10:00:00Z");
+        let e = decode_referral_event(old.as_bytes()).unwrap();
+        assert_eq!(p.check(&e, now).unwrap_err().reason(), "implausible_time");
     }
 }

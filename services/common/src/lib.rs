@@ -11,6 +11,7 @@ pub mod config;
 pub mod dedup;
 pub mod event;
 pub mod ids;
+pub mod intake_config;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

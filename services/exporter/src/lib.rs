@@ -22,9 +22,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock_common::config::Settings;
 use safeclock_common::dedup::RecentIds;
-use safeclock_common::event::{
-    decode_referral_event, decode_sla_event, transition_label, Rejection,
-};
+use safeclock_common::event::{decode_sla_event, transition_label, Rejection};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::policy::Policy;
@@ -212,6 +210,7 @@ pub async fn run(
     )?;
     consumer.context().report_lag(consumer_metrics.lag.clone());
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
+    let plausibility = safeclock_common::event::Plausibility::new(&settings);
     tracing::info!(referral_topic, sla_topic, "exporter started");
 
     // Offsets handled since the last snapshot: stored for commit once a snapshot covers them.
@@ -247,7 +246,9 @@ pub async fn run(
             let outcome: Result<(), Rejection> = if message.topic() == sla_topic {
                 decode_sla_event(payload).map(|e| recorder.sla_event(&e))
             } else {
-                decode_referral_event(payload).map(|e| recorder.referral_event(&e))
+                plausibility
+                    .decode(payload, deps.time.now())
+                    .map(|e| recorder.referral_event(&e))
             };
             if let Err(rejection) = outcome {
                 deliveries.push(dead_letters.send(message, &rejection).await?);

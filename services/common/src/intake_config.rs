@@ -1,0 +1,244 @@
+//! Settings of the HTTP intake gateway (`[intake]`) and of the plausibility checks every reader
+//! of referral events can apply (`[validation]`).
+//!
+//! They live in their own module, re-exported from [`crate::config`], so the intake's settings
+//! can grow without touching the other services' sections.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A secret string (a bearer token): never printed by `Debug` or `Display`, so it cannot reach a
+/// log line through a settings dump or an error message.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for comparing; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Shortest bearer token accepted: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// `[intake]`: the HTTP gateway for force systems that cannot write to Kafka.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeSettings {
+    /// Where `POST /v1/events`, `/openapi.json`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+    /// Client name -> bearer token. The name (never the token) appears in logs and metrics.
+    /// `safeclock run intake` refuses to start with no token.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, Secret>,
+    /// Largest request body accepted; larger requests get 413 before any of it is parsed.
+    pub max_body_bytes: usize,
+    /// Most events in one batch request.
+    pub max_batch_events: usize,
+    /// Time allowed to receive a request's body; slower requests get 408.
+    pub request_timeout_ms: u64,
+    /// Time the broker has to acknowledge every event of a request (librdkafka's
+    /// `message.timeout.ms` for the intake producer). Past it the request gets 503.
+    pub delivery_timeout_ms: u64,
+    /// `Retry-After` (seconds) sent with 503.
+    pub retry_after_secs: u64,
+    /// How many recently accepted event ids are remembered to answer repeats without producing
+    /// them again. Consumers de-duplicate by event id anyway; this only saves the broker work.
+    pub dedup_window: usize,
+}
+
+impl IntakeSettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn delivery_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery_timeout_ms)
+    }
+
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first wrong field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, token) in &self.tokens {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(invalid(
+                    format!("intake.tokens.{name}"),
+                    "client names may contain only letters, digits, '-', '_' and '.'",
+                ));
+            }
+            if token.expose().len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    format!("intake.tokens.{name}"),
+                    format!("must be at least {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            if token.expose().chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("intake.tokens.{name}"),
+                    "must be printable ASCII without spaces (it travels in an HTTP header)",
+                ));
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(invalid(
+                "intake.max_body_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_batch_events) {
+            return Err(invalid(
+                "intake.max_batch_events",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=300_000).contains(&self.request_timeout_ms) {
+            return Err(invalid(
+                "intake.request_timeout_ms",
+                "must be between 100 and 300000",
+            ));
+        }
+        if !(100..=300_000).contains(&self.delivery_timeout_ms) {
+            return Err(invalid(
+                "intake.delivery_timeout_ms",
+                "must be between 100 and 300000",
+            ));
+        }
+        if !(1..=3600).contains(&self.retry_after_secs) {
+            return Err(invalid(
+                "intake.retry_after_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What to do with a referral event whose `forceId` is not in `forces`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownForces {
+    /// Refuse it (`unknown_force`): a typo in a source system never starts clocks on the wrong
+    /// calendar.
+    Reject,
+    /// Accept it; metrics still report the force as `other`.
+    Accept,
+}
+
+/// `[validation]`: checks on a referral event's content beyond its shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSettings {
+    /// `occurredAt`/`recordedAt` later than now plus this are refused (`implausible_time`):
+    /// clock skew is minutes, a wrong time zone hours; a day more is a bug in the sender.
+    pub max_future_secs: u64,
+    /// `occurredAt`/`recordedAt` before this instant are refused (`implausible_time`): zero
+    /// and epoch timestamps from defaulted fields.
+    pub not_before: jiff::Timestamp,
+    /// Optionally, also refuse event times older than this many days before now (unset: only
+    /// `not_before` applies, so back-loading old referrals still works).
+    #[serde(default)]
+    pub max_past_days: Option<u32>,
+    /// `reject` or `accept` events whose `forceId` is not in `forces`.
+    pub unknown_forces: UnknownForces,
+}
+
+impl ValidationSettings {
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first wrong field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_future_secs > 366 * 86_400 {
+            return Err(invalid(
+                "validation.max_future_secs",
+                "must be at most 31622400 (366 days)",
+            ));
+        }
+        if self.max_past_days == Some(0) {
+            return Err(invalid(
+                "validation.max_past_days",
+                "must be at least 1 (or unset)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Settings;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tokens_come_from_the_environment_and_never_print() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[(
+                "SAFECLOCK__INTAKE__TOKENS__NICHE-RMS",
+                "s3cret-token-0123456789",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.intake.tokens["niche-rms"].expose(),
+            "s3cret-token-0123456789"
+        );
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("niche-rms"), "{shown}");
+    }
+
+    #[test]
+    fn short_tokens_and_bad_limits_are_refused_by_name() {
+        let err = Settings::load_with_env(None, env(&[("SAFECLOCK__INTAKE__TOKENS__A", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intake.tokens.a"), "{err}");
+        assert!(!err.contains("short"), "the token never appears: {err}");
+        let err =
+            Settings::load_with_env(None, env(&[("SAFECLOCK__INTAKE__MAX_BODY_BYTES", "10")]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("intake.max_body_bytes"), "{err}");
+        let err = Settings::load_with_env(
+            None,
+            env(&[("SAFECLOCK__VALIDATION__UNKNOWN_FORCES", "maybe")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown_forces"), "{err}");
+    }
+}
