@@ -1,6 +1,7 @@
 //! Hostile input on the real broker process: each kind of bad referral event, fed to the clock
 //! and the exporter, lands in the dead-letter topic with the right reason and the original bytes,
-//! the invalid-records counter goes up by reason, and the good records around it are processed.
+//! the invalid-records counter goes up by reason, and the good records around it are processed;
+//! likewise each kind of bad SLA event fed to the escalator.
 //! Then `safeclock dlq` lists those dead letters and replays selected ones to the source topic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -252,4 +253,138 @@ async fn each_kind_of_bad_record_is_dead_lettered_by_clock_and_exporter_and_good
     for r in running {
         r.wait().await.unwrap();
     }
+}
+
+/// An SLA breach record as the clock publishes it, with `fields` replacing the defaults.
+fn breach(id: &str, referral: &str, force: &str, occurred: Timestamp) -> Vec<u8> {
+    format!(
+        r#"{{"slaEventId":"{id}","referralId":"{referral}","ruleId":"victim-contact","clockId":"c-{id}","transition":"SLA_TRANSITION_BREACHED","severity":"SEVERITY_HIGH","labels":{{"forceId":"{force}","category":"grooming","risk":"high"}},"startedAt":"{started}","deadline":"{occurred}","occurredAt":"{occurred}","emittedAt":"{occurred}","elapsed":"86400s","target":"86400s","ruleTitle":"t"}}"#,
+        started = occurred - SignedDuration::from_hours(24),
+    )
+    .into_bytes()
+}
+
+/// Every kind of bad SLA record, with the reason the escalator must dead-letter it for.
+fn bad_sla_records(now: Timestamp) -> Vec<(&'static str, Vec<u8>)> {
+    let mut oversized = breach("bad-big", "R-E", "nottinghamshire", now);
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend(format!(r#","pad":"{}"}}"#, "x".repeat(70_000)).into_bytes());
+    let without_id = String::from_utf8(breach("bad-noid", "R-E", "nottinghamshire", now))
+        .unwrap()
+        .replace(r#""slaEventId":"bad-noid","#, "");
+    vec![
+        ("empty", Vec::new()),
+        ("invalid_json", b"{\"slaEventId\": \"half a record".to_vec()),
+        ("missing_field", without_id.into_bytes()),
+        (
+            "invalid_field",
+            breach("bad-name", "Jane Smith", "nottinghamshire", now),
+        ),
+        (
+            "implausible_time",
+            breach(
+                "bad-future",
+                "R-E",
+                "nottinghamshire",
+                now + SignedDuration::from_hours(24 * 30),
+            ),
+        ),
+        ("oversized", oversized),
+        ("unknown_force", breach("bad-force", "R-E", "atlantis", now)),
+    ]
+}
+
+#[tokio::test]
+async fn each_kind_of_bad_sla_record_is_dead_lettered_by_the_escalator_and_good_ones_are_escalated()
+{
+    let brokers = real_broker();
+    let settings = Arc::new(isolated_settings(&brokers));
+    let input = settings.topic(Topic::SlaEvents);
+    let shutdown = CancellationToken::new();
+    let running = app::start(
+        settings.clone(),
+        Service::Escalator,
+        Arc::new(SystemTime),
+        "127.0.0.1:0".parse().unwrap(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+
+    // One key, so one partition and this order: good, every bad kind, good.
+    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let bad = bad_sla_records(now);
+    produce(
+        &brokers,
+        &input,
+        "R-E",
+        &breach("good-1", "R-E1", "nottinghamshire", now),
+    )
+    .await;
+    for (_, payload) in &bad {
+        produce(&brokers, &input, "R-E", payload).await;
+    }
+    produce(
+        &brokers,
+        &input,
+        "R-E",
+        &breach("good-2", "R-E2", "nottinghamshire", now),
+    )
+    .await;
+
+    let consumer = reader(&brokers, &[&settings.topic(Topic::DeadLetter)]);
+    let letters = read_until(&consumer, TIMEOUT, |m| {
+        m.iter()
+            .filter(|m| header(m, dlq_headers::SERVICE).as_deref() == Some("escalator"))
+            .filter(|m| header(m, dlq_headers::SOURCE_TOPIC).as_deref() == Some(input.as_str()))
+            .count()
+            >= bad.len()
+    })
+    .await;
+    let mut got: Vec<(i64, String, Vec<u8>)> = letters
+        .iter()
+        .filter(|m| header(m, dlq_headers::SOURCE_TOPIC).as_deref() == Some(input.as_str()))
+        .map(|m| {
+            let error = header(m, dlq_headers::ERROR).unwrap();
+            assert!(
+                !error.contains("Jane"),
+                "values are never in headers: {error}"
+            );
+            (
+                header(m, dlq_headers::SOURCE_OFFSET)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                header(m, dlq_headers::REASON).unwrap(),
+                m.payload().unwrap_or_default().to_vec(),
+            )
+        })
+        .collect();
+    got.sort_by_key(|(offset, _, _)| *offset);
+    let reasons: Vec<&str> = got.iter().map(|(_, r, _)| r.as_str()).collect();
+    let expected: Vec<&str> = bad.iter().map(|(r, _)| *r).collect();
+    assert_eq!(reasons, expected);
+    for ((_, _, payload), (_, original)) in got.iter().zip(&bad) {
+        assert_eq!(payload, original, "original bytes kept");
+    }
+
+    // Both good breaches were escalated (the escalation log names them).
+    let log = reader(&brokers, &[&settings.topic(Topic::EscalationLog)]);
+    read_until(&log, TIMEOUT, |m| {
+        let referrals: std::collections::BTreeSet<String> = m
+            .iter()
+            .filter_map(|r| {
+                serde_json::from_slice::<safeclock_common::schema::v1::EscalationRecord>(
+                    r.payload().unwrap_or_default(),
+                )
+                .ok()
+            })
+            .map(|r| r.referral_id)
+            .collect();
+        referrals.contains("R-E1") && referrals.contains("R-E2")
+    })
+    .await;
+
+    shutdown.cancel();
+    running.wait().await.unwrap();
 }

@@ -244,6 +244,46 @@ impl Plausibility {
     }
 }
 
+impl Plausibility {
+    /// [`decode_sla_event`], then the same window on its `occurredAt` (not before
+    /// `validation.not_before`, not further ahead than `validation.max_future_secs`; SLA events
+    /// of old clocks are legitimately old, so no `max_past`) and, when unknown forces are
+    /// refused, the force in its labels: what the escalator applies to SLA events.
+    ///
+    /// # Errors
+    /// The first [`Rejection`] found.
+    pub fn decode_sla(&self, bytes: &[u8], now: jiff::Timestamp) -> Result<SlaEvent, Rejection> {
+        let event = decode_sla_event(bytes)?;
+        if let Some(ts) = event.occurred_at.as_ref() {
+            let Some(t) = to_jiff(ts) else {
+                return Err(Rejection::InvalidField {
+                    field: "occurredAt",
+                    detail: "timestamp out of range".into(),
+                });
+            };
+            if t < self.not_before {
+                return Err(Rejection::ImplausibleTime {
+                    field: "occurredAt",
+                    detail: format!("before {}", self.not_before),
+                });
+            }
+            if t.as_second() - now.as_second() > self.max_future.as_secs() {
+                return Err(Rejection::ImplausibleTime {
+                    field: "occurredAt",
+                    detail: format!("more than {} s in the future", self.max_future.as_secs()),
+                });
+            }
+        }
+        if let Some(forces) = &self.forces {
+            let force = event.labels.as_ref().map_or("", |l| l.force_id.as_str());
+            if !forces.contains(force) {
+                return Err(Rejection::UnknownForce);
+            }
+        }
+        Ok(event)
+    }
+}
+
 /// Decodes and validates an SLA event from its proto3 JSON bytes.
 ///
 /// # Errors

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use safeclock_common::event::{decode_sla_event, transition_label};
+use safeclock_common::event::{transition_label, Plausibility};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::ReadinessHandle;
@@ -314,6 +314,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
+    let plausibility = Plausibility::new(&settings);
     let esc = &settings.escalator;
     let metrics = EscalatorMetrics::register(&deps.registry)?;
     let routing = Arc::new(Routing::new(esc));
@@ -424,7 +425,7 @@ pub async fn run(
                         // Revoked between the fetch and now: its new owner processes it.
                         continue;
                     };
-                    match decode_sla_event(message.payload().unwrap_or_default()) {
+                    match plausibility.decode_sla(message.payload().unwrap_or_default(), deps.time.now()) {
                         Err(rejection) => {
                             dead.push(effects.dead_letters.send(message, &rejection).instrument(span.clone()).await?);
                         }
