@@ -344,7 +344,7 @@ pub async fn run(
         metrics: metrics.clone(),
         transactional,
     };
-    restore::check_copartitioned(&settings).await?;
+    kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ClockState).await?;
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
     let plausibility = safeclock_common::event::Plausibility::new(&settings);
     let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();

@@ -791,6 +791,43 @@ pub fn read_compacted_partition(
     Ok((latest, records))
 }
 
+/// Checks that `changelog` has at least as many partitions as `input`: a service that keeps
+/// state per input partition writes it to the same partition number of its changelog.
+///
+/// # Errors
+/// When the topics cannot be described or the changelog has too few partitions.
+pub async fn check_copartitioned(
+    settings: &Settings,
+    input: Topic,
+    changelog: Topic,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let settings = settings.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            client_config(&settings.kafka, &settings.kafka.consumer_properties)
+                .create()
+                .context("cannot create a metadata client")?;
+        let count = |topic: &str| -> anyhow::Result<usize> {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(30))
+                .with_context(|| format!("cannot describe topic {topic}"))?;
+            Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+        };
+        let input = settings.topic(input);
+        let changelog = settings.topic(changelog);
+        let (n_in, n_state) = (count(&input)?, count(&changelog)?);
+        anyhow::ensure!(
+            n_state >= n_in,
+            "the changelog {changelog} has {n_state} partitions but {input} has {n_in}: create \
+             {changelog} (compacted) with at least {n_in} partitions"
+        );
+        Ok(())
+    })
+    .await
+    .context("metadata task failed")?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -338,7 +338,7 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     let producer = kafka::producer(&settings)?;
-    restore::check_copartitioned(&settings).await?;
+    kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::EscalationState).await?;
     let effects = Effects {
         producer: producer.clone(),
         log_topic: settings.topic(Topic::EscalationLog),

@@ -8,12 +8,10 @@
 //! until this returns.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use safeclock_common::config::Settings;
-use safeclock_common::kafka::{client_config, read_compacted_partition, Topic};
+use safeclock_common::kafka::{read_compacted_partition, Topic};
 use safeclock_common::schema::v1::EscalationState;
 
 /// Reads partition `partition` of the escalation changelog; returns the live states.
@@ -42,35 +40,4 @@ pub async fn restore_partition(
     })
     .await
     .context("restore task failed")?
-}
-
-/// Checks that the changelog has at least as many partitions as `sla-events`.
-///
-/// # Errors
-/// When the topics cannot be described or the changelog has too few partitions.
-pub async fn check_copartitioned(settings: &Settings) -> anyhow::Result<()> {
-    let settings = settings.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            client_config(&settings.kafka, &settings.kafka.consumer_properties)
-                .create()
-                .context("cannot create a metadata client")?;
-        let count = |topic: &str| -> anyhow::Result<usize> {
-            let md = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(30))
-                .with_context(|| format!("cannot describe topic {topic}"))?;
-            Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
-        };
-        let input = settings.topic(Topic::SlaEvents);
-        let changelog = settings.topic(Topic::EscalationState);
-        let (n_in, n_state) = (count(&input)?, count(&changelog)?);
-        anyhow::ensure!(
-            n_state >= n_in,
-            "the changelog {changelog} has {n_state} partitions but {input} has {n_in}: create \
-             {changelog} (compacted) with at least {n_in} partitions"
-        );
-        Ok(())
-    })
-    .await
-    .context("metadata task failed")?
 }
