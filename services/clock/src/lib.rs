@@ -10,7 +10,10 @@
 //! When a partition is assigned (at start, after a crash, or on a rebalance) its state is
 //! restored from the changelog before any of its records are processed, and its timers are set
 //! again: deadlines that passed while no instance held the partition fire on the next tick. When
-//! a partition is revoked its engine is dropped, so its timers stop firing here.
+//! a partition is revoked it is handed over ([`kafka::Handover`]): the offsets reflecting its
+//! durable effects are committed and its engine is dropped before the group may give it to
+//! another instance, so its timers stop firing here and the next owner resumes exactly where
+//! this one stopped.
 //!
 //! # Delivery contract
 //! At-least-once, in this order for every batch of input records and every tick:
@@ -207,7 +210,10 @@ async fn sync_assignment(
     engines.retain(|p, _| {
         let keep = assigned.contains(p);
         if !keep {
-            tracing::info!(partition = p, "partition revoked: its clocks stop here");
+            tracing::warn!(
+                partition = p,
+                "partition lost: its clocks are with another instance now"
+            );
         }
         keep
     });
@@ -334,6 +340,7 @@ pub async fn run(
         },
     )?;
     consumer.context().report_lag(consumer_metrics.lag.clone());
+    let handover = kafka::Handover::take_over(&consumer);
     let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
     let outputs = Outputs {
         producer: producer.clone(),
@@ -384,6 +391,18 @@ pub async fn run(
                     update_census(&engines, &metrics, &bounds, now);
                     last_census = Instant::now();
                 }
+            }
+            revoked = handover.revoked() => {
+                // Every batch's and tick's effects are already durable: commit the offsets that
+                // reflect them, so the next owner restores and resumes exactly here.
+                let partitions = kafka::Handover::partitions(&revoked, &input);
+                if !transactional {
+                    kafka::commit_stored(&consumer, SERVICE);
+                }
+                engines.retain(|p, _| !partitions.contains(p));
+                tracing::info!(?partitions, "partitions handed over: state written, offsets committed");
+                handover.release(&revoked);
+                update_gauges(&engines, &metrics);
             }
             batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
                 let started = Instant::now();

@@ -158,13 +158,124 @@ pub fn producer_with(
     Ok(producer)
 }
 
-/// Consumer context that logs through `tracing` and marks the consumer ready once the group has
-/// assigned it partitions.
+/// Consumer context that logs through `tracing`, marks the consumer ready once the group has
+/// assigned it partitions, and holds revocations back for a [`Handover`].
 pub struct ServiceConsumerContext {
     service: &'static str,
     ready: ReadinessHandle,
     lag: std::sync::OnceLock<LagReport>,
     link: BrokerLink,
+    handover: std::sync::Arc<HandoverState>,
+}
+
+/// Partitions revoked by the group but not yet let go: the service finishes its work on them
+/// first (in-flight notifications settled, state written, offsets committed), then calls
+/// [`Handover::release`]. Only then does librdkafka tell the group they are free, so the next
+/// owner restores a state that has everything the previous one did, and two instances never act
+/// on one partition at once (the escalator relies on this so a page is never sent by both).
+///
+/// Holding is how Kafka Streams hands over tasks: the group's rebalance waits for the member to
+/// give up its partitions (bounded by `max.poll.interval.ms`). Partitions the group took away
+/// because this member was presumed dead ("assignment lost") are released at once: another
+/// member may already own them, and writing state for them would race it.
+///
+/// Revocations are held only while a `Handover` exists; dropping it (the service loop ended,
+/// normally or by an error) releases anything held, so closing the consumer never waits.
+pub struct Handover<'a> {
+    consumer: &'a ServiceConsumer,
+    state: std::sync::Arc<HandoverState>,
+}
+
+#[derive(Debug, Default)]
+struct HandoverState {
+    active: std::sync::atomic::AtomicBool,
+    held: std::sync::Mutex<Option<TopicPartitionList>>,
+    wake: tokio::sync::Notify,
+}
+
+impl<'a> Handover<'a> {
+    /// From now on, revocations on `consumer` wait for [`Handover::release`].
+    pub fn take_over(consumer: &'a ServiceConsumer) -> Self {
+        let state = consumer.context().handover.clone();
+        state
+            .active
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Self { consumer, state }
+    }
+
+    /// Waits until the group revokes partitions; returns them. Cancel-safe.
+    pub async fn revoked(&self) -> TopicPartitionList {
+        loop {
+            let notified = self.state.wake.notified();
+            if let Some(tpl) = self.state.lock().take() {
+                return tpl;
+            }
+            notified.await;
+        }
+    }
+
+    /// The partitions of `topic` in `tpl`.
+    pub fn partitions(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+        tpl.elements_for_topic(topic)
+            .iter()
+            .map(rdkafka::topic_partition_list::TopicPartitionListElem::partition)
+            .collect()
+    }
+
+    /// Gives `tpl` back to the group: the service is done with them.
+    pub fn release(&self, tpl: &TopicPartitionList) {
+        let result = match self.consumer.rebalance_protocol() {
+            rdkafka::consumer::RebalanceProtocol::Cooperative => {
+                self.consumer.incremental_unassign(tpl)
+            }
+            _ => self.consumer.unassign(),
+        };
+        match result {
+            Ok(()) => tracing::info!(partitions = tpl.count(), "partitions handed over"),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "could not hand partitions back to the group");
+            }
+        }
+    }
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        self.state
+            .active
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let held = self.state.lock().take();
+        if let Some(tpl) = held {
+            self.release(&tpl);
+        }
+    }
+}
+
+impl HandoverState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<TopicPartitionList>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Called from the rebalance callback: holds `tpl` if a [`Handover`] takes revocations over.
+    fn hold(&self, tpl: &TopicPartitionList) -> bool {
+        if !self.active.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let mut held = self.lock();
+        match held.as_mut() {
+            Some(existing) => {
+                for e in tpl.elements() {
+                    existing.add_partition(e.topic(), e.partition());
+                }
+            }
+            None => *held = Some(tpl.clone()),
+        }
+        drop(held);
+        self.wake.notify_one();
+        true
+    }
 }
 
 /// What readiness needs to know about the consumer: it has joined its group (an assignment,
@@ -198,6 +309,7 @@ impl ServiceConsumerContext {
             ready,
             lag: std::sync::OnceLock::new(),
             link: BrokerLink::default(),
+            handover: std::sync::Arc::default(),
         }
     }
 
@@ -305,6 +417,62 @@ impl ClientContext for ServiceConsumerContext {
 }
 
 impl ConsumerContext for ServiceConsumerContext {
+    /// librdkafka's rebalance, except that a revocation the service takes over (see
+    /// [`Handover`]) is not given back here: the service releases it when it is done.
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol::Cooperative;
+        use rdkafka::types::RDKafkaRespErr::{
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS,
+        };
+        let cooperative = matches!(base_consumer.rebalance_protocol(), Cooperative);
+        let result = match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let r = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                r
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if !base_consumer.assignment_lost() && self.handover.hold(tpl) {
+                    tracing::info!(
+                        service = self.service,
+                        partitions = tpl.count(),
+                        "partitions revoked: handing them over"
+                    );
+                    return;
+                }
+                let r = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                r
+            }
+            other => {
+                let e = KafkaError::Rebalance(other.into());
+                self.post_rebalance(base_consumer, &Rebalance::Error(e));
+                // As rdkafka does: give up what the error concerns, and the group assigns again.
+                if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(service = self.service, error.message = %e, "rebalance: assignment change failed");
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {

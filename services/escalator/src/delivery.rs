@@ -20,6 +20,11 @@
 //! Every final outcome (and every failed attempt, for the audit log) is reported on a channel to
 //! the service loop, which owns the state. A job cut short by shutdown reports nothing: it is
 //! still pending in the durable state and is delivered again after the restart.
+//!
+//! A [`PartitionGate`] stops deliveries of partitions being handed over to another instance: no
+//! attempt starts once the partition is closed, and the service loop waits for the attempts
+//! already under way, records their outcomes, and only then lets the partition go. The next
+//! owner re-drives what is still pending, so a page is never sent by both.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -138,6 +143,99 @@ impl Breaker {
     }
 }
 
+/// Which partitions' notifications may be attempted, and how many attempts are under way per
+/// partition. Partitions are open unless closed for a hand-over.
+///
+/// Each opening starts a new *ownership*: jobs are stamped with the ownership they were
+/// submitted in, and a job from an earlier one (queued before the partition was handed over and
+/// taken back) is never attempted, since the restored state re-drives it.
+#[derive(Debug, Default)]
+pub struct PartitionGate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: std::collections::HashSet<i32>,
+    ownership: HashMap<i32, u64>,
+    in_flight: HashMap<i32, usize>,
+}
+
+/// An attempt under way for a partition; counted until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    gate: Arc<PartitionGate>,
+    partition: i32,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        if let Some(n) = s.in_flight.get_mut(&self.partition) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.in_flight.remove(&self.partition);
+            }
+        }
+    }
+}
+
+impl PartitionGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets attempts for `partition` start (it was assigned to this instance): a new ownership.
+    pub fn open(&self, partition: i32) {
+        let mut s = self.lock();
+        s.closed.remove(&partition);
+        *s.ownership.entry(partition).or_default() += 1;
+    }
+
+    /// The current ownership of `partition`, to stamp a job with.
+    fn ownership(&self, partition: i32) -> u64 {
+        self.lock()
+            .ownership
+            .get(&partition)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Stops new attempts for `partitions` (they are being handed over).
+    pub fn close(&self, partitions: &[i32]) {
+        self.lock().closed.extend(partitions.iter().copied());
+    }
+
+    /// Attempts under way for any of `partitions`.
+    pub fn in_flight(&self, partitions: &[i32]) -> usize {
+        let s = self.lock();
+        partitions.iter().filter_map(|p| s.in_flight.get(p)).sum()
+    }
+
+    /// Whether a job of `ownership` may no longer be attempted.
+    fn is_closed(&self, partition: i32, ownership: u64) -> bool {
+        let s = self.lock();
+        s.closed.contains(&partition)
+            || s.ownership.get(&partition).copied().unwrap_or_default() != ownership
+    }
+
+    /// Starts an attempt for a job of `partition` stamped with `ownership`, unless the partition
+    /// is closed or owned anew since.
+    fn enter(self: &Arc<Self>, partition: i32, ownership: u64) -> Option<InFlight> {
+        let mut s = self.lock();
+        if s.closed.contains(&partition)
+            || s.ownership.get(&partition).copied().unwrap_or_default() != ownership
+        {
+            return None;
+        }
+        *s.in_flight.entry(partition).or_default() += 1;
+        Some(InFlight {
+            gate: self.clone(),
+            partition,
+        })
+    }
+}
+
 /// One receiver with its limits.
 struct Lane {
     receiver: Receiver,
@@ -149,8 +247,9 @@ struct Lane {
 /// Hands jobs to per-receiver workers.
 #[derive(Clone)]
 pub struct Dispatcher {
-    lanes: HashMap<String, mpsc::UnboundedSender<Job>>,
+    lanes: HashMap<String, mpsc::UnboundedSender<(Job, u64)>>,
     reports: mpsc::UnboundedSender<Report>,
+    gate: Arc<PartitionGate>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -171,6 +270,7 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Self {
         let mut lanes = HashMap::new();
+        let gate = Arc::new(PartitionGate::default());
         for receiver in receivers {
             let s = &receiver.settings;
             let rate = NonZeroU32::new(s.rate_per_sec).unwrap_or(NonZeroU32::MIN);
@@ -189,22 +289,35 @@ impl Dispatcher {
             tokio::spawn(worker(
                 lane,
                 rx,
-                metrics.clone(),
-                time.clone(),
-                reports.clone(),
+                Worker {
+                    metrics: metrics.clone(),
+                    time: time.clone(),
+                    reports: reports.clone(),
+                    gate: gate.clone(),
+                },
                 shutdown.clone(),
             ));
         }
-        Self { lanes, reports }
+        Self {
+            lanes,
+            reports,
+            gate,
+        }
+    }
+
+    /// The gate that closes partitions for a hand-over.
+    pub fn gate(&self) -> &Arc<PartitionGate> {
+        &self.gate
     }
 
     /// Queues `job` for its receiver.
     pub fn submit(&self, job: Job) {
         match self.lanes.get(&job.pending.receiver) {
             Some(lane) => {
-                if let Err(e) = lane.send(job) {
+                let ownership = self.gate.ownership(job.partition);
+                if let Err(e) = lane.send((job, ownership)) {
                     // The worker stopped (shutdown): the job stays pending in the state.
-                    tracing::debug!(receiver = %e.0.pending.receiver, "delivery worker stopped; job left pending");
+                    tracing::debug!(receiver = %e.0 .0.pending.receiver, "delivery worker stopped; job left pending");
                 }
             }
             None => {
@@ -222,50 +335,62 @@ impl Dispatcher {
     }
 }
 
-async fn worker(
-    lane: Arc<Lane>,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+/// What every delivery task of a worker shares.
+#[derive(Clone)]
+struct Worker {
     metrics: EscalatorMetrics,
     time: SharedTime,
     reports: mpsc::UnboundedSender<Report>,
+    gate: Arc<PartitionGate>,
+}
+
+async fn worker(
+    lane: Arc<Lane>,
+    mut jobs: mpsc::UnboundedReceiver<(Job, u64)>,
+    shared: Worker,
     shutdown: CancellationToken,
 ) {
     loop {
-        let job = tokio::select! {
+        let (job, ownership) = tokio::select! {
             _ = shutdown.cancelled() => return,
             job = jobs.recv() => match job { Some(j) => j, None => return },
         };
-        let (lane, metrics, time, reports, shutdown) = (
-            lane.clone(),
-            metrics.clone(),
-            time.clone(),
-            reports.clone(),
-            shutdown.clone(),
-        );
+        let (lane, shared, shutdown) = (lane.clone(), shared.clone(), shutdown.clone());
         // One task per job (jobs are bounded by the pending notifications in the state); the
         // receiver's `concurrency` bounds the attempts in flight, not the jobs, so a job waiting
         // out its backoff does not hold up the others.
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                () = deliver(&lane, job, &metrics, &time, &reports) => {}
+                () = deliver(&lane, job, ownership, &shared) => {}
             }
         });
     }
 }
 
-async fn deliver(
-    lane: &Lane,
-    job: Job,
-    metrics: &EscalatorMetrics,
-    time: &SharedTime,
-    reports: &mpsc::UnboundedSender<Report>,
-) {
+async fn deliver(lane: &Lane, job: Job, ownership: u64, shared: &Worker) {
+    let Worker {
+        metrics,
+        time,
+        reports,
+        gate,
+    } = shared;
     let started = Instant::now();
     let s = &lane.receiver.settings;
     let name = s.name.as_str();
     let mut attempts = 0u32;
+    // Held from the start of an attempt until its outcome is reported, so a hand-over waits for
+    // it; released while backing off.
+    let mut in_flight: Option<InFlight> = None;
+    let handed_over = || {
+        // The partition is being handed over: the job stays pending in the state, and the next
+        // owner delivers it.
+        tracing::debug!(receiver = name, escalation_id = %job.escalation_id, partition = job.partition, "partition handed over; delivery left to its next owner");
+    };
     let outcome = loop {
+        if gate.is_closed(job.partition, ownership) {
+            return handed_over();
+        }
         if !lane.breaker.allow(Instant::now()) {
             metrics
                 .attempts
@@ -298,6 +423,10 @@ async fn deliver(
             return;
         };
         lane.limiter.until_ready().await;
+        in_flight = gate.enter(job.partition, ownership);
+        if in_flight.is_none() {
+            return handed_over();
+        }
         attempts += 1;
         let limit = Duration::from_millis(s.timeout_ms) + Duration::from_secs(1);
         let result =
@@ -345,6 +474,7 @@ async fn deliver(
                     error: e.message,
                     retry_in: wait,
                 });
+                drop(in_flight.take());
                 tokio::time::sleep(wait).await;
             }
         }
@@ -370,6 +500,7 @@ async fn deliver(
         outcome,
         latency,
     });
+    drop(in_flight);
 }
 
 #[cfg(test)]

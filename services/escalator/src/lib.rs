@@ -201,12 +201,15 @@ async fn sync_assignment(
             return Ok(());
         }
     };
+    // Partitions revoked in an orderly way are handed over (`hand_over`) before they leave the
+    // assignment; any that leave here were lost (this instance was presumed dead).
     engines.retain(|p, _| {
         let keep = assigned.contains(p);
         if !keep {
-            tracing::info!(
+            dispatcher.gate().close(&[*p]);
+            tracing::warn!(
                 partition = p,
-                "partition revoked: its escalations move elsewhere"
+                "partition lost: its escalations are with another instance now"
             );
         }
         keep
@@ -238,6 +241,7 @@ async fn sync_assignment(
             seconds = started.elapsed().as_secs_f64(),
             "partition escalations restored; re-driving pending notifications"
         );
+        dispatcher.gate().open(p);
         for job in pending {
             dispatcher.submit(job);
         }
@@ -248,6 +252,9 @@ async fn sync_assignment(
 }
 
 fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
+    metrics
+        .partitions
+        .set(i64::try_from(engines.len()).unwrap_or(i64::MAX));
     metrics.open.reset();
     let mut pending = 0usize;
     for engine in engines.values() {
@@ -303,6 +310,53 @@ fn apply_reports(
     actions
 }
 
+/// Hands `partitions` over to the instance the group gives them to next: no new attempt
+/// starts, the attempts under way finish (up to `wait`), their outcomes and every changed state
+/// are written, offsets are committed, and the partitions' engines are dropped. The caller then
+/// releases them to the group, and the next owner restores exactly this state and re-drives
+/// what is still pending, so no page is sent by both.
+#[allow(clippy::too_many_arguments)]
+async fn hand_over(
+    partitions: &[i32],
+    consumer: &ServiceConsumer,
+    engines: &mut BTreeMap<i32, Engine>,
+    dispatcher: &Dispatcher,
+    report_rx: &mut mpsc::UnboundedReceiver<Report>,
+    effects: &Effects,
+    now: impl Fn() -> jiff::Timestamp,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let gate = dispatcher.gate();
+    gate.close(partitions);
+    while gate.in_flight(partitions) > 0 && started.elapsed() < wait {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unsettled = gate.in_flight(partitions);
+    if unsettled > 0 {
+        tracing::warn!(
+            attempts = unsettled,
+            "delivery attempts still under way at the hand-over deadline; the next owner may send them again (same dedupKey)"
+        );
+    }
+    let mut reports = Vec::new();
+    while let Ok(r) = report_rx.try_recv() {
+        reports.push(r);
+    }
+    let actions = apply_reports(reports, engines, now());
+    for job in effects.write(actions, engines, Vec::new()).await? {
+        dispatcher.submit(job);
+    }
+    kafka::commit_stored(consumer, SERVICE);
+    engines.retain(|p, _| !partitions.contains(p));
+    tracing::info!(
+        ?partitions,
+        seconds = started.elapsed().as_secs_f64(),
+        "partitions handed over: deliveries settled, state written, offsets committed"
+    );
+    Ok(())
+}
+
 /// Runs the escalator until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -337,6 +391,15 @@ pub async fn run(
         &[&input],
         deps.readiness.component(SERVICE),
     )?;
+    let handover = kafka::Handover::take_over(&consumer);
+    // The longest a delivery attempt can take (its timeout, plus the second `deliver` allows).
+    let settle = Duration::from_millis(
+        esc.all_receivers()
+            .iter()
+            .map(|r| r.timeout_ms)
+            .max()
+            .unwrap_or(0),
+    ) + Duration::from_secs(2);
     let producer = kafka::producer(&settings)?;
     kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::EscalationState).await?;
     let effects = Effects {
@@ -347,7 +410,9 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let (report_tx, mut report_rx) = mpsc::unbounded_channel();
-    let delivery_stop = shutdown.child_token();
+    // Not a child of `shutdown`: on a stop, attempts under way finish first (see the end).
+    let delivery_stop = CancellationToken::new();
+    let _stop_deliveries_on_exit = delivery_stop.clone().drop_guard();
     let dispatcher = Dispatcher::start(
         receivers,
         metrics.clone(),
@@ -400,6 +465,12 @@ pub async fn run(
                 }
                 update_gauges(&engines, &metrics);
             }
+            revoked = handover.revoked() => {
+                let partitions = kafka::Handover::partitions(&revoked, &input);
+                hand_over(&partitions, &consumer, &mut engines, &dispatcher, &mut report_rx, &effects, || deps.time.now(), settle).await?;
+                handover.release(&revoked);
+                update_gauges(&engines, &metrics);
+            }
             n = report_rx.recv_many(&mut reports, 1000) => {
                 if n == 0 {
                     continue;
@@ -446,18 +517,26 @@ pub async fn run(
             }
         }
     }
-    // Record what was delivered before the stop, so a restart does not send it again.
+    // A stop is a hand-over of every partition: attempts under way finish and their outcomes
+    // are recorded, so neither a restart nor the instance taking over sends them again. What
+    // has not started stays pending for the next owner.
+    let held: Vec<i32> = engines.keys().copied().collect();
+    if let Err(e) = hand_over(
+        &held,
+        &consumer,
+        &mut engines,
+        &dispatcher,
+        &mut report_rx,
+        &effects,
+        || deps.time.now(),
+        settle,
+    )
+    .await
+    {
+        tracing::warn!(error.message = %e, "could not record the last delivery outcomes; they will be delivered again after the restart");
+        kafka::commit_stored(&consumer, SERVICE);
+    }
     delivery_stop.cancel();
-    while let Ok(r) = report_rx.try_recv() {
-        reports.push(r);
-    }
-    if !reports.is_empty() {
-        let actions = apply_reports(reports, &mut engines, deps.time.now());
-        if let Err(e) = effects.write(actions, &mut engines, Vec::new()).await {
-            tracing::warn!(error.message = %e, "could not record the last delivery outcomes; they will be delivered again after the restart");
-        }
-    }
-    kafka::commit_stored(&consumer, SERVICE);
     if let Some(task) = api_task {
         let _ = task.await;
     }

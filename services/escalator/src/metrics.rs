@@ -28,6 +28,8 @@ pub struct EscalatorMetrics {
     pub time_to_ack: Histogram,
     /// `safeclock_escalation_dead_letters_total{receiver}`: notifications given up on.
     pub dead_letters: IntCounterVec,
+    /// `safeclock_escalator_partitions`: input partitions this instance holds.
+    pub partitions: prometheus::IntGauge,
 }
 
 impl EscalatorMetrics {
@@ -93,6 +95,11 @@ impl EscalatorMetrics {
             ),
             &["receiver"],
         )?;
+        let partitions = prometheus::IntGauge::new(
+            "safeclock_escalator_partitions",
+            "sla-events partitions this escalator instance holds (and whose escalations it owns).",
+        )?;
+        registry.register(Box::new(partitions.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
         registry.register(Box::new(delivery_seconds.clone()))?;
         registry.register(Box::new(attempts.clone()))?;
@@ -110,6 +117,7 @@ impl EscalatorMetrics {
             pending,
             time_to_ack,
             dead_letters,
+            partitions,
         })
     }
 }

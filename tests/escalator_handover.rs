@@ -1,0 +1,246 @@
+//! Two escalator instances never both page for the same escalation around a rebalance: a second
+//! instance joins while pages to a slow receiver are under way and later leaves again, and every
+//! notification is answered by the receiver exactly once.
+//!
+//! What makes it so is the hand-over (`kafka::Handover`, `hand_over` in the escalator): a
+//! revoked partition is let go only after its attempts under way have finished and their
+//! outcomes are in the changelog the next owner restores.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use safeclock::app::{self, Running, Service};
+use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings};
+use safeclock_common::kafka::Topic;
+use safeclock_common::schema::from_jiff;
+use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
+use safeclock_common::shutdown::CancellationToken;
+use safeclock_common::time::SystemTime;
+use safeclock_tests::{isolated_settings, real_broker, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const BREACHES: usize = 120;
+/// How long the receiver takes to answer: long enough that a rebalance always finds pages
+/// under way.
+const RECEIVER_DELAY: Duration = Duration::from_millis(400);
+
+/// Per delivery id, the referral and how many times the receiver answered it.
+type Answered = Arc<Mutex<BTreeMap<String, (String, usize)>>>;
+
+async fn slow_receiver(answered: Answered) -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let answered = answered.clone();
+                async move {
+                    // Counted on arrival: a request that reached the pager is a page, whether or
+                    // not its sender waits for the answer.
+                    let id = headers["x-safeclock-delivery-id"]
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    let referral = body["slaEvent"]["referralId"].as_str().unwrap().to_string();
+                    answered
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_insert((referral, 0))
+                        .1 += 1;
+                    tokio::time::sleep(RECEIVER_DELAY).await;
+                    StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/hook")
+}
+
+fn breach(referral: &str) -> Vec<u8> {
+    let now = jiff::Timestamp::now();
+    serde_json::to_vec(&SlaEvent {
+        sla_event_id: format!("{referral}-breach"),
+        referral_id: referral.into(),
+        rule_id: "victim-contact".into(),
+        clock_id: format!("{referral}-c1"),
+        transition: SlaTransition::Breached as i32,
+        severity: Severity::Critical as i32,
+        labels: Some(SlaLabels {
+            force_id: "nottinghamshire".into(),
+            ..SlaLabels::default()
+        }),
+        deadline: Some(from_jiff(now - jiff::SignedDuration::from_mins(5))),
+        emitted_at: Some(from_jiff(now)),
+        ..SlaEvent::default()
+    })
+    .unwrap()
+}
+
+struct Instance {
+    running: Running,
+    shutdown: CancellationToken,
+}
+
+impl Instance {
+    async fn start(settings: &Arc<safeclock_common::config::Settings>) -> Self {
+        let shutdown = CancellationToken::new();
+        let running = app::start(
+            settings.clone(),
+            Service::Escalator,
+            Arc::new(SystemTime),
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("escalator starts");
+        let ready = running.readiness.clone();
+        wait_for("an escalator instance to join", TIMEOUT, || {
+            ready.is_ready()
+        })
+        .await;
+        Self { running, shutdown }
+    }
+
+    /// Partitions this instance holds (`safeclock_escalator_partitions`).
+    fn partitions(&self) -> i64 {
+        self.running
+            .registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "safeclock_escalator_partitions")
+            .and_then(|f| {
+                f.get_metric()
+                    .first()
+                    .map(|m| m.get_gauge().get_value() as i64)
+            })
+            .unwrap_or(0)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() {
+    if std::env::var("SAFECLOCK_TEST_TRACE").is_ok() {
+        safeclock_common::telemetry::init(
+            safeclock_common::config::LogFormat::Text,
+            "info,librdkafka=warn",
+        );
+    }
+    let brokers = real_broker();
+    let answered: Answered = Arc::default();
+    let url = slow_receiver(answered.clone()).await;
+    let mut settings = isolated_settings(&brokers);
+    settings.kafka.create_topics = true;
+    settings.kafka.partitions = 6;
+    let mut duty = ReceiverSettings::new("duty", ReceiverKind::Webhook);
+    duty.url = Some(url);
+    duty.concurrency = 2;
+    duty.rate_per_sec = 1000;
+    duty.burst = 100;
+    settings.escalator.log_receiver = false;
+    settings.escalator.receivers = vec![duty];
+    settings.escalator.policies = vec![PolicySettings {
+        name: "default".into(),
+        levels: vec![LevelSettings {
+            delay_secs: 0,
+            receivers: vec!["duty".into()],
+        }],
+        repeat_interval_secs: 0,
+        repeat_limit: 0,
+        ack_expiry_secs: 0,
+    }];
+    settings.validate().unwrap();
+    let settings = Arc::new(settings);
+    let input = settings.topic(Topic::SlaEvents);
+
+    let first = Instance::start(&settings).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let sends = (0..BREACHES).map(|i| {
+        let referral = format!("R-HANDOVER-{i:03}");
+        let payload = breach(&referral);
+        let producer = producer.clone();
+        let input = input.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&input).key(&referral).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+    futures::future::join_all(sends).await;
+    let delivered = || answered.lock().unwrap().len();
+    wait_for("the first pages", TIMEOUT, || delivered() >= 15).await;
+    // A second instance joins: the first hands over some partitions while pages are under way.
+    let second = Instance::start(&settings).await;
+    wait_for("the two instances to share the partitions", TIMEOUT, || {
+        second.partitions() > 0 && first.partitions() + second.partitions() == 6
+    })
+    .await;
+    let shared_at = delivered();
+    eprintln!("partitions shared after {shared_at} pages");
+    assert!(
+        shared_at < BREACHES - 20,
+        "pages must still be under way when the partitions move ({shared_at} delivered)"
+    );
+    wait_for("pages from both instances", TIMEOUT, || {
+        delivered() >= shared_at + 20
+    })
+    .await;
+    // And leaves again: its partitions come back while its pages are under way.
+    eprintln!("second instance leaves after {} pages", delivered());
+    second.stop().await;
+    wait_for(
+        "the first instance to hold every partition",
+        TIMEOUT,
+        || first.partitions() == 6,
+    )
+    .await;
+    wait_for("every breach to be paged", TIMEOUT, || {
+        let referrals: BTreeSet<String> = answered
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(r, _)| r.clone())
+            .collect();
+        referrals.len() == BREACHES
+    })
+    .await;
+    eprintln!("every breach paged");
+    // Anything sent twice would arrive within a few receiver delays.
+    tokio::time::sleep(RECEIVER_DELAY * 10).await;
+    first.stop().await;
+
+    let answered = answered.lock().unwrap();
+    let twice: Vec<_> = answered
+        .iter()
+        .filter(|(_, (_, n))| *n > 1)
+        .map(|(id, (referral, n))| format!("{referral} ({id}) x{n}"))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} of {} notifications were sent more than once: {twice:?}",
+        twice.len(),
+        answered.len()
+    );
+    assert_eq!(answered.len(), BREACHES, "one notification per breach");
+}
