@@ -266,6 +266,17 @@ impl TansuProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the broker keeps its connections but answers nothing (a network partition, a
+    /// stalled disk), until [`TansuProcess::resume`].
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// SIGCONT after [`TansuProcess::pause`].
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
     /// Starts it again on the same port and data.
     pub fn restart(&mut self) {
         self.kill();
@@ -275,6 +286,21 @@ impl TansuProcess {
 
 impl Drop for TansuProcess {
     fn drop(&mut self) {
+        self.resume();
         self.kill();
     }
+}
+
+/// Sends `SIG<name>` to `pid` (with the system's `kill`).
+pub fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success() || name == "CONT",
+        "kill -{name} {pid} failed"
+    );
 }

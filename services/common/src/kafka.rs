@@ -552,6 +552,10 @@ pub fn consumer_with(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.partition.eof", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
+        // Also the rebalance timeout: a member that dies in the middle of a rebalance holds the
+        // whole group up this long (librdkafka's default, 5 minutes, is too long for pages).
+        // The loops poll continually; a hand-over or a restore takes seconds.
+        .set("max.poll.interval.ms", "60000")
         .set("statistics.interval.ms", "5000");
     let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
     for (k, v) in base.config_map() {
@@ -599,10 +603,18 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new_topics, &opts)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot create topics {names:?}: {e}"))?;
+    // A service may start while the broker is restarting: wait for it (not ready meanwhile).
+    let started = std::time::Instant::now();
+    let results = loop {
+        match admin.create_topics(&new_topics, &opts).await {
+            Ok(r) => break r,
+            Err(e) if started.elapsed() < BROKER_WAIT => {
+                tracing::warn!(error.message = %e, "cannot reach the broker to create topics yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => anyhow::bail!("cannot create topics {names:?}: {e}"),
+        }
+    };
     for r in results {
         match r {
             Ok(name) => tracing::info!(topic = %name, "topic created"),
@@ -880,6 +892,10 @@ pub async fn or_shutdown<F: Future>(
     }
 }
 
+/// How long a starting service waits for an unreachable broker before it gives up (and its
+/// supervisor restarts it).
+const BROKER_WAIT: Duration = Duration::from_secs(120);
+
 /// How long reading a compacted partition may go without a record before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Once the reported high watermark is reached, reading goes on until the partition has been
@@ -913,9 +929,21 @@ pub fn read_compacted_partition(
     let consumer: BaseConsumer = cfg
         .create()
         .with_context(|| format!("cannot create a consumer to read {topic}"))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(30))
-        .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    // The broker may be restarting: retry until the stall timeout, as for the records.
+    let started = std::time::Instant::now();
+    let (low, high) = loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => break w,
+            Err(e) if started.elapsed() < STALL_TIMEOUT => {
+                tracing::warn!(topic, partition, error.message = %e, "cannot read the changelog's watermarks yet; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))
+            }
+        }
+    };
     let mut latest = HashMap::new();
     if high <= low {
         return Ok((latest, 0));
@@ -944,8 +972,15 @@ pub fn read_compacted_partition(
                 }
                 reached_watermark |= m.offset() >= high - 1;
             }
+            // librdkafka reconnects by itself: a broker away for a while (restarting, a network
+            // blip) only delays the restore, up to the stall timeout.
             Some(Err(e)) => {
-                return Err(e).with_context(|| format!("cannot read {topic}[{partition}]"));
+                anyhow::ensure!(
+                    last_progress.elapsed() < STALL_TIMEOUT,
+                    "cannot read {topic}[{partition}]: no record for {STALL_TIMEOUT:?} before offset {high}; last error: {e}"
+                );
+                tracing::warn!(topic, partition, error.message = %e, "error while restoring; retrying");
+                std::thread::sleep(Duration::from_millis(100));
             }
             None if reached_watermark => break,
             None => {
@@ -976,10 +1011,21 @@ pub async fn check_copartitioned(
             client_config(&settings.kafka, &settings.kafka.consumer_properties)
                 .create()
                 .context("cannot create a metadata client")?;
+        let started = std::time::Instant::now();
         let count = |topic: &str| -> anyhow::Result<usize> {
-            let md = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(30))
-                .with_context(|| format!("cannot describe topic {topic}"))?;
+            // The broker may be restarting: wait for it (the service is not ready meanwhile).
+            let md = loop {
+                match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+                    Ok(md) => break md,
+                    Err(e) if started.elapsed() < BROKER_WAIT => {
+                        tracing::warn!(topic, error.message = %e, "cannot describe the topic yet; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot describe topic {topic}"))
+                    }
+                }
+            };
             Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
         };
         let input = settings.topic(input);
