@@ -151,17 +151,12 @@ fn settings(brokers: &str) -> Arc<Settings> {
     Arc::new(s)
 }
 
-// Ignored until it has a record of passing (issue 7). Diagnosis so far, from logs of failing
-// runs: when two instances stopped 2.5 s apart, tansu 0.6 started no rebalance for the first
-// LeaveGroup, then ~8 s later ran one that revoked two partitions from the remaining instance
-// and assigned it nothing, and never ran the cooperative follow-up: the remaining instance held
-// nothing and the last phase was never processed. When the two stopped within 0.1 s of each
-// other (and for plain librdkafka consumers dropped together) the remaining one got every
-// partition back at once. The test now scales in one instance at a time, waiting for each
-// rebalance to hand every partition over (as an operator would); decision record (j) has the
-// related tansu behaviour.
-// Run with `cargo test -p safeclock-tests --test scale_out -- --ignored`.
-#[ignore = "scale-in on tansu 0.6 does not always return partitions; see the comment above"]
+// Scale-in goes one instance at a time, waiting for each rebalance to hand every partition to
+// the instances left, as an operator would. From logs of failing runs of an earlier version that
+// stopped two instances 2.5 s apart: tansu 0.6 started no rebalance for the first LeaveGroup, ran
+// one ~8 s later that revoked two partitions from the remaining instance and assigned it
+// nothing, and never ran the cooperative follow-up. Apache Kafka does not need the waits;
+// decision record (j) has the related tansu behaviour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_sla_events() {
     let brokers = real_broker();
