@@ -9,7 +9,9 @@
 //! shutdown, offsets are committed only after the snapshot is acknowledged, and after a restart
 //! the totals are restored and records the snapshot already counted are skipped. Counters
 //! therefore stay monotonic across restarts. Re-published SLA events (the clock's at-least-once
-//! output) are recognised by id within a bounded window and not counted twice. Run one exporter
+//! output) are recognised by id within a bounded window and not counted twice; the last 30,000
+//! counted ids (as hashes) are part of the snapshot, so this holds across the exporter's own
+//! restarts too. Run one exporter
 //! per consumer group: the snapshot is one record per group.
 
 pub mod metrics;
@@ -83,9 +85,14 @@ impl Recorder {
     }
 
     pub fn sla_event(&mut self, event: &SlaEvent) {
-        if !self.seen_sla_events.first_time(&event.sla_event_id) {
+        // The in-memory window is large; the durable one (in the snapshot) survives a restart.
+        let id = event.sla_event_id.as_str();
+        if self.metrics.lock().recent_sla_events.contains(id)
+            || !self.seen_sla_events.first_time(id)
+        {
             return;
         }
+        self.metrics.lock().recent_sla_events.insert(id);
         let labels = event.labels.clone().unwrap_or_default();
         let force = self.bounds.force(&labels.force_id);
         let category = self.bounds.category(&labels.category);

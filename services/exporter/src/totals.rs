@@ -69,6 +69,76 @@ pub struct Totals {
     pub time_to_stop: BTreeMap<Vec<String>, HistogramState>,
     /// `topic` -> partition -> next offset: records below it are counted already.
     pub offsets: BTreeMap<String, BTreeMap<i32, i64>>,
+    /// The SLA events counted most recently, as id hashes, kept with the totals so that an SLA
+    /// event the clock publishes again after the exporter restarted is still recognised.
+    pub recent_sla_events: RecentHashes,
+}
+
+/// How many recently counted SLA event ids the snapshot keeps (8 bytes each).
+pub const DURABLE_SLA_WINDOW: usize = 30_000;
+
+/// A bounded window of 64-bit id hashes, oldest forgotten first.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RecentHashes {
+    set: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl RecentHashes {
+    fn hash(id: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.set.contains(&Self::hash(id))
+    }
+
+    /// Remembers `id`, forgetting the oldest beyond [`DURABLE_SLA_WINDOW`].
+    pub fn insert(&mut self, id: &str) {
+        let h = Self::hash(id);
+        if !self.set.insert(h) {
+            return;
+        }
+        self.order.push_back(h);
+        while self.order.len() > DURABLE_SLA_WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn encode(&self) -> String {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = self.order.iter().flat_map(|h| h.to_le_bytes()).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn decode(text: &str) -> Self {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap_or_default();
+        let order: std::collections::VecDeque<u64> = bytes
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .collect();
+        Self {
+            set: order.iter().copied().collect(),
+            order,
+        }
+    }
+}
+
+impl Serialize for RecentHashes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for RecentHashes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::decode(&String::deserialize(d)?))
+    }
 }
 
 /// The JSON form of [`Totals`] in the `exporter-state` topic: maps keyed by label lists become
@@ -81,6 +151,9 @@ struct Snapshot {
     breaches: Vec<(Vec<String>, u64)>,
     time_to_stop: Vec<(Vec<String>, HistogramState)>,
     offsets: BTreeMap<String, BTreeMap<i32, i64>>,
+    /// Base64 of little-endian u64 hashes; absent in snapshots written before it existed.
+    #[serde(default)]
+    recent_sla_events: RecentHashes,
 }
 
 impl Totals {
@@ -92,6 +165,7 @@ impl Totals {
             breaches: self.breaches.clone().into_iter().collect(),
             time_to_stop: self.time_to_stop.clone().into_iter().collect(),
             offsets: self.offsets.clone(),
+            recent_sla_events: self.recent_sla_events.clone(),
         };
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }
@@ -106,6 +180,7 @@ impl Totals {
             breaches: s.breaches.into_iter().collect(),
             time_to_stop: s.time_to_stop.into_iter().collect(),
             offsets: s.offsets,
+            recent_sla_events: s.recent_sla_events,
         })
     }
 
@@ -405,5 +480,33 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod durable_window_tests {
+    use super::*;
+
+    #[test]
+    fn recent_sla_event_ids_survive_the_snapshot_and_stay_bounded() {
+        let mut t = Totals::default();
+        for i in 0..DURABLE_SLA_WINDOW + 10 {
+            t.recent_sla_events.insert(&format!("sla-{i}"));
+        }
+        assert!(!t.recent_sla_events.contains("sla-0"), "the oldest are forgotten");
+        assert!(t
+            .recent_sla_events
+            .contains(&format!("sla-{}", DURABLE_SLA_WINDOW + 9)));
+        let back = Totals::from_json(&t.to_json()).unwrap();
+        assert_eq!(back, t);
+        assert!(back
+            .recent_sla_events
+            .contains(&format!("sla-{}", DURABLE_SLA_WINDOW + 9)));
+
+        // A snapshot from before the window existed still loads, with an empty window.
+        let mut old: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
+        old.as_object_mut().unwrap().remove("recent_sla_events");
+        let back = Totals::from_json(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert!(!back.recent_sla_events.contains("sla-10"));
     }
 }
