@@ -493,7 +493,10 @@ mod durable_window_tests {
         for i in 0..DURABLE_SLA_WINDOW + 10 {
             t.recent_sla_events.insert(&format!("sla-{i}"));
         }
-        assert!(!t.recent_sla_events.contains("sla-0"), "the oldest are forgotten");
+        assert!(
+            !t.recent_sla_events.contains("sla-0"),
+            "the oldest are forgotten"
+        );
         assert!(t
             .recent_sla_events
             .contains(&format!("sla-{}", DURABLE_SLA_WINDOW + 9)));
