@@ -392,7 +392,8 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     let handover = kafka::Handover::take_over(&consumer);
-    // The longest a delivery attempt can take (its timeout, plus the second `deliver` allows).
+    // The longest a delivery attempt can take: its timeout, the extra second `deliver` allows,
+    // and a margin.
     let settle = Duration::from_millis(
         esc.all_receivers()
             .iter()
