@@ -14,14 +14,12 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use safeclock::app::{self, Running, Service};
+use safeclock::app::Service;
 use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings};
 use safeclock_common::kafka::Topic;
 use safeclock_common::schema::from_jiff;
 use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
-use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
-use safeclock_tests::{isolated_settings, real_broker, wait_for};
+use safeclock_tests::{isolated_settings, real_broker, wait_for, InProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BREACHES: usize = 120;
@@ -84,50 +82,13 @@ fn breach(referral: &str) -> Vec<u8> {
     .unwrap()
 }
 
-struct Instance {
-    running: Running,
-    shutdown: CancellationToken,
+async fn start(settings: &Arc<safeclock_common::config::Settings>) -> InProcess {
+    InProcess::start(settings, Service::Escalator, TIMEOUT).await
 }
 
-impl Instance {
-    async fn start(settings: &Arc<safeclock_common::config::Settings>) -> Self {
-        let shutdown = CancellationToken::new();
-        let running = app::start(
-            settings.clone(),
-            Service::Escalator,
-            Arc::new(SystemTime),
-            "127.0.0.1:0".parse().unwrap(),
-            shutdown.clone(),
-        )
-        .await
-        .expect("escalator starts");
-        let ready = running.readiness.clone();
-        wait_for("an escalator instance to join", TIMEOUT, || {
-            ready.is_ready()
-        })
-        .await;
-        Self { running, shutdown }
-    }
-
-    /// Partitions this instance holds (`safeclock_escalator_partitions`).
-    fn partitions(&self) -> i64 {
-        self.running
-            .registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "safeclock_escalator_partitions")
-            .and_then(|f| {
-                f.get_metric()
-                    .first()
-                    .map(|m| m.get_gauge().get_value() as i64)
-            })
-            .unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.running.wait().await.unwrap();
-    }
+/// Partitions `instance` holds (`safeclock_escalator_partitions`).
+fn partitions(instance: &InProcess) -> i64 {
+    instance.gauge("safeclock_escalator_partitions")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -165,7 +126,7 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     let settings = Arc::new(settings);
     let input = settings.topic(Topic::SlaEvents);
 
-    let first = Instance::start(&settings).await;
+    let first = start(&settings).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("acks", "all")
@@ -191,9 +152,9 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     let delivered = || answered.lock().unwrap().len();
     wait_for("the first pages", TIMEOUT, || delivered() >= 15).await;
     // A second instance joins: the first hands over some partitions while pages are under way.
-    let second = Instance::start(&settings).await;
+    let second = start(&settings).await;
     wait_for("the two instances to share the partitions", TIMEOUT, || {
-        second.partitions() > 0 && first.partitions() + second.partitions() == 6
+        partitions(&second) > 0 && partitions(&first) + partitions(&second) == 6
     })
     .await;
     let shared_at = delivered();
@@ -212,7 +173,7 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     wait_for(
         "the first instance to hold every partition",
         TIMEOUT,
-        || first.partitions() == 6,
+        || partitions(&first) == 6,
     )
     .await;
     wait_for("every breach to be paged", TIMEOUT, || {

@@ -9,59 +9,23 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use rdkafka::message::Message;
-use safeclock::app::{self, Running, Service};
+use safeclock::app::Service;
 use safeclock_common::config::Settings;
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::Topic;
-use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::scenario::{contacted, received};
-use safeclock_tests::{isolated_settings, produce, reader, real_broker, wait_for};
+use safeclock_tests::{isolated_settings, produce, reader, real_broker, wait_for, InProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const REFERRALS_PER_PHASE: usize = 40;
 
-struct Instance {
-    running: Running,
-    shutdown: CancellationToken,
+async fn start(settings: &Arc<Settings>) -> InProcess {
+    InProcess::start(settings, Service::Clock, TIMEOUT).await
 }
 
-async fn start(settings: &Arc<Settings>) -> Instance {
-    let shutdown = CancellationToken::new();
-    let running = app::start(
-        settings.clone(),
-        Service::Clock,
-        Arc::new(SystemTime),
-        "127.0.0.1:0".parse().unwrap(),
-        shutdown.clone(),
-    )
-    .await
-    .expect("clock starts");
-    let ready = running.readiness.clone();
-    wait_for("a clock instance to join", TIMEOUT, || ready.is_ready()).await;
-    Instance { running, shutdown }
-}
-
-impl Instance {
-    /// Input partitions this instance holds (its `safeclock_clock_partitions` gauge).
-    fn partitions(&self) -> i64 {
-        self.running
-            .registry
-            .gather()
-            .iter()
-            .find(|f| f.name() == "safeclock_clock_partitions")
-            .and_then(|f| {
-                f.get_metric()
-                    .first()
-                    .map(|m| m.get_gauge().get_value() as i64)
-            })
-            .unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.running.wait().await.unwrap();
-    }
+/// Input partitions `instance` holds.
+fn partitions(instance: &InProcess) -> i64 {
+    instance.gauge("safeclock_clock_partitions")
 }
 
 /// Phase `phase` of the input: referrals received 30 h before `t0` (victim contact already
@@ -183,7 +147,7 @@ async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_
     // Scale in one instance at a time, as an operator would: each leave is followed by a
     // rebalance that must hand every partition to the instances left before the next leave.
     let all_held =
-        |instances: &[&Instance]| instances.iter().map(|i| i.partitions()).sum::<i64>() == 6;
+        |instances: &[&InProcess]| instances.iter().copied().map(partitions).sum::<i64>() == 6;
     wait_for(
         "three instances to share the six partitions",
         TIMEOUT,

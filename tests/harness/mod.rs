@@ -304,3 +304,57 @@ pub fn signal(pid: u32, name: &str) {
         "kill -{name} {pid} failed"
     );
 }
+
+/// One service running in this process (as `safeclock run <service>` would), for tests that
+/// start and stop several instances of a group.
+pub struct InProcess {
+    pub running: safeclock::app::Running,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl InProcess {
+    /// Starts `service` and waits (up to `timeout`) until it is ready.
+    pub async fn start(
+        settings: &Arc<Settings>,
+        service: safeclock::app::Service,
+        timeout: Duration,
+    ) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = safeclock::app::start(
+            settings.clone(),
+            service,
+            Arc::new(safeclock_common::time::SystemTime),
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("the service starts");
+        let ready = running.readiness.clone();
+        wait_for("an instance to join its group", timeout, || {
+            ready.is_ready()
+        })
+        .await;
+        Self { running, shutdown }
+    }
+
+    /// The value of the gauge `name` (0 if it has no sample), e.g. the partitions it holds.
+    pub fn gauge(&self, name: &str) -> i64 {
+        self.running
+            .registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == name)
+            .and_then(|f| {
+                f.get_metric()
+                    .first()
+                    .map(|m| m.get_gauge().get_value() as i64)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.wait().await.unwrap();
+    }
+}
