@@ -40,7 +40,8 @@ async fn start(settings: &Arc<Settings>, shutdown: &CancellationToken) -> Runnin
     running
 }
 
-/// `safeclock_sla_breaches_total` for victim-contact in nottinghamshire, from `/metrics`.
+/// `safeclock_sla_breaches_total` for victim-contact in nottinghamshire, from `/metrics`, summed
+/// over partitions.
 async fn breaches(running: &Running) -> f64 {
     let text = reqwest::get(format!("http://{}/metrics", running.ops_addr))
         .await
@@ -49,13 +50,13 @@ async fn breaches(running: &Running) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find(|l| {
+        .filter(|l| {
             l.starts_with("safeclock_sla_breaches_total{")
                 && l.contains(r#"force="nottinghamshire""#)
                 && l.contains(r#"rule="victim-contact""#)
         })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn wait_for_breaches(running: &Running, want: f64) {
@@ -115,6 +116,100 @@ async fn counters_continue_across_a_graceful_restart_and_a_crash() {
     wait_for_breaches(&running, 20.0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(breaches(&running).await, 20.0, "no record counted twice");
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+/// Sends `payload` (to `partition`, if given) and returns where it landed.
+async fn send(
+    brokers: &str,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    partition: Option<i32>,
+) -> (i32, i64) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let mut record = FutureRecord::to(topic).key(key).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    let delivered = producer
+        .send(record, TIMEOUT)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    (delivered.partition, delivered.offset)
+}
+
+/// An exporter from before per-partition totals left one snapshot for all partitions (key: the
+/// group, in partition 0 of `exporter-state`). Upgrading keeps its counts and skips what it
+/// counted; after that each partition's own snapshot is the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_all_partitions_from_an_earlier_version_is_carried_over() {
+    let brokers = real_broker();
+    let mut settings = isolated_settings(&brokers);
+    settings.kafka.create_topics = true;
+    let settings = Arc::new(settings);
+    safeclock_common::kafka::ensure_topics(&settings, &Topic::ALL)
+        .await
+        .unwrap();
+    let topic = settings.topic(Topic::SlaEvents);
+
+    // Five breaches the earlier exporter counted (its totals say 7: it had counted two more
+    // that have since left the log), and its snapshot with the offsets past them.
+    let mut offsets = serde_json::Map::new();
+    for n in 0..5 {
+        let (p, o) = send(&brokers, &topic, &format!("R-{n}"), &breach(n), None).await;
+        let next = offsets.entry(p.to_string()).or_insert(0.into());
+        *next = (next.as_i64().unwrap().max(o + 1)).into();
+    }
+    let legacy = serde_json::json!({
+        "version": 1,
+        "referrals_received": [],
+        "transitions": [],
+        "breaches": [[["nottinghamshire", "victim-contact", "high"], 7]],
+        "time_to_stop": [],
+        "offsets": { topic.clone(): offsets },
+        "recent_sla_events": ""
+    });
+    send(
+        &brokers,
+        &settings.topic(Topic::ExporterState),
+        &settings.exporter.group_id,
+        &serde_json::to_vec(&legacy).unwrap(),
+        Some(0),
+    )
+    .await;
+
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &shutdown).await;
+    assert_eq!(
+        breaches(&running).await,
+        7.0,
+        "the earlier totals, restored"
+    );
+    for n in 5..8 {
+        produce(&brokers, &topic, &format!("R-{n}"), &breach(n)).await;
+    }
+    wait_for_breaches(&running, 10.0).await;
+    shutdown.cancel();
+    running.wait().await.unwrap();
+
+    // Restarted: the per-partition snapshots written meanwhile are what is restored.
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &shutdown).await;
+    assert_eq!(
+        breaches(&running).await,
+        10.0,
+        "restored from per-partition snapshots"
+    );
+    produce(&brokers, &topic, "R-8", &breach(8)).await;
+    wait_for_breaches(&running, 11.0).await;
     shutdown.cancel();
     running.wait().await.unwrap();
 }

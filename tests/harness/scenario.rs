@@ -44,13 +44,14 @@ pub fn contacted(id: &str, referral: &str, force: &str, at: Timestamp) -> Vec<u8
     referral_event(id, referral, force, at, r#""victimContacted":{}"#)
 }
 
-/// The value of the sample of `metric` whose labels include every `labels` fragment.
+/// The sum of the samples of `metric` whose labels include every `labels` fragment (over the
+/// exporter's `partition` label, for one), or `None` if there is none.
 fn sample(metrics_text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
     metrics_text
         .lines()
         .filter(|l| l.starts_with(metric) && labels.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .next()
+        .reduce(|a, b| a + b)
 }
 
 /// Runs the scenario against `brokers`. Topics must exist already unless

@@ -340,6 +340,7 @@ pub async fn run(
         },
     )?;
     consumer.context().report_lag(consumer_metrics.lag.clone());
+    consumer.context().restores_state(restored.clone());
     let handover = kafka::Handover::take_over(&consumer);
     let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
     let outputs = Outputs {

@@ -163,6 +163,9 @@ pub fn producer_with(
 pub struct ServiceConsumerContext {
     service: &'static str,
     ready: ReadinessHandle,
+    /// Not ready from the moment partitions are assigned until the service loop has restored
+    /// their state (see [`ServiceConsumerContext::restores_state`]).
+    state: std::sync::OnceLock<ReadinessHandle>,
     lag: std::sync::OnceLock<LagReport>,
     link: BrokerLink,
     handover: std::sync::Arc<HandoverState>,
@@ -307,6 +310,7 @@ impl ServiceConsumerContext {
         Self {
             service,
             ready,
+            state: std::sync::OnceLock::new(),
             lag: std::sync::OnceLock::new(),
             link: BrokerLink::default(),
             handover: std::sync::Arc::default(),
@@ -327,6 +331,14 @@ impl ServiceConsumerContext {
             }
             self.ready.set(self.link.ready());
         }
+    }
+
+    /// The service restores state for the partitions it is assigned, and sets `restored` once
+    /// it has: from the moment of an assignment until then, the service is not ready. (Without
+    /// this, readiness could report "ready" between the group's assignment and the loop noticing
+    /// it.)
+    pub fn restores_state(&self, restored: ReadinessHandle) {
+        let _ = self.state.set(restored);
     }
 
     /// Reports consumer lag per partition from librdkafka statistics (every
@@ -432,6 +444,11 @@ impl ConsumerContext for ServiceConsumerContext {
         let cooperative = matches!(base_consumer.rebalance_protocol(), Cooperative);
         let result = match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if tpl.count() > 0 {
+                    if let Some(state) = self.state.get() {
+                        state.set(false);
+                    }
+                }
                 let r = if cooperative {
                     base_consumer.incremental_assign(tpl)
                 } else {

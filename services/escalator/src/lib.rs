@@ -391,6 +391,7 @@ pub async fn run(
         &[&input],
         deps.readiness.component(SERVICE),
     )?;
+    consumer.context().restores_state(restored.clone());
     let handover = kafka::Handover::take_over(&consumer);
     // The longest a delivery attempt can take: its timeout, the extra second `deliver` allows,
     // and a margin.

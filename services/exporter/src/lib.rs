@@ -4,29 +4,35 @@
 //! counters and histograms served on `/metrics`. It writes dead letters and its own state.
 //!
 //! # Delivery contract
-//! Each input record is counted exactly once, across restarts: the totals and the input offsets
-//! they reflect are snapshotted to the compacted `exporter-state` topic every few seconds and on
-//! shutdown, offsets are committed only after the snapshot is acknowledged, and after a restart
-//! the totals are restored and records the snapshot already counted are skipped. Counters
-//! therefore stay monotonic across restarts. Re-published SLA events (the clock's at-least-once
-//! output) are recognised by id within a bounded window and not counted twice; the last 30,000
-//! counted ids (as hashes) are part of the snapshot, so this holds across the exporter's own
-//! restarts too. Run one exporter
-//! per consumer group: the snapshot is one record per group.
+//! Each input record is counted exactly once, across restarts and rebalances: the totals are
+//! kept per input partition, and each partition's totals and the offset they reflect are
+//! snapshotted to the compacted `exporter-state` topic every few seconds, before the partition
+//! is handed over, and on shutdown; offsets are committed only after the snapshot is
+//! acknowledged. Whichever instance is assigned a partition next restores its snapshot and skips
+//! records the snapshot already counted, so counters continue from where they were. SLA events
+//! the clock publishes again (its at-least-once output) are recognised by id within a window of
+//! the partition's last [`totals::DURABLE_ID_WINDOW`] ids, which is part of the snapshot.
+//!
+//! # Several instances
+//! Instances share the input through the consumer group. Each serves the series of the
+//! partitions it owns, labelled `partition`; a partition's series move with it, at their value,
+//! so `sum without (instance, partition)` is the whole at every moment and no series goes down.
 
 pub mod metrics;
 pub mod totals;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::TopicPartitionList;
 use safeclock_common::config::Settings;
-use safeclock_common::dedup::RecentIds;
-use safeclock_common::event::{decode_sla_event, transition_label, Rejection};
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, Topic};
+use safeclock_common::event::{decode_sla_event, transition_label};
+use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
+use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::policy::Policy;
 use safeclock_common::schema::v1::{
     referral_event::Kind, Category, ReferralEvent, RiskGrade, SlaEvent, SlaTransition,
@@ -35,11 +41,10 @@ use safeclock_common::schema::{duration_to_jiff, enum_label};
 use safeclock_common::service::ServiceDeps;
 use tokio_util::sync::CancellationToken;
 
-use crate::totals::{Totals, TotalsMetrics};
+use crate::totals::{Input, Shard, Totals, TotalsMetrics};
 
 const SERVICE: &str = "exporter";
 const MAX_BATCH: usize = 1000;
-const DEDUP_WINDOW: usize = 200_000;
 
 /// The transitions whose series are created at 0 when a clock of a new label set starts.
 const CLOCK_OUTCOMES: [SlaTransition; 5] = [
@@ -50,12 +55,11 @@ const CLOCK_OUTCOMES: [SlaTransition; 5] = [
     SlaTransition::Cancelled,
 ];
 
-/// Turns records into metric updates; separate from Kafka so tests can feed it directly.
+/// Turns records into metric updates in one partition's [`Totals`]; separate from Kafka so tests
+/// can feed it directly.
 pub struct Recorder {
     metrics: TotalsMetrics,
     bounds: SlaLabelBounds,
-    seen_sla_events: RecentIds,
-    seen_referral_events: RecentIds,
 }
 
 impl Recorder {
@@ -64,19 +68,19 @@ impl Recorder {
         Self {
             metrics,
             bounds: SlaLabelBounds::new(forces, rules.iter().map(String::as_str)),
-            seen_sla_events: RecentIds::new(DEDUP_WINDOW),
-            seen_referral_events: RecentIds::new(DEDUP_WINDOW),
         }
     }
 
-    pub fn referral_event(&mut self, event: &ReferralEvent) {
-        if !self.seen_referral_events.first_time(&event.event_id) {
+    /// Counts `event` in `totals` unless its id was counted recently.
+    pub fn referral_event(&self, totals: &mut Totals, event: &ReferralEvent) {
+        if totals.recent_ids.contains(&event.event_id) {
             return;
         }
+        totals.recent_ids.insert(&event.event_id);
         if let Some(Kind::ReferralReceived(r)) = &event.kind {
             let category = Category::try_from(r.category).unwrap_or(Category::Unspecified);
             let risk = RiskGrade::try_from(r.risk).unwrap_or(RiskGrade::Unspecified);
-            self.metrics.referral_received(
+            totals.referral_received(
                 self.bounds.force(&event.force_id),
                 &enum_label(category.as_str_name(), "CATEGORY_"),
                 &enum_label(risk.as_str_name(), "RISK_GRADE_"),
@@ -84,38 +88,36 @@ impl Recorder {
         }
     }
 
-    pub fn sla_event(&mut self, event: &SlaEvent) {
-        // The in-memory window is large; the durable one (in the snapshot) survives a restart.
+    /// Counts `event` in `totals` unless its id was counted recently.
+    pub fn sla_event(&self, totals: &mut Totals, event: &SlaEvent) {
         let id = event.sla_event_id.as_str();
-        if self.metrics.lock().recent_sla_events.contains(id)
-            || !self.seen_sla_events.first_time(id)
-        {
+        if totals.recent_ids.contains(id) {
             return;
         }
-        self.metrics.lock().recent_sla_events.insert(id);
+        totals.recent_ids.insert(id);
         let labels = event.labels.clone().unwrap_or_default();
         let force = self.bounds.force(&labels.force_id);
         let category = self.bounds.category(&labels.category);
         let risk = self.bounds.risk(&labels.risk);
         let rule = self.bounds.rule(&event.rule_id);
+        let buckets = self.metrics.bounds(rule);
         let transition = event.transition();
         if transition == SlaTransition::Started {
             // Every series a clock can move exists (at 0) from its start, so rate() and
             // increase() see its first met, breach or cancellation, and dashboards show 0
             // rather than "no data".
             for t in CLOCK_OUTCOMES {
-                self.metrics
-                    .transition([force, rule, category, risk, transition_label(t)], 0);
+                totals.transition([force, rule, category, risk, transition_label(t)], 0);
             }
-            self.metrics.time_to_stop(rule, force, category, risk, None);
+            totals.time_to_stop(buckets, [rule, force, category, risk], None);
         }
-        self.metrics.transition(
+        totals.transition(
             [force, rule, category, risk, transition_label(transition)],
             1,
         );
         match transition {
             SlaTransition::Breached => {
-                self.metrics.breach(
+                totals.breach(
                     force,
                     rule,
                     &enum_label(event.severity().as_str_name(), "SEVERITY_"),
@@ -124,8 +126,7 @@ impl Recorder {
             SlaTransition::Met | SlaTransition::MetLate => {
                 if let Some(elapsed) = &event.elapsed {
                     let secs = duration_to_jiff(elapsed).as_secs_f64().max(0.0);
-                    self.metrics
-                        .time_to_stop(rule, force, category, risk, Some(secs));
+                    totals.time_to_stop(buckets, [rule, force, category, risk], Some(secs));
                 }
             }
             _ => {}
@@ -133,51 +134,229 @@ impl Recorder {
     }
 }
 
-/// Where the exporter's totals are snapshotted: one record, keyed by the consumer group, always
-/// in partition 0 of the compacted `exporter-state` topic.
+/// Where the exporter's totals are snapshotted: one record per input partition, keyed
+/// `{group}/{input topic}/{partition}`, in the same partition of the compacted `exporter-state`
+/// topic (so taking over a partition reads one state partition).
 struct StateTopic {
     producer: FutureProducer,
     topic: String,
-    key: String,
+    group: String,
+    referral_topic: String,
+    sla_topic: String,
 }
 
 impl StateTopic {
-    /// The latest snapshot, if any.
-    async fn restore(&self, settings: &Settings) -> anyhow::Result<Option<Totals>> {
-        let (settings, topic, key) = (settings.clone(), self.topic.clone(), self.key.clone());
-        let group = format!("{key}-state-reader");
+    fn input_topic(&self, input: Input) -> &str {
+        match input {
+            Input::ReferralEvents => &self.referral_topic,
+            Input::SlaEvents => &self.sla_topic,
+        }
+    }
+
+    fn input_of(&self, topic: &str) -> Option<Input> {
+        if topic == self.sla_topic {
+            Some(Input::SlaEvents)
+        } else if topic == self.referral_topic {
+            Some(Input::ReferralEvents)
+        } else {
+            None
+        }
+    }
+
+    fn key(&self, (input, partition): Shard) -> String {
+        format!("{}/{}/{partition}", self.group, self.input_topic(input))
+    }
+
+    /// The shards in `tpl`.
+    fn shards(&self, tpl: &TopicPartitionList) -> BTreeSet<Shard> {
+        tpl.elements()
+            .iter()
+            .filter_map(|e| Some((self.input_of(e.topic())?, e.partition())))
+            .collect()
+    }
+
+    /// The latest snapshots in state partition `partition`, by key.
+    async fn read(
+        &self,
+        settings: &Settings,
+        partition: i32,
+    ) -> anyhow::Result<kafka::LatestByKey> {
+        let (settings, topic) = (settings.clone(), self.topic.clone());
+        let reader = format!("{}-state-reader", self.group);
         let (latest, _) = tokio::task::spawn_blocking(move || {
-            kafka::read_compacted_partition(&settings, &topic, 0, &group)
+            kafka::read_compacted_partition(&settings, &topic, partition, &reader)
         })
         .await??;
-        match latest.get(&self.key) {
-            Some(Some(bytes)) => Ok(Some(Totals::from_json(bytes).map_err(|e| {
-                anyhow::anyhow!("the exporter state in {} is not readable: {e}", self.topic)
-            })?)),
+        Ok(latest)
+    }
+
+    fn decode(&self, key: &str, bytes: &[u8]) -> anyhow::Result<Totals> {
+        Totals::from_json(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the exporter state {key} in {} is not readable: {e}",
+                self.topic
+            )
+        })
+    }
+
+    /// The snapshot of all partitions that exporters before per-partition totals wrote (key: the
+    /// group, in partition 0), if there is one.
+    async fn read_legacy(&self, settings: &Settings) -> anyhow::Result<Option<Totals>> {
+        match self.read(settings, 0).await?.get(&self.group) {
+            Some(Some(bytes)) => Ok(Some(self.decode(&self.group, bytes)?)),
             _ => Ok(None),
         }
     }
 
-    /// Writes `snapshot` and waits for the broker's acknowledgement.
-    async fn save(&self, snapshot: &[u8]) -> anyhow::Result<()> {
-        let record = FutureRecord::to(&self.topic)
-            .key(self.key.as_str())
-            .payload(snapshot)
-            .partition(0);
-        let delivery = kafka::enqueue(&self.producer, record).await?;
-        kafka::await_deliveries(vec![delivery]).await
+    /// Writes the snapshots and waits for the broker's acknowledgement of every one.
+    async fn save(&self, snapshots: Vec<(Shard, Vec<u8>)>) -> anyhow::Result<()> {
+        let mut deliveries = Vec::with_capacity(snapshots.len());
+        for (shard, bytes) in &snapshots {
+            let key = self.key(*shard);
+            let record = FutureRecord::to(&self.topic)
+                .key(key.as_str())
+                .payload(bytes.as_slice())
+                .partition(shard.1);
+            deliveries.push(kafka::enqueue(&self.producer, record).await?);
+        }
+        kafka::await_deliveries(deliveries).await
     }
 }
 
 /// How often the totals are snapshotted (and input offsets committed).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The exporter's hold on its partitions: which totals it owns and which changed since they were
+/// last written.
+struct Shards<'a> {
+    settings: &'a Settings,
+    state: StateTopic,
+    metrics: TotalsMetrics,
+    /// The snapshot of all partitions from before per-partition totals, shared out on first
+    /// assignment of each partition that has no snapshot of its own.
+    legacy: Option<Totals>,
+    restored: ReadinessHandle,
+    /// Owned shards changed since their last snapshot.
+    dirty: BTreeSet<Shard>,
+    /// Offsets handled since the last snapshot: stored for commit once a snapshot covers them.
+    pending: OffsetBook,
+}
+
+impl Shards<'_> {
+    /// Restores the totals of newly assigned partitions (this instance serves them from now on)
+    /// and drops those of partitions lost without a hand-over (their new owner restores them
+    /// from the last snapshot and counts the rest again).
+    async fn sync_assignment(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<()> {
+        let assigned = match consumer.assignment() {
+            Ok(tpl) => self.state.shards(&tpl),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot read the partition assignment");
+                return Ok(());
+            }
+        };
+        let missing: Vec<Shard> = {
+            let mut owned = self.metrics.lock();
+            owned.retain(|shard, _| {
+                let keep = assigned.contains(shard);
+                if !keep {
+                    tracing::warn!(
+                        partition = shard.1,
+                        topic = self.state.input_topic(shard.0),
+                        "partition lost: its totals are with another instance now"
+                    );
+                }
+                keep
+            });
+            assigned
+                .into_iter()
+                .filter(|s| !owned.contains_key(s))
+                .collect()
+        };
+        self.dirty.retain(|s| !missing.contains(s));
+        if missing.is_empty() {
+            self.restored.set(true);
+            return Ok(());
+        }
+        // Not ready while restoring: the totals served are incomplete until it finishes.
+        self.restored.set(false);
+        let mut by_state_partition: BTreeMap<i32, Vec<Input>> = BTreeMap::new();
+        for (input, partition) in missing {
+            by_state_partition.entry(partition).or_default().push(input);
+        }
+        for (partition, inputs) in by_state_partition {
+            let started = Instant::now();
+            let latest = self.state.read(self.settings, partition).await?;
+            for input in inputs {
+                let shard = (input, partition);
+                let key = self.state.key(shard);
+                let totals = match latest.get(&key) {
+                    Some(Some(bytes)) => self.state.decode(&key, bytes)?,
+                    _ => match &self.legacy {
+                        Some(all) => {
+                            // Written at the next snapshot: from then on the partition's own
+                            // record is the truth.
+                            self.dirty.insert(shard);
+                            all.legacy_share(input, self.state.input_topic(input), partition)
+                        }
+                        None => Totals::default(),
+                    },
+                };
+                tracing::info!(
+                    partition,
+                    topic = self.state.input_topic(input),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "partition totals restored"
+                );
+                self.metrics.lock().insert(shard, totals);
+            }
+        }
+        self.restored.set(true);
+        Ok(())
+    }
+
+    /// Snapshots every changed partition's totals (with the offset they reflect) and, once the
+    /// broker has them, stores the offsets handled so far for commit.
+    async fn snapshot(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<()> {
+        let snapshots: Vec<(Shard, Vec<u8>)> = {
+            let owned = self.metrics.lock();
+            self.dirty
+                .iter()
+                .filter_map(|s| owned.get(s).map(|t| (*s, t.to_json())))
+                .collect()
+        };
+        self.state.save(snapshots).await?;
+        self.dirty.clear();
+        std::mem::take(&mut self.pending).store(consumer);
+        Ok(())
+    }
+
+    /// Hands `revoked` over: their totals are written and their offsets committed, then this
+    /// instance stops serving them and gives them back to the group.
+    async fn hand_over(
+        &mut self,
+        consumer: &ServiceConsumer,
+        handover: &kafka::Handover<'_>,
+        revoked: &TopicPartitionList,
+    ) -> anyhow::Result<()> {
+        self.snapshot(consumer).await?;
+        kafka::commit_stored(consumer, SERVICE);
+        let gone = self.state.shards(revoked);
+        self.metrics.lock().retain(|s, _| !gone.contains(s));
+        tracing::info!(
+            partitions = gone.len(),
+            "partitions handed over: totals written, offsets committed"
+        );
+        handover.release(revoked);
+        Ok(())
+    }
+}
+
 /// Runs the exporter until `shutdown` is cancelled.
 ///
-/// Counting is exactly once per record, across restarts: the totals and the next offset of each
-/// input partition are snapshotted together (acknowledged by the broker) before those offsets
-/// are stored for commit; on start the snapshot is restored and records below its offsets are
-/// skipped, so a crash between a snapshot and the commit cannot count a record twice.
+/// Counting is exactly once per record, across restarts and rebalances: each partition's totals
+/// and its next offset are snapshotted together (acknowledged by the broker) before those offsets
+/// are stored for commit; the next owner of a partition restores its snapshot and skips records
+/// below its offset, so a crash between a snapshot and the commit cannot count a record twice.
 ///
 /// # Errors
 /// When Kafka clients cannot be created, the state cannot be read or written, or dead letters
@@ -191,23 +370,32 @@ pub async fn run(
     let rules = Policy::load(&settings)?.rules.rules;
     let metrics = metrics::register(&deps.registry, &rules)?;
     let producer = kafka::producer(&settings)?;
+    let referral_topic = settings.topic(Topic::ReferralEvents);
+    let sla_topic = settings.topic(Topic::SlaEvents);
+    kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ExporterState).await?;
+    kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::ExporterState).await?;
     let state = StateTopic {
         producer: producer.clone(),
         topic: settings.topic(Topic::ExporterState),
-        key: settings.exporter.group_id.clone(),
+        group: settings.exporter.group_id.clone(),
+        referral_topic: referral_topic.clone(),
+        sla_topic: sla_topic.clone(),
     };
-    // Not ready (no partitions assigned) until the totals are back.
-    if let Some(totals) = state.restore(&settings).await? {
-        tracing::info!(
-            series = totals.transitions.len(),
-            "exporter totals restored"
-        );
-        metrics.restore(totals);
+    let legacy = state.read_legacy(&settings).await?;
+    if legacy.is_some() {
+        tracing::info!("a snapshot of all partitions from an earlier version is shared out per partition as they are assigned");
     }
     let rule_ids: Vec<String> = rules.into_iter().map(|r| r.id).collect();
-    let mut recorder = Recorder::new(metrics.clone(), &settings.forces, &rule_ids);
-    let referral_topic = settings.topic(Topic::ReferralEvents);
-    let sla_topic = settings.topic(Topic::SlaEvents);
+    let recorder = Recorder::new(metrics.clone(), &settings.forces, &rule_ids);
+    let mut shards = Shards {
+        settings: &settings,
+        state,
+        metrics: metrics.clone(),
+        legacy,
+        restored: deps.readiness.component("exporter-state"),
+        dirty: BTreeSet::new(),
+        pending: OffsetBook::default(),
+    };
     let consumer = kafka::consumer(
         &settings,
         SERVICE,
@@ -216,24 +404,30 @@ pub async fn run(
         deps.readiness.component(SERVICE),
     )?;
     consumer.context().report_lag(consumer_metrics.lag.clone());
+    consumer.context().restores_state(shards.restored.clone());
+    let handover = kafka::Handover::take_over(&consumer);
     let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
     let plausibility = safeclock_common::event::Plausibility::new(&settings);
     tracing::info!(referral_topic, sla_topic, "exporter started");
 
-    // Offsets handled since the last snapshot: stored for commit once a snapshot covers them.
-    let mut pending = OffsetBook::default();
     let mut snapshot_due = tokio::time::interval(SNAPSHOT_INTERVAL);
     snapshot_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            revoked = handover.revoked() => {
+                shards.hand_over(&consumer, &handover, &revoked).await?;
+                continue;
+            }
             _ = snapshot_due.tick() => {
-                snapshot(&state, &metrics, &consumer, &mut pending).await?;
+                shards.sync_assignment(&consumer).await?;
+                shards.snapshot(&consumer).await?;
                 continue;
             }
             batch = kafka::next_batch(&consumer, MAX_BATCH) => batch,
         };
+        shards.sync_assignment(&consumer).await?;
         let started = Instant::now();
         let mut deliveries = Vec::new();
         for message in &batch {
@@ -242,27 +436,43 @@ pub async fn run(
                 .with_label_values(&[SERVICE, message.topic()])
                 .inc();
             consumer_metrics.observe_latency(SERVICE, message.timestamp().to_millis());
-            pending.handled(message);
-            if metrics
-                .lock()
-                .counted(message.topic(), message.partition(), message.offset())
-            {
-                continue; // counted before the last restart
+            let Some(input) = shards.state.input_of(message.topic()) else {
+                continue;
+            };
+            let shard = (input, message.partition());
+            let (topic, partition, offset) =
+                (message.topic(), message.partition(), message.offset());
+            match metrics.lock().get(&shard) {
+                // Handed over between the fetch and now: its new owner counts it.
+                None => continue,
+                // Counted before the snapshot this instance restored.
+                Some(t) if t.counted(topic, partition, offset) => {
+                    shards.pending.handled(message);
+                    continue;
+                }
+                Some(_) => {}
             }
             let payload = message.payload().unwrap_or_default();
-            let outcome: Result<(), Rejection> = if message.topic() == sla_topic {
-                decode_sla_event(payload).map(|e| recorder.sla_event(&e))
-            } else {
-                plausibility
+            let decoded = match input {
+                Input::SlaEvents => decode_sla_event(payload).map(|e| Record::Sla(Box::new(e))),
+                Input::ReferralEvents => plausibility
                     .decode(payload, deps.time.now())
-                    .map(|e| recorder.referral_event(&e))
+                    .map(|e| Record::Referral(Box::new(e))),
             };
-            if let Err(rejection) = outcome {
-                deliveries.push(dead_letters.send(message, &rejection).await?);
+            if let Err(rejection) = &decoded {
+                deliveries.push(dead_letters.send(message, rejection).await?);
             }
-            metrics
-                .lock()
-                .advance(message.topic(), message.partition(), message.offset());
+            let mut owned = metrics.lock();
+            if let Some(totals) = owned.get_mut(&shard) {
+                match &decoded {
+                    Ok(Record::Sla(e)) => recorder.sla_event(totals, e),
+                    Ok(Record::Referral(e)) => recorder.referral_event(totals, e),
+                    Err(_) => {}
+                }
+                totals.advance(topic, partition, offset);
+                shards.dirty.insert(shard);
+                shards.pending.handled(message);
+            }
         }
         kafka::await_deliveries(deliveries).await?;
         consumer_metrics
@@ -270,27 +480,16 @@ pub async fn run(
             .with_label_values(&[SERVICE])
             .observe(started.elapsed().as_secs_f64());
     }
-    snapshot(&state, &metrics, &consumer, &mut pending).await?;
+    shards.snapshot(&consumer).await?;
     kafka::commit_stored(&consumer, SERVICE);
     tracing::info!("exporter stopped");
     Ok(())
 }
 
-/// Snapshots the totals (with the offsets they reflect) and, once the broker has them, stores
-/// the offsets handled so far for commit.
-async fn snapshot(
-    state: &StateTopic,
-    metrics: &TotalsMetrics,
-    consumer: &kafka::ServiceConsumer,
-    pending: &mut OffsetBook,
-) -> anyhow::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let bytes = metrics.lock().to_json();
-    state.save(&bytes).await?;
-    std::mem::take(pending).store(consumer);
-    Ok(())
+/// A decoded input record.
+enum Record {
+    Sla(Box<SlaEvent>),
+    Referral(Box<ReferralEvent>),
 }
 
 #[cfg(test)]
@@ -323,11 +522,12 @@ mod tests {
     fn counts_breaches_once_observes_time_to_stop_and_bounds_labels() {
         let registry = Registry::new();
         let metrics = metrics::register(&registry, &[]).unwrap();
-        let mut r = Recorder::new(
+        let r = Recorder::new(
             metrics.clone(),
             &["nottinghamshire".to_string()],
             &["victim-contact".to_string()],
         );
+        let mut totals = Totals::default();
         let breach = sla(
             "b1",
             "nottinghamshire",
@@ -335,16 +535,18 @@ mod tests {
             SlaTransition::Breached,
             86_400,
         );
-        r.sla_event(&breach);
-        r.sla_event(&breach); // re-delivered: not counted again
-        r.sla_event(&sla(
-            "m1",
-            "atlantis",
-            "made-up-rule",
-            SlaTransition::MetLate,
-            5 * 86_400,
-        ));
-        let totals = metrics.lock();
+        r.sla_event(&mut totals, &breach);
+        r.sla_event(&mut totals, &breach); // re-delivered: not counted again
+        r.sla_event(
+            &mut totals,
+            &sla(
+                "m1",
+                "atlantis",
+                "made-up-rule",
+                SlaTransition::MetLate,
+                5 * 86_400,
+            ),
+        );
         let key = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             totals.breaches[&key(&["nottinghamshire", "victim-contact", "high"])],
@@ -353,5 +555,11 @@ mod tests {
         let h = &totals.time_to_stop[&key(&["other", "other", "other", "other"])];
         assert_eq!(h.count(), 1);
         assert_eq!(h.sum, 5.0 * 86_400.0);
+
+        // A re-delivery is still recognised by the next owner of the partition, from the
+        // snapshot.
+        let mut next_owner = Totals::from_json(&totals.to_json()).unwrap();
+        r.sla_event(&mut next_owner, &breach);
+        assert_eq!(next_owner, totals);
     }
 }

@@ -121,9 +121,14 @@ mod tests {
         let pack = RuleSet::default_pack().unwrap();
         let registry = Registry::new();
         let metrics = register(&registry, &pack.rules).unwrap();
+        let mut totals = crate::totals::Totals::default();
         for rule in &pack.rules {
-            metrics.time_to_stop(&rule.id, "f", "grooming", "high", Some(60.0));
+            let labels = [rule.id.as_str(), "f", "grooming", "high"];
+            totals.time_to_stop(metrics.bounds(&rule.id), labels, Some(60.0));
         }
+        metrics
+            .lock()
+            .insert((crate::totals::Input::SlaEvents, 0), totals);
         let families = registry.gather();
         let family = families
             .iter()

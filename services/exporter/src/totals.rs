@@ -7,6 +7,11 @@
 //! restores the snapshot and skips records at offsets the snapshot already counted: counters
 //! continue from where they were, and each record is counted once (see `crate::run`).
 //!
+//! The totals are kept per input partition ([`Shard`]) and served with a `partition` label, so
+//! several exporters can share the input: a partition's series move with the partition, at the
+//! value they had, to the instance that takes it over. Summing over `partition` and `instance`
+//! gives the whole, and no series ever goes down (which Prometheus would read as a reset).
+//!
 //! The prometheus crate cannot restore a histogram's buckets and sum, hence a small collector
 //! that renders [`Totals`] as metric families at scrape time.
 
@@ -21,6 +26,7 @@ pub const REFERRALS_RECEIVED: &str = "safeclock_referrals_received_total";
 pub const TRANSITIONS: &str = "safeclock_sla_transitions_total";
 pub const BREACHES: &str = "safeclock_sla_breaches_total";
 pub const TIME_TO_STOP: &str = "safeclock_sla_time_to_stop_seconds";
+pub const PARTITIONS: &str = "safeclock_exporter_partitions";
 
 const REFERRALS_LABELS: [&str; 3] = ["force", "category", "risk"];
 const TRANSITIONS_LABELS: [&str; 5] = ["force", "rule", "category", "risk", "transition"];
@@ -60,7 +66,20 @@ impl HistogramState {
     }
 }
 
-/// Everything counted, keyed by label values, and the next offset to read per input partition.
+/// The input topics whose records the exporter counts; each metric family comes from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Input {
+    /// `referral-events`: `safeclock_referrals_received_total`.
+    ReferralEvents,
+    /// `sla-events`: transitions, breaches and time to stop.
+    SlaEvents,
+}
+
+/// One input partition: the unit of the totals that moves between instances.
+pub type Shard = (Input, i32);
+
+/// Everything counted from one input partition, keyed by label values, and the next offset to
+/// read (`offsets` holds that partition only; older snapshots held every partition).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     pub referrals_received: BTreeMap<Vec<String>, u64>,
@@ -69,13 +88,15 @@ pub struct Totals {
     pub time_to_stop: BTreeMap<Vec<String>, HistogramState>,
     /// `topic` -> partition -> next offset: records below it are counted already.
     pub offsets: BTreeMap<String, BTreeMap<i32, i64>>,
-    /// The SLA events counted most recently, as id hashes, kept with the totals so that an SLA
-    /// event the clock publishes again after the exporter restarted is still recognised.
-    pub recent_sla_events: RecentHashes,
+    /// The ids counted most recently from this partition (SLA event ids or referral event ids),
+    /// as hashes, kept with the totals so that a record published again (the clock re-publishes
+    /// after a crash) is recognised by whichever instance owns the partition next.
+    pub recent_ids: RecentHashes,
 }
 
-/// How many recently counted SLA event ids the snapshot keeps (8 bytes each).
-pub const DURABLE_SLA_WINDOW: usize = 30_000;
+/// How many recently counted ids the snapshot of one partition keeps (8 bytes each). A clock
+/// re-publishes at most what it published to the partition since its last commit.
+pub const DURABLE_ID_WINDOW: usize = 20_000;
 
 /// A bounded window of 64-bit id hashes, oldest forgotten first.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -93,14 +114,14 @@ impl RecentHashes {
         self.set.contains(&Self::hash(id))
     }
 
-    /// Remembers `id`, forgetting the oldest beyond [`DURABLE_SLA_WINDOW`].
+    /// Remembers `id`, forgetting the oldest beyond [`DURABLE_ID_WINDOW`].
     pub fn insert(&mut self, id: &str) {
         let h = Self::hash(id);
         if !self.set.insert(h) {
             return;
         }
         self.order.push_back(h);
-        while self.order.len() > DURABLE_SLA_WINDOW {
+        while self.order.len() > DURABLE_ID_WINDOW {
             if let Some(old) = self.order.pop_front() {
                 self.set.remove(&old);
             }
@@ -151,9 +172,10 @@ struct Snapshot {
     breaches: Vec<(Vec<String>, u64)>,
     time_to_stop: Vec<(Vec<String>, HistogramState)>,
     offsets: BTreeMap<String, BTreeMap<i32, i64>>,
-    /// Base64 of little-endian u64 hashes; absent in snapshots written before it existed.
-    #[serde(default)]
-    recent_sla_events: RecentHashes,
+    /// Base64 of little-endian u64 hashes; absent in snapshots written before it existed, and
+    /// named `recent_sla_events` in those of one snapshot for all partitions.
+    #[serde(default, alias = "recent_sla_events")]
+    recent_ids: RecentHashes,
 }
 
 impl Totals {
@@ -165,7 +187,7 @@ impl Totals {
             breaches: self.breaches.clone().into_iter().collect(),
             time_to_stop: self.time_to_stop.clone().into_iter().collect(),
             offsets: self.offsets.clone(),
-            recent_sla_events: self.recent_sla_events.clone(),
+            recent_ids: self.recent_ids.clone(),
         };
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }
@@ -180,7 +202,7 @@ impl Totals {
             breaches: s.breaches.into_iter().collect(),
             time_to_stop: s.time_to_stop.into_iter().collect(),
             offsets: s.offsets,
-            recent_sla_events: s.recent_sla_events,
+            recent_ids: s.recent_ids,
         })
     }
 
@@ -201,16 +223,85 @@ impl Totals {
             .or_insert(0);
         *next = (*next).max(offset + 1);
     }
+
+    /// One partition's part of a snapshot written for all partitions at once (before totals
+    /// were kept per partition): its offset, the recent ids, and, for partition 0 only, the
+    /// counts of `input`'s metrics. Counts cannot be split by partition; what is read is their
+    /// sum over partitions, which this keeps.
+    pub fn legacy_share(&self, input: Input, topic: &str, partition: i32) -> Totals {
+        let mut share = Totals {
+            recent_ids: self.recent_ids.clone(),
+            ..Totals::default()
+        };
+        if let Some(next) = self.offsets.get(topic).and_then(|p| p.get(&partition)) {
+            share
+                .offsets
+                .entry(topic.to_string())
+                .or_default()
+                .insert(partition, *next);
+        }
+        if partition == 0 {
+            match input {
+                Input::ReferralEvents => {
+                    share.referrals_received = self.referrals_received.clone();
+                }
+                Input::SlaEvents => {
+                    share.transitions = self.transitions.clone();
+                    share.breaches = self.breaches.clone();
+                    share.time_to_stop = self.time_to_stop.clone();
+                }
+            }
+        }
+        share
+    }
 }
 
 fn key(labels: &[&str]) -> Vec<String> {
     labels.iter().map(|l| (*l).to_string()).collect()
 }
 
-/// The exporter's metrics: [`Totals`] behind a lock, and the bucket bounds of each rule.
+impl Totals {
+    pub fn referral_received(&mut self, force: &str, category: &str, risk: &str) {
+        *self
+            .referrals_received
+            .entry(key(&[force, category, risk]))
+            .or_default() += 1;
+    }
+
+    /// Adds `n` (0 creates the series at zero) to a transition counter.
+    pub fn transition(&mut self, labels: [&str; 5], n: u64) {
+        *self.transitions.entry(key(&labels)).or_default() += n;
+    }
+
+    pub fn breach(&mut self, force: &str, rule: &str, severity: &str) {
+        *self
+            .breaches
+            .entry(key(&[force, rule, severity]))
+            .or_default() += 1;
+    }
+
+    /// Observes a time to stop in a histogram with `bounds`; `None` only creates the series.
+    pub fn time_to_stop(&mut self, bounds: &[f64], labels: [&str; 4], secs: Option<f64>) {
+        let series = self
+            .time_to_stop
+            .entry(key(&labels))
+            .or_insert_with(|| HistogramState::new(bounds));
+        if series.bounds != bounds {
+            // The rule's target changed since the snapshot: its old buckets cannot take new
+            // observations, so the series starts again (Prometheus sees a counter reset).
+            *series = HistogramState::new(bounds);
+        }
+        if let Some(secs) = secs {
+            series.observe(secs);
+        }
+    }
+}
+
+/// The exporter's metrics: the [`Totals`] of every input partition this instance owns, behind a
+/// lock, and the bucket bounds of each rule.
 #[derive(Clone)]
 pub struct TotalsMetrics {
-    totals: Arc<Mutex<Totals>>,
+    shards: Arc<Mutex<BTreeMap<Shard, Totals>>>,
     buckets: Arc<HashMap<String, Vec<f64>>>,
     other_buckets: Arc<Vec<f64>>,
 }
@@ -219,7 +310,7 @@ impl TotalsMetrics {
     /// `buckets`: the time-to-stop bucket bounds per rule id; `other_buckets` for rules not in it.
     pub fn new(buckets: HashMap<String, Vec<f64>>, other_buckets: Vec<f64>) -> Self {
         Self {
-            totals: Arc::new(Mutex::new(Totals::default())),
+            shards: Arc::new(Mutex::new(BTreeMap::new())),
             buckets: Arc::new(buckets),
             other_buckets: Arc::new(other_buckets),
         }
@@ -233,61 +324,16 @@ impl TotalsMetrics {
         registry.register(Box::new(TotalsCollector::new(self.clone())?))
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Totals> {
-        self.totals
+    /// The totals of the partitions this instance owns (and serves).
+    pub fn lock(&self) -> MutexGuard<'_, BTreeMap<Shard, Totals>> {
+        self.shards
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Replaces the totals with restored ones.
-    pub fn restore(&self, totals: Totals) {
-        *self.lock() = totals;
-    }
-
-    pub fn referral_received(&self, force: &str, category: &str, risk: &str) {
-        *self
-            .lock()
-            .referrals_received
-            .entry(key(&[force, category, risk]))
-            .or_default() += 1;
-    }
-
-    /// Adds `n` (0 creates the series at zero) to a transition counter.
-    pub fn transition(&self, labels: [&str; 5], n: u64) {
-        *self.lock().transitions.entry(key(&labels)).or_default() += n;
-    }
-
-    pub fn breach(&self, force: &str, rule: &str, severity: &str) {
-        *self
-            .lock()
-            .breaches
-            .entry(key(&[force, rule, severity]))
-            .or_default() += 1;
-    }
-
-    /// Observes a time to stop; `None` only creates the series.
-    pub fn time_to_stop(
-        &self,
-        rule: &str,
-        force: &str,
-        category: &str,
-        risk: &str,
-        secs: Option<f64>,
-    ) {
-        let bounds = self.buckets.get(rule).unwrap_or(&self.other_buckets);
-        let mut totals = self.lock();
-        let series = totals
-            .time_to_stop
-            .entry(key(&[rule, force, category, risk]))
-            .or_insert_with(|| HistogramState::new(bounds));
-        if series.bounds != *bounds {
-            // The rule's target changed since the snapshot: its old buckets cannot take new
-            // observations, so the series starts again (Prometheus sees a counter reset).
-            *series = HistogramState::new(bounds);
-        }
-        if let Some(secs) = secs {
-            series.observe(secs);
-        }
+    /// The time-to-stop bucket bounds of `rule`.
+    pub fn bounds(&self, rule: &str) -> &[f64] {
+        self.buckets.get(rule).unwrap_or(&self.other_buckets)
     }
 }
 
@@ -296,13 +342,20 @@ struct TotalsCollector {
     descs: Vec<Desc>,
 }
 
+/// The label every exporter series has on top of its own: the input partition it counts.
+const PARTITION_LABEL: &str = "partition";
+
 impl TotalsCollector {
     fn new(metrics: TotalsMetrics) -> prometheus::Result<Self> {
         let desc = |name: &str, help: &str, labels: &[&str]| {
             Desc::new(
                 name.to_string(),
                 help.to_string(),
-                labels.iter().map(|l| (*l).to_string()).collect(),
+                labels
+                    .iter()
+                    .chain([&PARTITION_LABEL])
+                    .map(|l| (*l).to_string())
+                    .collect(),
                 HashMap::new(),
             )
         };
@@ -313,54 +366,126 @@ impl TotalsCollector {
                 desc(TRANSITIONS, TRANSITIONS_HELP, &TRANSITIONS_LABELS)?,
                 desc(BREACHES, BREACHES_HELP, &BREACHES_LABELS)?,
                 desc(TIME_TO_STOP, TIME_TO_STOP_HELP, &TIME_TO_STOP_LABELS)?,
+                Desc::new(
+                    PARTITIONS.to_string(),
+                    PARTITIONS_HELP.to_string(),
+                    vec!["topic".to_string()],
+                    HashMap::new(),
+                )?,
             ],
         })
     }
 }
 
 const REFERRALS_HELP: &str =
-    "Child-protection referrals received, by force, category and risk grade.";
-const TRANSITIONS_HELP: &str = "SLA clock transitions (started, warning, breached, met, met_late, cancelled, corrected, paused, resumed), by force, rule, category and risk.";
-const BREACHES_HELP: &str = "SLA clocks that passed their deadline, by force, rule and severity.";
-const TIME_TO_STOP_HELP: &str = "Time from clock start to the stop event (met or met late), in event time, minus pauses. Buckets sit at the rule's targets and their multiples.";
+    "Child-protection referrals received, by force, category and risk grade (and input partition: sum over it).";
+const TRANSITIONS_HELP: &str = "SLA clock transitions (started, warning, breached, met, met_late, cancelled, corrected, paused, resumed), by force, rule, category and risk (and input partition: sum over it).";
+const BREACHES_HELP: &str = "SLA clocks that passed their deadline, by force, rule and severity (and input partition: sum over it).";
+const TIME_TO_STOP_HELP: &str = "Time from clock start to the stop event (met or met late), in event time, minus pauses. Buckets sit at the rule's targets and their multiples. By input partition too: sum over it.";
 
-fn labels(names: &[&str], values: &[String]) -> Vec<LabelPair> {
+const PARTITIONS_HELP: &str = "Input partitions this exporter instance holds (and whose series it serves), by input: referral-events or sla-events. Summed over instances it is the partition count.";
+
+fn labels(names: &[&str], values: &[String], partition: &str) -> Vec<LabelPair> {
+    let pair = |name: &str, value: &str| {
+        let mut p = LabelPair::default();
+        p.set_name(name.to_string());
+        p.set_value(value.to_string());
+        p
+    };
     let mut pairs: Vec<LabelPair> = names
         .iter()
         .zip(values)
-        .map(|(n, v)| {
-            let mut p = LabelPair::default();
-            p.set_name((*n).to_string());
-            p.set_value(v.clone());
-            p
-        })
+        .map(|(n, v)| pair(n, v))
+        .chain([pair(PARTITION_LABEL, partition)])
         .collect();
     pairs.sort_by(|a, b| a.name().cmp(b.name()));
     pairs
 }
 
-fn counter_family(
+/// A family of metrics with one series per label set per partition.
+fn family<'a, T: 'a>(
     name: &str,
     help: &str,
+    kind: MetricType,
+    series: impl Iterator<Item = (i32, &'a BTreeMap<Vec<String>, T>)>,
     names: &[&str],
-    series: &BTreeMap<Vec<String>, u64>,
+    render: impl Fn(&T, &mut Metric),
 ) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(name.to_string());
     family.set_help(help.to_string());
-    family.set_field_type(MetricType::COUNTER);
+    family.set_field_type(kind);
     family.set_metric(
         series
-            .iter()
-            .map(|(values, n)| {
-                let mut m = Metric::default();
-                m.set_label(labels(names, values));
-                let mut c = Counter::default();
-                c.set_value(*n as f64);
-                m.set_counter(c);
-                m
+            .flat_map(|(partition, map)| {
+                let partition = partition.to_string();
+                map.iter()
+                    .map(|(values, value)| {
+                        let mut m = Metric::default();
+                        m.set_label(labels(names, values, &partition));
+                        render(value, &mut m);
+                        m
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect(),
+    );
+    family
+}
+
+fn counter(n: &u64, m: &mut Metric) {
+    let mut c = Counter::default();
+    c.set_value(*n as f64);
+    m.set_counter(c);
+}
+
+fn histogram(h: &HistogramState, m: &mut Metric) {
+    let mut cumulative = 0;
+    let buckets = h
+        .bounds
+        .iter()
+        .zip(&h.counts)
+        .map(|(bound, n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut hist = Histogram::default();
+    hist.set_bucket(buckets);
+    hist.set_sample_count(h.count());
+    hist.set_sample_sum(h.sum);
+    m.set_histogram(hist);
+}
+
+/// `safeclock_exporter_partitions{topic}`, counted from the shards held (both inputs always
+/// have a series, 0 when none is held).
+fn partitions_family(shards: &BTreeMap<Shard, Totals>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(PARTITIONS.to_string());
+    family.set_help(PARTITIONS_HELP.to_string());
+    family.set_field_type(MetricType::GAUGE);
+    family.set_metric(
+        [
+            (Input::ReferralEvents, "referral-events"),
+            (Input::SlaEvents, "sla-events"),
+        ]
+        .into_iter()
+        .map(|(input, topic)| {
+            let held = shards.keys().filter(|(i, _)| *i == input).count();
+            let mut label = LabelPair::default();
+            label.set_name("topic".to_string());
+            label.set_value(topic.to_string());
+            let mut gauge = prometheus::proto::Gauge::default();
+            gauge.set_value(held as f64);
+            let mut m = Metric::default();
+            m.set_label(vec![label]);
+            m.set_gauge(gauge);
+            m
+        })
+        .collect(),
     );
     family
 }
@@ -371,55 +496,47 @@ impl Collector for TotalsCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let totals = self.metrics.lock();
-        let mut histograms = MetricFamily::default();
-        histograms.set_name(TIME_TO_STOP.to_string());
-        histograms.set_help(TIME_TO_STOP_HELP.to_string());
-        histograms.set_field_type(MetricType::HISTOGRAM);
-        histograms.set_metric(
-            totals
-                .time_to_stop
+        let shards = self.metrics.lock();
+        let of = |input: Input| {
+            shards
                 .iter()
-                .map(|(values, h)| {
-                    let mut cumulative = 0;
-                    let buckets = h
-                        .bounds
-                        .iter()
-                        .zip(&h.counts)
-                        .map(|(bound, n)| {
-                            cumulative += n;
-                            let mut b = Bucket::default();
-                            b.set_upper_bound(*bound);
-                            b.set_cumulative_count(cumulative);
-                            b
-                        })
-                        .collect();
-                    let mut hist = Histogram::default();
-                    hist.set_bucket(buckets);
-                    hist.set_sample_count(h.count());
-                    hist.set_sample_sum(h.sum);
-                    let mut m = Metric::default();
-                    m.set_label(labels(&TIME_TO_STOP_LABELS, values));
-                    m.set_histogram(hist);
-                    m
-                })
-                .collect(),
-        );
+                .filter(move |((i, _), _)| *i == input)
+                .map(|((_, p), t)| (*p, t))
+        };
         vec![
-            counter_family(
+            family(
                 REFERRALS_RECEIVED,
                 REFERRALS_HELP,
+                MetricType::COUNTER,
+                of(Input::ReferralEvents).map(|(p, t)| (p, &t.referrals_received)),
                 &REFERRALS_LABELS,
-                &totals.referrals_received,
+                counter,
             ),
-            counter_family(
+            family(
                 TRANSITIONS,
                 TRANSITIONS_HELP,
+                MetricType::COUNTER,
+                of(Input::SlaEvents).map(|(p, t)| (p, &t.transitions)),
                 &TRANSITIONS_LABELS,
-                &totals.transitions,
+                counter,
             ),
-            counter_family(BREACHES, BREACHES_HELP, &BREACHES_LABELS, &totals.breaches),
-            histograms,
+            family(
+                BREACHES,
+                BREACHES_HELP,
+                MetricType::COUNTER,
+                of(Input::SlaEvents).map(|(p, t)| (p, &t.breaches)),
+                &BREACHES_LABELS,
+                counter,
+            ),
+            family(
+                TIME_TO_STOP,
+                TIME_TO_STOP_HELP,
+                MetricType::HISTOGRAM,
+                of(Input::SlaEvents).map(|(p, t)| (p, &t.time_to_stop)),
+                &TIME_TO_STOP_LABELS,
+                histogram,
+            ),
+            partitions_family(&shards),
         ]
     }
 }
@@ -435,33 +552,26 @@ mod tests {
         )
     }
 
+    const VICTIM: [&str; 4] = ["victim-contact", "f", "grooming", "high"];
+
     #[test]
     fn a_snapshot_restores_every_counter_histogram_and_offset() {
         let m = metrics();
-        m.referral_received("f", "grooming", "high");
-        m.transition(["f", "victim-contact", "grooming", "high", "met"], 1);
-        m.breach("f", "victim-contact", "high");
-        m.time_to_stop("victim-contact", "f", "grooming", "high", Some(30_000.0));
-        m.time_to_stop("victim-contact", "f", "grooming", "high", Some(100_000.0));
-        m.lock().advance("t", 2, 41);
-        let json = m.lock().to_json();
-        let restored = metrics();
-        restored.restore(Totals::from_json(&json).unwrap());
-        assert_eq!(*restored.lock(), *m.lock());
-        assert!(restored.lock().counted("t", 2, 41));
-        assert!(!restored.lock().counted("t", 2, 42));
-        assert!(!restored.lock().counted("t", 3, 0));
+        let mut t = Totals::default();
+        t.referral_received("f", "grooming", "high");
+        t.transition(["f", "victim-contact", "grooming", "high", "met"], 1);
+        t.breach("f", "victim-contact", "high");
+        t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(30_000.0));
+        t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(100_000.0));
+        t.advance("t", 2, 41);
+        let restored = Totals::from_json(&t.to_json()).unwrap();
+        assert_eq!(restored, t);
+        assert!(restored.counted("t", 2, 41));
+        assert!(!restored.counted("t", 2, 42));
+        assert!(!restored.counted("t", 3, 0));
     }
 
-    #[test]
-    fn served_as_counters_and_a_histogram_with_the_rule_buckets() {
-        let registry = prometheus::Registry::new();
-        let m = metrics();
-        m.register(&registry).unwrap();
-        m.time_to_stop("victim-contact", "f", "grooming", "high", Some(30_000.0));
-        m.time_to_stop("victim-contact", "f", "grooming", "high", Some(100_000.0));
-        m.time_to_stop("made-up", "f", "grooming", "high", Some(10.0));
-        m.transition(["f", "victim-contact", "grooming", "high", "breached"], 0);
+    fn scrape(registry: &prometheus::Registry) -> String {
         let mut text = Vec::new();
         prometheus::Encoder::encode(
             &prometheus::TextEncoder::new(),
@@ -469,17 +579,99 @@ mod tests {
             &mut text,
         )
         .unwrap();
-        let text = String::from_utf8(text).unwrap();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn served_as_counters_and_a_histogram_with_the_rule_buckets() {
+        let registry = prometheus::Registry::new();
+        let m = metrics();
+        m.register(&registry).unwrap();
+        let mut t = Totals::default();
+        t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(30_000.0));
+        t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(100_000.0));
+        t.time_to_stop(
+            m.bounds("made-up"),
+            ["made-up", "f", "grooming", "high"],
+            Some(10.0),
+        );
+        t.transition(["f", "victim-contact", "grooming", "high", "breached"], 0);
+        m.lock().insert((Input::SlaEvents, 4), t);
+        let text = scrape(&registry);
         for line in [
-            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",risk="high",rule="victim-contact",le="21600"} 0"#,
-            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",risk="high",rule="victim-contact",le="86400"} 1"#,
-            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",risk="high",rule="victim-contact",le="+Inf"} 2"#,
-            r#"safeclock_sla_time_to_stop_seconds_sum{category="grooming",force="f",risk="high",rule="victim-contact"} 130000"#,
-            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",risk="high",rule="made-up",le="3600"} 1"#,
-            r#"safeclock_sla_transitions_total{category="grooming",force="f",risk="high",rule="victim-contact",transition="breached"} 0"#,
+            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",partition="4",risk="high",rule="victim-contact",le="21600"} 0"#,
+            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",partition="4",risk="high",rule="victim-contact",le="86400"} 1"#,
+            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",partition="4",risk="high",rule="victim-contact",le="+Inf"} 2"#,
+            r#"safeclock_sla_time_to_stop_seconds_sum{category="grooming",force="f",partition="4",risk="high",rule="victim-contact"} 130000"#,
+            r#"safeclock_sla_time_to_stop_seconds_bucket{category="grooming",force="f",partition="4",risk="high",rule="made-up",le="3600"} 1"#,
+            r#"safeclock_sla_transitions_total{category="grooming",force="f",partition="4",risk="high",rule="victim-contact",transition="breached"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_of_all_partitions_is_shared_out_without_changing_the_sums() {
+        let m = metrics();
+        let mut all = Totals::default();
+        all.referral_received("f", "grooming", "high");
+        all.breach("f", "victim-contact", "high");
+        all.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(60.0));
+        all.recent_ids.insert("sla-1");
+        all.advance("referrals", 0, 9);
+        all.advance("referrals", 3, 4);
+        all.advance("sla", 3, 7);
+        let sla0 = all.legacy_share(Input::SlaEvents, "sla", 0);
+        let sla3 = all.legacy_share(Input::SlaEvents, "sla", 3);
+        let ref3 = all.legacy_share(Input::ReferralEvents, "referrals", 3);
+        let ref0 = all.legacy_share(Input::ReferralEvents, "referrals", 0);
+        assert_eq!(sla0.breaches, all.breaches);
+        assert_eq!(sla0.time_to_stop, all.time_to_stop);
+        assert!(sla0.referrals_received.is_empty() && !sla0.counted("sla", 0, 0));
+        assert!(
+            sla3.breaches.is_empty() && sla3.counted("sla", 3, 7) && !sla3.counted("sla", 3, 8)
+        );
+        assert!(sla3.recent_ids.contains("sla-1"));
+        assert_eq!(ref0.referrals_received, all.referrals_received);
+        assert!(ref0.counted("referrals", 0, 8) && ref0.breaches.is_empty());
+        assert!(ref3.referrals_received.is_empty() && ref3.counted("referrals", 3, 3));
+    }
+
+    #[test]
+    fn each_partition_is_served_as_its_own_series_and_only_while_owned() {
+        let registry = prometheus::Registry::new();
+        let m = metrics();
+        m.register(&registry).unwrap();
+        for (p, n) in [(0, 3), (5, 4)] {
+            let mut referrals = Totals::default();
+            let mut sla = Totals::default();
+            for _ in 0..n {
+                referrals.referral_received("f", "grooming", "high");
+                sla.breach("f", "victim-contact", "high");
+            }
+            m.lock().insert((Input::ReferralEvents, p), referrals);
+            m.lock().insert((Input::SlaEvents, p), sla);
+        }
+        let text = scrape(&registry);
+        for line in [
+            r#"safeclock_referrals_received_total{category="grooming",force="f",partition="0",risk="high"} 3"#,
+            r#"safeclock_referrals_received_total{category="grooming",force="f",partition="5",risk="high"} 4"#,
+            r#"safeclock_sla_breaches_total{force="f",partition="0",rule="victim-contact",severity="high"} 3"#,
+            r#"safeclock_sla_breaches_total{force="f",partition="5",rule="victim-contact",severity="high"} 4"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains(r#"safeclock_exporter_partitions{topic="sla-events"} 2"#));
+        // Handed over: the partition's series leave this instance (its new owner serves them).
+        m.lock().remove(&(Input::SlaEvents, 5));
+        let text = scrape(&registry);
+        assert!(text.contains(r#"safeclock_exporter_partitions{topic="sla-events"} 1"#));
+        assert!(text.contains(r#"safeclock_exporter_partitions{topic="referral-events"} 2"#));
+        assert!(!text.contains(r#"partition="5",rule="#), "{text}");
+        assert!(
+            text.contains(r#"force="f",partition="5",risk="high"} 4"#),
+            "{text}"
+        );
     }
 }
 
@@ -490,26 +682,29 @@ mod durable_window_tests {
     #[test]
     fn recent_sla_event_ids_survive_the_snapshot_and_stay_bounded() {
         let mut t = Totals::default();
-        for i in 0..DURABLE_SLA_WINDOW + 10 {
-            t.recent_sla_events.insert(&format!("sla-{i}"));
+        for i in 0..DURABLE_ID_WINDOW + 10 {
+            t.recent_ids.insert(&format!("sla-{i}"));
         }
-        assert!(
-            !t.recent_sla_events.contains("sla-0"),
-            "the oldest are forgotten"
-        );
+        assert!(!t.recent_ids.contains("sla-0"), "the oldest are forgotten");
         assert!(t
-            .recent_sla_events
-            .contains(&format!("sla-{}", DURABLE_SLA_WINDOW + 9)));
+            .recent_ids
+            .contains(&format!("sla-{}", DURABLE_ID_WINDOW + 9)));
         let back = Totals::from_json(&t.to_json()).unwrap();
         assert_eq!(back, t);
         assert!(back
-            .recent_sla_events
-            .contains(&format!("sla-{}", DURABLE_SLA_WINDOW + 9)));
+            .recent_ids
+            .contains(&format!("sla-{}", DURABLE_ID_WINDOW + 9)));
 
         // A snapshot from before the window existed still loads, with an empty window.
         let mut old: serde_json::Value = serde_json::from_slice(&t.to_json()).unwrap();
-        old.as_object_mut().unwrap().remove("recent_sla_events");
+        let window = old.as_object_mut().unwrap().remove("recent_ids").unwrap();
         let back = Totals::from_json(&serde_json::to_vec(&old).unwrap()).unwrap();
-        assert!(!back.recent_sla_events.contains("sla-10"));
+        assert!(!back.recent_ids.contains("sla-10"));
+        // One written under the old name still loads it.
+        old.as_object_mut()
+            .unwrap()
+            .insert("recent_sla_events".into(), window);
+        let back = Totals::from_json(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert!(back.recent_ids.contains("sla-10"));
     }
 }
