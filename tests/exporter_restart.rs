@@ -78,6 +78,32 @@ async fn wait_for_breaches(running: &Running, want: f64) {
     }
 }
 
+/// Starts an exporter, checks it restored `restored` breaches before any new input, sends the
+/// breaches numbered `new` and waits until it has counted them too.
+async fn start_and_count(
+    settings: &Arc<Settings>,
+    restored: f64,
+    new: std::ops::Range<u32>,
+    why: &str,
+) -> (Running, CancellationToken) {
+    let brokers = &settings.kafka.brokers;
+    let topic = settings.topic(Topic::SlaEvents);
+    let shutdown = CancellationToken::new();
+    let running = start(settings, &shutdown).await;
+    assert_eq!(breaches(&running).await, restored, "{why}");
+    let total = restored + new.len() as f64;
+    for n in new {
+        produce(brokers, &topic, &format!("R-{n}"), &breach(n)).await;
+    }
+    wait_for_breaches(&running, total).await;
+    (running, shutdown)
+}
+
+async fn stop((running, shutdown): (Running, CancellationToken)) {
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_continue_across_a_graceful_restart_and_a_crash() {
     let brokers = real_broker();
@@ -87,23 +113,11 @@ async fn counters_continue_across_a_graceful_restart_and_a_crash() {
     let topic = settings.topic(Topic::SlaEvents);
 
     // 1. Ten breaches, then a graceful stop (final snapshot, offsets committed).
-    let shutdown = CancellationToken::new();
-    let running = start(&settings, &shutdown).await;
-    for n in 0..10 {
-        produce(&brokers, &topic, &format!("R-{n}"), &breach(n)).await;
-    }
-    wait_for_breaches(&running, 10.0).await;
-    shutdown.cancel();
-    running.wait().await.unwrap();
+    stop(start_and_count(&settings, 0.0, 0..10, "a new group starts at 0").await).await;
 
     // 2. Restarted: the counter is back at 10 before any new input, then counts on.
-    let shutdown = CancellationToken::new();
-    let running = start(&settings, &shutdown).await;
-    assert_eq!(breaches(&running).await, 10.0, "restored before new input");
-    for n in 10..15 {
-        produce(&brokers, &topic, &format!("R-{n}"), &breach(n)).await;
-    }
-    wait_for_breaches(&running, 15.0).await;
+    let (running, _shutdown) =
+        start_and_count(&settings, 10.0, 10..15, "restored before new input").await;
 
     // 3. A crash: the tasks are dropped with no final snapshot; more records arrive meanwhile.
     drop(running);
@@ -186,30 +200,59 @@ async fn a_snapshot_of_all_partitions_from_an_earlier_version_is_carried_over() 
     )
     .await;
 
-    let shutdown = CancellationToken::new();
-    let running = start(&settings, &shutdown).await;
-    assert_eq!(
-        breaches(&running).await,
-        7.0,
-        "the earlier totals, restored"
-    );
-    for n in 5..8 {
-        produce(&brokers, &topic, &format!("R-{n}"), &breach(n)).await;
-    }
-    wait_for_breaches(&running, 10.0).await;
-    shutdown.cancel();
-    running.wait().await.unwrap();
+    let counted = start_and_count(&settings, 7.0, 5..8, "the earlier totals, restored").await;
+    stop(counted).await;
 
     // Restarted: the per-partition snapshots written meanwhile are what is restored.
+    let counted = start_and_count(
+        &settings,
+        10.0,
+        8..9,
+        "restored from per-partition snapshots",
+    )
+    .await;
+    stop(counted).await;
+}
+
+/// The snapshot, not the committed offset, says where counting goes on: an older snapshot (as an
+/// instance cut off from the group could write after its partitions moved on) is restored and
+/// the records after it are counted again from the log, so the totals come out exact rather
+/// than missing what lies between it and the committed offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_snapshot_than_the_committed_offsets_is_counted_on_from_its_own_offset() {
+    let brokers = real_broker();
+    let mut settings = isolated_settings(&brokers);
+    settings.kafka.create_topics = true;
+    let settings = Arc::new(settings);
+    stop(start_and_count(&settings, 0.0, 0..12, "a new group starts at 0").await).await;
+
+    // Every partition's snapshot replaced by one from before anything was counted.
+    let topic = settings.topic(Topic::SlaEvents);
+    for p in 0..settings.kafka.partitions {
+        let stale = serde_json::json!({
+            "version": 1,
+            "referrals_received": [],
+            "transitions": [],
+            "breaches": [],
+            "time_to_stop": [],
+            "offsets": { topic.clone(): { p.to_string(): 0 } },
+        });
+        send(
+            &brokers,
+            &settings.topic(Topic::ExporterState),
+            &format!("{}/{topic}/{p}", settings.exporter.group_id),
+            &serde_json::to_vec(&stale).unwrap(),
+            Some(p),
+        )
+        .await;
+    }
+    // Restored at 0, it reads the twelve again, and the new one: 13, each once. (Reading on from
+    // the committed offset would leave it at 1.)
     let shutdown = CancellationToken::new();
     let running = start(&settings, &shutdown).await;
-    assert_eq!(
-        breaches(&running).await,
-        10.0,
-        "restored from per-partition snapshots"
-    );
-    produce(&brokers, &topic, "R-8", &breach(8)).await;
-    wait_for_breaches(&running, 11.0).await;
-    shutdown.cancel();
-    running.wait().await.unwrap();
+    produce(&brokers, &topic, "R-12", &breach(12)).await;
+    wait_for_breaches(&running, 13.0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(breaches(&running).await, 13.0, "no record counted twice");
+    stop((running, shutdown)).await;
 }

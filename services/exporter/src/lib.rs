@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use safeclock_common::config::Settings;
 use safeclock_common::event::{decode_sla_event, transition_label};
 use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
@@ -223,6 +223,9 @@ impl StateTopic {
     }
 }
 
+/// How long a seek to a restored snapshot's offset may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the totals are snapshotted (and input offsets committed).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -301,12 +304,24 @@ impl Shards<'_> {
                         None => Totals::default(),
                     },
                 };
+                let topic = self.state.input_topic(input);
                 tracing::info!(
                     partition,
-                    topic = self.state.input_topic(input),
+                    topic,
                     seconds = started.elapsed().as_secs_f64(),
                     "partition totals restored"
                 );
+                // Read on from exactly where the snapshot stops. The committed offset is never
+                // past it in normal operation (offsets are committed after snapshots), but the
+                // snapshot is the truth: if an older snapshot were restored, records the
+                // committed offset skips would otherwise never be counted.
+                if let Some(next) = totals.next_offset(topic, partition) {
+                    if let Err(e) =
+                        consumer.seek(topic, partition, Offset::Offset(next), SEEK_TIMEOUT)
+                    {
+                        tracing::warn!(partition, topic, error.message = %e, "cannot seek to the snapshot's offset; reading on from the committed offset");
+                    }
+                }
                 self.metrics.lock().insert(shard, totals);
             }
         }

@@ -206,6 +206,11 @@ impl Totals {
         })
     }
 
+    /// The next offset of `topic`/`partition` to count, if anything was counted from it.
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.offsets.get(topic)?.get(&partition).copied()
+    }
+
     /// Whether the record at `offset` of `topic`/`partition` is counted already.
     pub fn counted(&self, topic: &str, partition: i32, offset: i64) -> bool {
         self.offsets
