@@ -102,13 +102,15 @@ impl Recorder {
         let rule = self.bounds.rule(&event.rule_id);
         let buckets = self.metrics.bounds(rule);
         let transition = event.transition();
+        let severity = enum_label(event.severity().as_str_name(), "SEVERITY_");
         if transition == SlaTransition::Started {
             // Every series a clock can move exists (at 0) from its start, so rate() and
-            // increase() see its first met, breach or cancellation, and dashboards show 0
-            // rather than "no data".
+            // increase() see its first met, breach or cancellation (Prometheus counts nothing
+            // for a series it first sees at 1), and dashboards show 0 rather than "no data".
             for t in CLOCK_OUTCOMES {
                 totals.transition([force, rule, category, risk, transition_label(t)], 0);
             }
+            totals.breaches(force, rule, &severity, 0);
             totals.time_to_stop(buckets, [rule, force, category, risk], None);
         }
         totals.transition(
@@ -116,13 +118,7 @@ impl Recorder {
             1,
         );
         match transition {
-            SlaTransition::Breached => {
-                totals.breach(
-                    force,
-                    rule,
-                    &enum_label(event.severity().as_str_name(), "SEVERITY_"),
-                );
-            }
+            SlaTransition::Breached => totals.breaches(force, rule, &severity, 1),
             SlaTransition::Met | SlaTransition::MetLate => {
                 if let Some(elapsed) = &event.elapsed {
                     let secs = duration_to_jiff(elapsed).as_secs_f64().max(0.0);
@@ -570,6 +566,27 @@ mod tests {
         let h = &totals.time_to_stop[&key(&["other", "other", "other", "other"])];
         assert_eq!(h.count(), 1);
         assert_eq!(h.sum, 5.0 * 86_400.0);
+
+        // A clock's start creates the series it can move, at 0, so that increase() sees its
+        // first breach.
+        r.sla_event(
+            &mut totals,
+            &sla(
+                "s1",
+                "nottinghamshire",
+                "made-up-rule",
+                SlaTransition::Started,
+                0,
+            ),
+        );
+        assert_eq!(
+            totals.breaches[&key(&["nottinghamshire", "other", "high"])],
+            0
+        );
+        assert_eq!(
+            totals.transitions[&key(&["nottinghamshire", "other", "other", "other", "breached"])],
+            0
+        );
 
         // A re-delivery is still recognised by the next owner of the partition, from the
         // snapshot.

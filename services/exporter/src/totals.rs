@@ -114,6 +114,15 @@ impl RecentHashes {
         self.set.contains(&Self::hash(id))
     }
 
+    /// How many ids it holds (at most [`DURABLE_ID_WINDOW`]).
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
     /// Remembers `id`, forgetting the oldest beyond [`DURABLE_ID_WINDOW`].
     pub fn insert(&mut self, id: &str) {
         let h = Self::hash(id);
@@ -278,11 +287,12 @@ impl Totals {
         *self.transitions.entry(key(&labels)).or_default() += n;
     }
 
-    pub fn breach(&mut self, force: &str, rule: &str, severity: &str) {
+    /// Adds `n` (0 creates the series at zero) to a breach counter.
+    pub fn breaches(&mut self, force: &str, rule: &str, severity: &str, n: u64) {
         *self
             .breaches
             .entry(key(&[force, rule, severity]))
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     /// Observes a time to stop in a histogram with `bounds`; `None` only creates the series.
@@ -565,7 +575,7 @@ mod tests {
         let mut t = Totals::default();
         t.referral_received("f", "grooming", "high");
         t.transition(["f", "victim-contact", "grooming", "high", "met"], 1);
-        t.breach("f", "victim-contact", "high");
+        t.breaches("f", "victim-contact", "high", 1);
         t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(30_000.0));
         t.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(100_000.0));
         t.advance("t", 2, 41);
@@ -620,7 +630,7 @@ mod tests {
         let m = metrics();
         let mut all = Totals::default();
         all.referral_received("f", "grooming", "high");
-        all.breach("f", "victim-contact", "high");
+        all.breaches("f", "victim-contact", "high", 1);
         all.time_to_stop(m.bounds("victim-contact"), VICTIM, Some(60.0));
         all.recent_ids.insert("sla-1");
         all.advance("referrals", 0, 9);
@@ -652,7 +662,7 @@ mod tests {
             let mut sla = Totals::default();
             for _ in 0..n {
                 referrals.referral_received("f", "grooming", "high");
-                sla.breach("f", "victim-contact", "high");
+                sla.breaches("f", "victim-contact", "high", 1);
             }
             m.lock().insert((Input::ReferralEvents, p), referrals);
             m.lock().insert((Input::SlaEvents, p), sla);
