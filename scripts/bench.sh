@@ -3,6 +3,8 @@
 #   - the engine core without Kafka (throughput, bytes per open clock, restore time);
 #   - the escalator's delivery layer to a local webhook (notifications/s, added latency p99 at
 #     a paced 1,000/s);
+#   - the exporter's counting without Kafka (SLA events/s) and one partition's snapshot (size,
+#     write and restore time);
 #   - end to end through a real broker process (tansu on a free loopback port) beside its raw
 #     consume rate, measured in the same run;
 #   - the escalator through the same broker: breaches paged per second, and produce-to-page
@@ -14,6 +16,7 @@ tansu=$(bash scripts/install-deps.sh | tail -n 1)
 
 cargo bench -p safeclock-clock --bench engine
 cargo bench -p safeclock-escalator --bench delivery
+cargo bench -p safeclock-exporter --bench recorder
 
 workdir=$(mktemp -d -t safeclock-bench.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
