@@ -196,31 +196,19 @@ async fn sync_assignment(
     metrics: &ClockMetrics,
     restored: &ReadinessHandle,
 ) -> anyhow::Result<()> {
-    let assigned: Vec<i32> = match consumer.assignment() {
-        Ok(tpl) => tpl
-            .elements_for_topic(input)
-            .iter()
-            .map(|e| e.partition())
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error.message = %e, "cannot read the partition assignment");
-            return Ok(());
-        }
+    let Some(assigned) = kafka::current_assignment(consumer) else {
+        return Ok(());
     };
-    engines.retain(|p, _| {
-        let keep = assigned.contains(p);
-        if !keep {
+    let missing = kafka::reconcile(
+        engines,
+        kafka::Handover::partitions(&assigned, input),
+        |p| {
             tracing::warn!(
                 partition = p,
                 "partition lost: its clocks are with another instance now"
             );
-        }
-        keep
-    });
-    let missing: Vec<i32> = assigned
-        .into_iter()
-        .filter(|p| !engines.contains_key(p))
-        .collect();
+        },
+    );
     // Not ready while restoring: this instance's clocks are incomplete until it finishes.
     if !missing.is_empty() {
         restored.set(false);

@@ -887,6 +887,42 @@ pub async fn next_batch<'a>(consumer: &'a ServiceConsumer, max: usize) -> Vec<Bo
     batch
 }
 
+/// The partitions assigned to `consumer` now (all topics), or `None` (logged) when librdkafka
+/// cannot say; the services then keep what they hold until the next check.
+pub fn current_assignment(consumer: &ServiceConsumer) -> Option<TopicPartitionList> {
+    match consumer.assignment() {
+        Ok(tpl) => Some(tpl),
+        Err(e) => {
+            tracing::warn!(error.message = %e, "cannot read the partition assignment");
+            None
+        }
+    }
+}
+
+/// Brings the per-partition state a service `owned` in line with the partitions `assigned`:
+/// drops the state of partitions no longer assigned, calling `lost` for each (partitions revoked
+/// in an orderly way were handed over and dropped already, so any left here were lost because
+/// this instance was presumed dead), and returns the assigned partitions that have no state yet,
+/// for the service to restore.
+pub fn reconcile<K: Ord + Copy, V>(
+    owned: &mut BTreeMap<K, V>,
+    assigned: impl IntoIterator<Item = K>,
+    mut lost: impl FnMut(K),
+) -> Vec<K> {
+    let assigned: std::collections::BTreeSet<K> = assigned.into_iter().collect();
+    owned.retain(|k, _| {
+        let keep = assigned.contains(k);
+        if !keep {
+            lost(*k);
+        }
+        keep
+    });
+    assigned
+        .into_iter()
+        .filter(|k| !owned.contains_key(k))
+        .collect()
+}
+
 /// Commits stored offsets synchronously (on shutdown and after a final drain).
 pub fn commit_stored(consumer: &ServiceConsumer, service: &'static str) {
     match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
@@ -1062,6 +1098,16 @@ pub async fn check_copartitioned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_drops_lost_partitions_and_names_the_ones_to_restore() {
+        let mut owned: BTreeMap<i32, &str> = BTreeMap::from([(0, "a"), (1, "b"), (4, "e")]);
+        let mut lost = Vec::new();
+        let missing = reconcile(&mut owned, [1, 2, 4, 5], |p| lost.push(p));
+        assert_eq!(lost, [0]);
+        assert_eq!(missing, [2, 5]);
+        assert_eq!(owned.keys().copied().collect::<Vec<_>>(), [1, 4]);
+    }
 
     #[test]
     fn every_configured_property_reaches_librdkafka_and_safeclock_keeps_its_own() {

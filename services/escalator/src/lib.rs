@@ -190,34 +190,20 @@ async fn sync_assignment(
     dispatcher: &Dispatcher,
     restored: &ReadinessHandle,
 ) -> anyhow::Result<()> {
-    let assigned: Vec<i32> = match consumer.assignment() {
-        Ok(tpl) => tpl
-            .elements_for_topic(input)
-            .iter()
-            .map(|e| e.partition())
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error.message = %e, "cannot read the partition assignment");
-            return Ok(());
-        }
+    let Some(assigned) = kafka::current_assignment(consumer) else {
+        return Ok(());
     };
-    // Partitions revoked in an orderly way are handed over (`hand_over`) before they leave the
-    // assignment; any that leave here were lost (this instance was presumed dead).
-    engines.retain(|p, _| {
-        let keep = assigned.contains(p);
-        if !keep {
-            dispatcher.gate().close(&[*p]);
+    let missing = kafka::reconcile(
+        engines,
+        kafka::Handover::partitions(&assigned, input),
+        |p| {
+            dispatcher.gate().close(&[p]);
             tracing::warn!(
                 partition = p,
                 "partition lost: its escalations are with another instance now"
             );
-        }
-        keep
-    });
-    let missing: Vec<i32> = assigned
-        .into_iter()
-        .filter(|p| !engines.contains_key(p))
-        .collect();
+        },
+    );
     if !missing.is_empty() {
         restored.set(false);
     }

@@ -246,31 +246,17 @@ impl Shards<'_> {
     /// and drops those of partitions lost without a hand-over (their new owner restores them
     /// from the last snapshot and counts the rest again).
     async fn sync_assignment(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<()> {
-        let assigned = match consumer.assignment() {
-            Ok(tpl) => self.state.shards(&tpl),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "cannot read the partition assignment");
-                return Ok(());
-            }
+        let Some(assigned) = kafka::current_assignment(consumer) else {
+            return Ok(());
         };
-        let missing: Vec<Shard> = {
-            let mut owned = self.metrics.lock();
-            owned.retain(|shard, _| {
-                let keep = assigned.contains(shard);
-                if !keep {
-                    tracing::warn!(
-                        partition = shard.1,
-                        topic = self.state.input_topic(shard.0),
-                        "partition lost: its totals are with another instance now"
-                    );
-                }
-                keep
-            });
-            assigned
-                .into_iter()
-                .filter(|s| !owned.contains_key(s))
-                .collect()
-        };
+        let state = &self.state;
+        let missing = kafka::reconcile(&mut self.metrics.lock(), state.shards(&assigned), |s| {
+            tracing::warn!(
+                partition = s.1,
+                topic = state.input_topic(s.0),
+                "partition lost: its totals are with another instance now"
+            );
+        });
         self.dirty.retain(|s| !missing.contains(s));
         if missing.is_empty() {
             self.restored.set(true);
