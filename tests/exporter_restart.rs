@@ -11,7 +11,7 @@ use safeclock_common::config::Settings;
 use safeclock_common::kafka::Topic;
 use safeclock_common::shutdown::CancellationToken;
 use safeclock_common::time::SystemTime;
-use safeclock_tests::{isolated_settings, produce, real_broker};
+use safeclock_tests::{isolated_settings, produce, produce_to, real_broker};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -134,32 +134,6 @@ async fn counters_continue_across_a_graceful_restart_and_a_crash() {
     running.wait().await.unwrap();
 }
 
-/// Sends `payload` (to `partition`, if given) and returns where it landed.
-async fn send(
-    brokers: &str,
-    topic: &str,
-    key: &str,
-    payload: &[u8],
-    partition: Option<i32>,
-) -> (i32, i64) {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .create()
-        .unwrap();
-    let mut record = FutureRecord::to(topic).key(key).payload(payload);
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    let delivered = producer
-        .send(record, TIMEOUT)
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    (delivered.partition, delivered.offset)
-}
-
 /// An exporter from before per-partition totals left one snapshot for all partitions (key: the
 /// group, in partition 0 of `exporter-state`). Upgrading keeps its counts and skips what it
 /// counted; after that each partition's own snapshot is the truth.
@@ -178,7 +152,7 @@ async fn a_snapshot_of_all_partitions_from_an_earlier_version_is_carried_over() 
     // that have since left the log), and its snapshot with the offsets past them.
     let mut offsets = serde_json::Map::new();
     for n in 0..5 {
-        let (p, o) = send(&brokers, &topic, &format!("R-{n}"), &breach(n), None).await;
+        let (p, o) = produce_to(&brokers, &topic, &format!("R-{n}"), &breach(n), None).await;
         let next = offsets.entry(p.to_string()).or_insert(0.into());
         *next = (next.as_i64().unwrap().max(o + 1)).into();
     }
@@ -191,7 +165,7 @@ async fn a_snapshot_of_all_partitions_from_an_earlier_version_is_carried_over() 
         "offsets": { topic.clone(): offsets },
         "recent_sla_events": ""
     });
-    send(
+    produce_to(
         &brokers,
         &settings.topic(Topic::ExporterState),
         &settings.exporter.group_id,
@@ -237,7 +211,7 @@ async fn an_older_snapshot_than_the_committed_offsets_is_counted_on_from_its_own
             "time_to_stop": [],
             "offsets": { topic.clone(): { p.to_string(): 0 } },
         });
-        send(
+        produce_to(
             &brokers,
             &settings.topic(Topic::ExporterState),
             &format!("{}/{topic}/{p}", settings.exporter.group_id),

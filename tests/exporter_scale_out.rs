@@ -131,13 +131,7 @@ async fn settle(
 
 /// Input partitions (of both topics) `instance` holds.
 fn partitions(instance: &InProcess) -> i64 {
-    let families = instance.running.registry.gather();
-    families
-        .iter()
-        .filter(|f| f.name() == "safeclock_exporter_partitions")
-        .flat_map(|f| f.get_metric())
-        .map(|m| m.get_gauge().get_value() as i64)
-        .sum()
+    instance.gauge("safeclock_exporter_partitions")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,19 +85,33 @@ pub fn isolated_settings(brokers: &str) -> Settings {
 
 /// Produces one raw record and waits for the broker's acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
+    produce_to(brokers, topic, key, payload, None).await;
+}
+
+/// Produces one raw record (to `partition`, if given, else by key), waits for the broker's
+/// acknowledgement, and returns the partition and offset it was written at.
+pub async fn produce_to(
+    brokers: &str,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    partition: Option<i32>,
+) -> (i32, i64) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .create()
         .unwrap();
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(payload),
-            Duration::from_secs(30),
-        )
+    let mut record = FutureRecord::to(topic).key(key).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    let delivered = producer
+        .send(record, Duration::from_secs(30))
         .await
         .map_err(|(e, _)| e)
         .unwrap();
+    (delivered.partition, delivered.offset)
 }
 
 /// A consumer reading `topics` from the beginning in a group of its own.
@@ -337,19 +351,17 @@ impl InProcess {
         Self { running, shutdown }
     }
 
-    /// The value of the gauge `name` (0 if it has no sample), e.g. the partitions it holds.
+    /// The value of the gauge `name`, summed over its labels (0 if it has no sample), e.g. the
+    /// partitions it holds.
     pub fn gauge(&self, name: &str) -> i64 {
         self.running
             .registry
             .gather()
             .iter()
-            .find(|f| f.name() == name)
-            .and_then(|f| {
-                f.get_metric()
-                    .first()
-                    .map(|m| m.get_gauge().get_value() as i64)
-            })
-            .unwrap_or(0)
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_gauge().get_value() as i64)
+            .sum()
     }
 
     /// Graceful stop, as on SIGTERM.

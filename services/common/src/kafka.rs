@@ -949,6 +949,26 @@ pub async fn or_shutdown<F: Future>(
 /// supervisor restarts it).
 const BROKER_WAIT: Duration = Duration::from_secs(120);
 
+/// Calls `attempt` until it succeeds or `give_up_after` has passed, pausing `pause` after each
+/// failure and logging it as `what`: for blocking calls to a broker that may be restarting.
+fn retry_blocking<T>(
+    give_up_after: Duration,
+    pause: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> KafkaResult<T>,
+) -> KafkaResult<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match attempt() {
+            Err(e) if started.elapsed() < give_up_after => {
+                tracing::warn!(error.message = %e, "{what}; retrying");
+                std::thread::sleep(pause);
+            }
+            result => return result,
+        }
+    }
+}
+
 /// How long reading a compacted partition may go without a record before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Once the reported high watermark is reached, reading goes on until the partition has been
@@ -983,20 +1003,13 @@ pub fn read_compacted_partition(
         .create()
         .with_context(|| format!("cannot create a consumer to read {topic}"))?;
     // The broker may be restarting: retry until the stall timeout, as for the records.
-    let started = std::time::Instant::now();
-    let (low, high) = loop {
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
-            Ok(w) => break w,
-            Err(e) if started.elapsed() < STALL_TIMEOUT => {
-                tracing::warn!(topic, partition, error.message = %e, "cannot read the changelog's watermarks yet; retrying");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))
-            }
-        }
-    };
+    let (low, high) = retry_blocking(
+        STALL_TIMEOUT,
+        Duration::from_millis(500),
+        &format!("cannot read the watermarks of {topic}[{partition}] yet"),
+        || consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)),
+    )
+    .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
     let mut latest = HashMap::new();
     if high <= low {
         return Ok((latest, 0));
@@ -1064,21 +1077,15 @@ pub async fn check_copartitioned(
             client_config(&settings.kafka, &settings.kafka.consumer_properties)
                 .create()
                 .context("cannot create a metadata client")?;
-        let started = std::time::Instant::now();
         let count = |topic: &str| -> anyhow::Result<usize> {
             // The broker may be restarting: wait for it (the service is not ready meanwhile).
-            let md = loop {
-                match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-                    Ok(md) => break md,
-                    Err(e) if started.elapsed() < BROKER_WAIT => {
-                        tracing::warn!(topic, error.message = %e, "cannot describe the topic yet; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot describe topic {topic}"))
-                    }
-                }
-            };
+            let md = retry_blocking(
+                BROKER_WAIT,
+                Duration::from_secs(1),
+                &format!("cannot describe topic {topic} yet"),
+                || consumer.fetch_metadata(Some(topic), Duration::from_secs(10)),
+            )
+            .with_context(|| format!("cannot describe topic {topic}"))?;
             Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
         };
         let input = settings.topic(input);

@@ -195,15 +195,6 @@ impl StateTopic {
         })
     }
 
-    /// The snapshot of all partitions that exporters before per-partition totals wrote (key: the
-    /// group, in partition 0), if there is one.
-    async fn read_legacy(&self, settings: &Settings) -> anyhow::Result<Option<Totals>> {
-        match self.read(settings, 0).await?.get(&self.group) {
-            Some(Some(bytes)) => Ok(Some(self.decode(&self.group, bytes)?)),
-            _ => Ok(None),
-        }
-    }
-
     /// Writes the snapshots and waits for the broker's acknowledgement of every one.
     async fn save(&self, snapshots: Vec<(Shard, Vec<u8>)>) -> anyhow::Result<()> {
         let mut deliveries = Vec::with_capacity(snapshots.len());
@@ -231,9 +222,10 @@ struct Shards<'a> {
     settings: &'a Settings,
     state: StateTopic,
     metrics: TotalsMetrics,
-    /// The snapshot of all partitions from before per-partition totals, shared out on first
-    /// assignment of each partition that has no snapshot of its own.
-    legacy: Option<Totals>,
+    /// The snapshot of all partitions from before per-partition totals (key: the group, in
+    /// state partition 0), shared out on first assignment of each partition that has no snapshot
+    /// of its own. Looked up only then, and once: `None` until it has been.
+    legacy: Option<Option<Totals>>,
     restored: ReadinessHandle,
     /// Owned shards changed since their last snapshot.
     dirty: BTreeSet<Shard>,
@@ -257,7 +249,6 @@ impl Shards<'_> {
                 "partition lost: its totals are with another instance now"
             );
         });
-        self.dirty.retain(|s| !missing.contains(s));
         if missing.is_empty() {
             self.restored.set(true);
             return Ok(());
@@ -276,12 +267,12 @@ impl Shards<'_> {
                 let key = self.state.key(shard);
                 let totals = match latest.get(&key) {
                     Some(Some(bytes)) => self.state.decode(&key, bytes)?,
-                    _ => match &self.legacy {
-                        Some(all) => {
+                    _ => match self.legacy_share(shard, &latest).await? {
+                        Some(share) => {
                             // Written at the next snapshot: from then on the partition's own
                             // record is the truth.
                             self.dirty.insert(shard);
-                            all.legacy_share(input, self.state.input_topic(input), partition)
+                            share
                         }
                         None => Totals::default(),
                     },
@@ -309,6 +300,38 @@ impl Shards<'_> {
         }
         self.restored.set(true);
         Ok(())
+    }
+
+    /// `shard`'s part of the snapshot of all partitions from an earlier version, if there is one.
+    /// `latest` is the state partition just read for `shard`: partition 0 holds that snapshot.
+    async fn legacy_share(
+        &mut self,
+        (input, partition): Shard,
+        latest: &kafka::LatestByKey,
+    ) -> anyhow::Result<Option<Totals>> {
+        if self.legacy.is_none() {
+            let group = &self.state.group;
+            let bytes = if partition == 0 {
+                latest.get(group).cloned().flatten()
+            } else {
+                self.state
+                    .read(self.settings, 0)
+                    .await?
+                    .remove(group)
+                    .flatten()
+            };
+            let legacy = bytes.map(|b| self.state.decode(group, &b)).transpose()?;
+            if legacy.is_some() {
+                tracing::info!("a snapshot of all partitions from an earlier version is shared out per partition as they are assigned");
+            }
+            self.legacy = Some(legacy);
+        }
+        let topic = self.state.input_topic(input);
+        Ok(self
+            .legacy
+            .as_ref()
+            .and_then(Option::as_ref)
+            .map(|all| all.legacy_share(input, topic, partition)))
     }
 
     /// Snapshots every changed partition's totals (with the offset they reflect) and, once the
@@ -378,17 +401,13 @@ pub async fn run(
         referral_topic: referral_topic.clone(),
         sla_topic: sla_topic.clone(),
     };
-    let legacy = state.read_legacy(&settings).await?;
-    if legacy.is_some() {
-        tracing::info!("a snapshot of all partitions from an earlier version is shared out per partition as they are assigned");
-    }
     let rule_ids: Vec<String> = rules.into_iter().map(|r| r.id).collect();
     let recorder = Recorder::new(metrics.clone(), &settings.forces, &rule_ids);
     let mut shards = Shards {
         settings: &settings,
         state,
         metrics: metrics.clone(),
-        legacy,
+        legacy: None,
         restored: deps.readiness.component("exporter-state"),
         dirty: BTreeSet::new(),
         pending: OffsetBook::default(),
