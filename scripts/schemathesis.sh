@@ -6,6 +6,7 @@
 #   bash scripts/schemathesis.sh                 # starts tansu and intake itself
 #   SAFECLOCK_TEST_BROKERS=127.0.0.1:9092 bash scripts/schemathesis.sh   # uses that broker
 #   MAX_EXAMPLES=500 bash scripts/schemathesis.sh
+#   SAFECLOCK_BIN=target/debug/safeclock bash scripts/schemathesis.sh   # no build, that binary
 #
 # Schemathesis is installed from PyPI into a venv under ~/.cache/safeclock (override with
 # SAFECLOCK_CACHE) the first time. Exits non-zero on any finding.
@@ -65,9 +66,14 @@ if [ -z "${SAFECLOCK_TEST_BROKERS:-}" ]; then
   SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
 fi
 
-log "building safeclock"
-cargo build --quiet -p safeclock
-bin="${CARGO_TARGET_DIR:-target}/debug/safeclock"
+if [ -n "${SAFECLOCK_BIN:-}" ]; then
+  bin="$SAFECLOCK_BIN"
+  log "using $bin"
+else
+  log "building safeclock"
+  cargo build --quiet -p safeclock
+  bin="${CARGO_TARGET_DIR:-target}/debug/safeclock"
+fi
 
 intake_port=$(free_port)
 ops_port=$(free_port)
