@@ -8,18 +8,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock::app::Service;
 use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings};
 use safeclock_common::kafka::Topic;
-use safeclock_common::schema::from_jiff;
-use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
-use safeclock_tests::{isolated_settings, real_broker, wait_for, InProcess};
+use safeclock_tests::pager::TestPager;
+use safeclock_tests::{breach_record, isolated_settings, real_broker, wait_for, InProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BREACHES: usize = 120;
@@ -27,59 +25,16 @@ const BREACHES: usize = 120;
 /// under way.
 const RECEIVER_DELAY: Duration = Duration::from_millis(400);
 
-/// Per delivery id, the referral and how many times the receiver answered it.
-type Answered = Arc<Mutex<BTreeMap<String, (String, usize)>>>;
-
-async fn slow_receiver(answered: Answered) -> String {
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(
-            move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
-                let answered = answered.clone();
-                async move {
-                    // Counted on arrival: a request that reached the pager is a page, whether or
-                    // not its sender waits for the answer.
-                    let id = headers["x-safeclock-delivery-id"]
-                        .to_str()
-                        .unwrap()
-                        .to_string();
-                    let referral = body["slaEvent"]["referralId"].as_str().unwrap().to_string();
-                    answered
-                        .lock()
-                        .unwrap()
-                        .entry(id)
-                        .or_insert((referral, 0))
-                        .1 += 1;
-                    tokio::time::sleep(RECEIVER_DELAY).await;
-                    StatusCode::OK
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/hook")
-}
-
-fn breach(referral: &str) -> Vec<u8> {
-    let now = jiff::Timestamp::now();
-    serde_json::to_vec(&SlaEvent {
-        sla_event_id: format!("{referral}-breach"),
-        referral_id: referral.into(),
-        rule_id: "victim-contact".into(),
-        clock_id: format!("{referral}-c1"),
-        transition: SlaTransition::Breached as i32,
-        severity: Severity::Critical as i32,
-        labels: Some(SlaLabels {
-            force_id: "nottinghamshire".into(),
-            ..SlaLabels::default()
-        }),
-        deadline: Some(from_jiff(now - jiff::SignedDuration::from_mins(5))),
-        emitted_at: Some(from_jiff(now)),
-        ..SlaEvent::default()
-    })
-    .unwrap()
+/// Per delivery id, the referral and how many times the pager received it.
+fn by_delivery(pager: &TestPager) -> BTreeMap<String, (String, usize)> {
+    let mut answered = BTreeMap::new();
+    for page in pager.pages() {
+        answered
+            .entry(page.delivery_id)
+            .or_insert((page.referral_id, 0))
+            .1 += 1;
+    }
+    answered
 }
 
 async fn start(settings: &Arc<safeclock_common::config::Settings>) -> InProcess {
@@ -100,8 +55,8 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
         );
     }
     let brokers = real_broker();
-    let answered: Answered = Arc::default();
-    let url = slow_receiver(answered.clone()).await;
+    let pager = TestPager::answering_after(RECEIVER_DELAY);
+    let url = pager.start().await;
     let mut settings = isolated_settings(&brokers);
     settings.kafka.create_topics = true;
     settings.kafka.partitions = 6;
@@ -134,7 +89,7 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
         .unwrap();
     let sends = (0..BREACHES).map(|i| {
         let referral = format!("R-HANDOVER-{i:03}");
-        let payload = breach(&referral);
+        let payload = breach_record(&referral);
         let producer = producer.clone();
         let input = input.clone();
         async move {
@@ -149,7 +104,7 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
         }
     });
     futures::future::join_all(sends).await;
-    let delivered = || answered.lock().unwrap().len();
+    let delivered = || by_delivery(&pager).len();
     wait_for("the first pages", TIMEOUT, || delivered() >= 15).await;
     // A second instance joins: the first hands over some partitions while pages are under way.
     let second = start(&settings).await;
@@ -177,12 +132,8 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     )
     .await;
     wait_for("every breach to be paged", TIMEOUT, || {
-        let referrals: BTreeSet<String> = answered
-            .lock()
-            .unwrap()
-            .values()
-            .map(|(r, _)| r.clone())
-            .collect();
+        let referrals: BTreeSet<String> =
+            pager.pages().into_iter().map(|p| p.referral_id).collect();
         referrals.len() == BREACHES
     })
     .await;
@@ -191,7 +142,7 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     tokio::time::sleep(RECEIVER_DELAY * 10).await;
     first.stop().await;
 
-    let answered = answered.lock().unwrap();
+    let answered = by_delivery(&pager);
     let twice: Vec<_> = answered
         .iter()
         .filter(|(_, (_, n))| *n > 1)

@@ -1,9 +1,12 @@
-//! Shared test harness: isolated settings per test (unique topic prefix and group ids), a local
-//! webhook that records what it is sent, Kafka helpers to produce and read raw records, and the
-//! end-to-end scenario both the mock-cluster component test and the real-broker integration test
-//! run.
+//! Shared test harness: isolated settings per test (unique topic prefix and group ids), local
+//! webhooks that record what they are sent ([`RecordingWebhook`], [`pager::TestPager`]), Kafka
+//! helpers to produce and read raw records, services in this process ([`InProcess`]) or as child
+//! processes to kill ([`processes::ServiceProcess`]), and the end-to-end scenario both the
+//! mock-cluster component test and the real-broker integration test run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pager;
+pub mod processes;
 pub mod scenario;
 
 use std::net::SocketAddr;
@@ -162,6 +165,56 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).to_string())
+}
+
+/// How many records `group` has committed on `topic`, summed over its first `partitions`
+/// partitions (0 while the broker cannot say).
+pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> usize {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return 0;
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => usize::try_from(o).ok(),
+            _ => None,
+        })
+        .sum()
+}
+
+/// A breached SLA event for `referral` (rule `victim-contact`, deadline five minutes ago,
+/// critical), encoded as the clock publishes it: what the escalator tests feed the escalator.
+pub fn breach_record(referral: &str) -> Vec<u8> {
+    use safeclock_common::schema::from_jiff;
+    use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
+    let now = jiff::Timestamp::now();
+    serde_json::to_vec(&SlaEvent {
+        sla_event_id: format!("{referral}-breach"),
+        referral_id: referral.into(),
+        rule_id: "victim-contact".into(),
+        clock_id: format!("{referral}-c1"),
+        transition: SlaTransition::Breached as i32,
+        severity: Severity::Critical as i32,
+        labels: Some(SlaLabels {
+            force_id: "nottinghamshire".into(),
+            ..SlaLabels::default()
+        }),
+        deadline: Some(from_jiff(now - jiff::SignedDuration::from_mins(5))),
+        emitted_at: Some(from_jiff(now)),
+        ..SlaEvent::default()
+    })
+    .unwrap()
 }
 
 /// A local webhook receiver that records every JSON body it is sent.

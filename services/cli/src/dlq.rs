@@ -270,15 +270,34 @@ fn parse_source(s: &str) -> anyhow::Result<(i32, i64)> {
     ))
 }
 
-/// Re-produces `letters` to their source topics and waits for every acknowledgement; returns
-/// how many were replayed.
+/// The letters that stand for distinct source records, first of each. A record on a topic two
+/// services read (referral events: the clock and the exporter) is refused by each of them, and
+/// a service that re-reads it after a crash refuses it again; replaying every copy would put
+/// the record back several times. Letters without a whole source position are all kept.
+pub fn one_per_source_record(letters: &[DeadLetter]) -> Vec<&DeadLetter> {
+    let mut seen = std::collections::HashSet::new();
+    letters
+        .iter()
+        .filter(|d| match (d.source_partition, d.source_offset) {
+            (Some(p), Some(o)) if !d.source_topic.is_empty() => {
+                seen.insert((d.source_topic.as_str(), p, o))
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// Re-produces the source records of `letters` to their source topics, each once however many
+/// services refused it ([`one_per_source_record`]), and waits for every acknowledgement;
+/// returns how many records were replayed.
 ///
 /// # Errors
 /// When a record has no source topic, or the broker does not acknowledge.
 pub async fn replay(settings: &Settings, letters: &[DeadLetter]) -> anyhow::Result<usize> {
     let producer = kafka::producer(settings)?;
-    let mut deliveries = Vec::with_capacity(letters.len());
-    for d in letters {
+    let distinct = one_per_source_record(letters);
+    let mut deliveries = Vec::with_capacity(distinct.len());
+    for d in &distinct {
         anyhow::ensure!(
             !d.source_topic.is_empty(),
             "dead letter {}@{} has no {} header: cannot tell where to replay it",
@@ -311,7 +330,7 @@ pub async fn replay(settings: &Settings, letters: &[DeadLetter]) -> anyhow::Resu
         deliveries.push(kafka::enqueue(&producer, record).await?);
     }
     kafka::await_deliveries(deliveries).await?;
-    Ok(letters.len())
+    Ok(distinct.len())
 }
 
 /// Runs a `safeclock dlq` command.
@@ -356,6 +375,13 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 })
                 .collect();
             print(&selected, false, false);
+            let distinct = one_per_source_record(&selected).len();
+            if distinct < selected.len() {
+                println!(
+                    "{} dead letters are {distinct} source record(s): each is replayed once",
+                    selected.len()
+                );
+            }
             if dry_run {
                 println!("dry run: nothing replayed");
                 return Ok(());
@@ -421,5 +447,54 @@ mod tests {
         assert!(d.matches(&f("unknown_force", "clock")));
         assert!(!d.matches(&f("invalid_json", "clock")));
         assert!(!d.matches(&f("unknown_force", "exporter")));
+    }
+
+    fn letter(offset: i64, service: &str, source: Option<(&str, i32, i64)>) -> DeadLetter {
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: dlq_headers::SERVICE,
+            value: Some(service),
+        });
+        if let Some((topic, partition, offset)) = source {
+            headers = headers
+                .insert(Header {
+                    key: dlq_headers::SOURCE_TOPIC,
+                    value: Some(topic),
+                })
+                .insert(Header {
+                    key: dlq_headers::SOURCE_PARTITION,
+                    value: Some(&partition.to_string()),
+                })
+                .insert(Header {
+                    key: dlq_headers::SOURCE_OFFSET,
+                    value: Some(&offset.to_string()),
+                });
+        }
+        DeadLetter::from_message(OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "dlq".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            Some(headers),
+        ))
+    }
+
+    #[test]
+    fn a_record_refused_by_several_services_is_replayed_once() {
+        let letters = [
+            letter(0, "clock", Some(("in", 1, 7))),
+            letter(1, "exporter", Some(("in", 1, 7))),
+            letter(2, "clock", Some(("in", 1, 7))), // refused again after a crash
+            letter(3, "clock", Some(("in", 2, 7))),
+            letter(4, "clock", Some(("other", 1, 7))),
+            letter(5, "escalator", None), // an undeliverable notification: no source
+            letter(6, "escalator", None),
+        ];
+        let offsets: Vec<i64> = one_per_source_record(&letters)
+            .iter()
+            .map(|d| d.offset)
+            .collect();
+        assert_eq!(offsets, [0, 3, 4, 5, 6]);
     }
 }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
@@ -14,80 +14,31 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::schema::v1::SlaTransition;
+use safeclock_tests::processes::{wait_ready, ServiceProcess};
+use safeclock_tests::{committed_total, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
 const REFERRALS: usize = 300;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `safeclock run clock` process, killed when the test ends however it ends.
-struct ClockProcess(Child);
-
-impl ClockProcess {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for ClockProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn start_clock(brokers: &str, prefix: &str, group: &str) -> (ClockProcess, String) {
+/// A `safeclock run clock` process on the real broker, with an ops listener of its own.
+fn start_clock(brokers: &str, prefix: &str, group: &str) -> ServiceProcess {
     let ops = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(BIN)
-        .args(["run", "clock"])
-        .env("SAFECLOCK__KAFKA__BROKERS", brokers)
-        .env("SAFECLOCK__KAFKA__TOPIC_PREFIX", prefix)
-        .env("SAFECLOCK__KAFKA__PARTITIONS", "3")
-        .env(
-            "SAFECLOCK__KAFKA__CONSUMER_PROPERTIES__SESSION_TIMEOUT_MS",
-            "6000",
-        )
-        .env("SAFECLOCK__CLOCK__GROUP_ID", group)
-        .env("SAFECLOCK__CLOCK__TICK_INTERVAL_MS", "100")
-        .env("SAFECLOCK__CLOCK__MAX_BATCH", "20")
-        .env("SAFECLOCK__OPS__LISTEN", &ops)
-        .stdout(Stdio::null())
-        .stderr(match std::env::var("SAFECLOCK_TEST_LOG_DIR") {
-            // For diagnosis: keep each instance's log.
-            Ok(dir) => Stdio::from(
-                std::fs::File::create(format!("{dir}/clock-{}.log", uuid::Uuid::new_v4())).unwrap(),
-            ),
-            Err(_) => Stdio::null(),
-        })
-        .spawn()
-        .unwrap();
-    (ClockProcess(child), ops)
-}
-
-fn wait_ready(ops: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(ops) {
-            use std::io::{Read, Write};
-            let _ = write!(
-                s,
-                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "clock not ready within 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ServiceProcess::spawn(
+        Command::new(BIN)
+            .args(["run", "clock"])
+            .env("SAFECLOCK__KAFKA__BROKERS", brokers)
+            .env("SAFECLOCK__KAFKA__TOPIC_PREFIX", prefix)
+            .env("SAFECLOCK__KAFKA__PARTITIONS", "3")
+            .env(
+                "SAFECLOCK__KAFKA__CONSUMER_PROPERTIES__SESSION_TIMEOUT_MS",
+                "6000",
+            )
+            .env("SAFECLOCK__CLOCK__GROUP_ID", group)
+            .env("SAFECLOCK__CLOCK__TICK_INTERVAL_MS", "100")
+            .env("SAFECLOCK__CLOCK__MAX_BATCH", "20"),
+        &ops,
+        None,
+    )
 }
 
 /// The body of `GET /metrics` from the ops endpoint.
@@ -103,30 +54,6 @@ fn metrics_text(ops: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
-}
-
-/// How many input records the group has committed, over all partitions.
-fn committed(brokers: &str, group: &str, topic: &str) -> usize {
-    use rdkafka::consumer::BaseConsumer;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return 0;
-    };
-    c.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => usize::try_from(o).ok(),
-            _ => None,
-        })
-        .sum()
 }
 
 /// What the SLA events topic has shown so far, for the victim-contact rule.
@@ -191,8 +118,8 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
     let input = format!("{prefix}referral-events.v1");
     let output = format!("{prefix}sla-events.v1");
 
-    let (mut first, ops) = start_clock(&brokers, &prefix, &group);
-    wait_ready(&ops);
+    let mut first = start_clock(&brokers, &prefix, &group);
+    wait_ready(&first.ops, Duration::from_secs(60)).await;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -244,22 +171,22 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
     // Make sure the input offsets of those clocks are committed: from here on only the
     // changelog can bring them back.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while committed(&brokers, &group, &input) < REFERRALS / 2 {
+    while committed_total(&brokers, &group, &input, 3) < REFERRALS / 2 {
         assert!(Instant::now() < deadline, "offsets never committed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    first.kill(); // SIGKILL: no drain, no final commit
-                  // Let the dead member's session (6 s) expire first: tansu 0.6 does not rebalance a group
-                  // again when a member times out after a new one joined (Apache Kafka does), so a new
-                  // instance joining too early would keep an empty assignment.
+    first.sigkill(); // SIGKILL: no drain, no final commit
+                     // Let the dead member's session (6 s) expire first: tansu 0.6 does not rebalance a group
+                     // again when a member times out after a new one joined (Apache Kafka does), so a new
+                     // instance joining too early would keep an empty assignment.
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     // The rest of the stream arrives while no clock runs; then a new instance starts.
     for i in REFERRALS / 2..REFERRALS {
         produce(i).await;
     }
-    let (mut second, ops) = start_clock(&brokers, &prefix, &group);
-    wait_ready(&ops);
+    let mut second = start_clock(&brokers, &prefix, &group);
+    wait_ready(&second.ops, Duration::from_secs(60)).await;
 
     read_until(
         &reader,
@@ -287,7 +214,7 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
     let series = r#"safeclock_sla_open_clocks{category="grooming",force="nottinghamshire",risk="high",rule="victim-contact",state="breached"}"#;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let text = metrics_text(&ops);
+        let text = metrics_text(&second.ops);
         let value = text
             .lines()
             .find(|l| l.starts_with(series))
@@ -302,10 +229,8 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    Command::new("kill")
-        .args(["-TERM", &second.0.id().to_string()])
-        .status()
-        .unwrap();
-    let status = second.0.wait().unwrap();
-    assert!(status.success(), "second clock exit {status}");
+    assert!(
+        second.sigterm(Duration::from_secs(30)),
+        "the second clock exits cleanly on SIGTERM"
+    );
 }

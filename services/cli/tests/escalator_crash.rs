@@ -6,166 +6,49 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
+use safeclock_tests::pager::TestPager;
+use safeclock_tests::processes::{wait_ready, ServiceProcess};
+use safeclock_tests::{breach_record, committed_total, free_port, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
 const PER_PHASE: usize = 50;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+fn start(config: &std::path::Path) -> ServiceProcess {
+    let ops = format!("127.0.0.1:{}", free_port());
+    ServiceProcess::spawn(
+        Command::new(BIN)
+            .args(["run", "escalator", "--config"])
+            .arg(config),
+        &ops,
+        None,
+    )
 }
 
-/// A `safeclock run escalator` process, killed when the test ends however it ends.
-struct Escalator(Child);
-
-impl Drop for Escalator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &std::path::Path, ops: &str) -> Escalator {
-    let child = Command::new(BIN)
-        .args(["run", "escalator", "--config"])
-        .arg(config)
-        .env("SAFECLOCK__OPS__LISTEN", ops)
-        .stdout(Stdio::null())
-        .stderr(match std::env::var("SAFECLOCK_TEST_LOG_DIR") {
-            Ok(dir) => Stdio::from(
-                std::fs::File::create(format!("{dir}/escalator-{}.log", uuid::Uuid::new_v4()))
-                    .unwrap(),
-            ),
-            Err(_) => Stdio::null(),
-        })
-        .spawn()
-        .unwrap();
-    Escalator(child)
-}
-
-fn wait_ready(ops: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(ops) {
-            use std::io::Read;
-            let _ = write!(
-                s,
-                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "escalator not ready within 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn committed(brokers: &str, group: &str, topic: &str) -> usize {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..3 {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return 0;
-    };
-    c.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => usize::try_from(o).ok(),
-            _ => None,
-        })
-        .sum()
-}
-
-/// What the webhook saw: per referral, the statuses it answered, in order.
+/// What the pager saw, per referral: the statuses it answered, in order, and the delivery ids.
 #[derive(Default)]
 struct Seen {
     by_referral: BTreeMap<String, Vec<u16>>,
     delivery_ids: BTreeMap<String, BTreeSet<String>>,
 }
 
-async fn webhook(failing: Arc<AtomicBool>) -> (String, Arc<Mutex<Seen>>) {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let s = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(
-            move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
-                let s = s.clone();
-                let failing = failing.clone();
-                async move {
-                    let status = if failing.load(Ordering::SeqCst) {
-                        500
-                    } else {
-                        200
-                    };
-                    let referral = body["slaEvent"]["referralId"].as_str().unwrap().to_string();
-                    let mut s = s.lock().unwrap();
-                    s.by_referral
-                        .entry(referral.clone())
-                        .or_default()
-                        .push(status);
-                    s.delivery_ids.entry(referral).or_default().insert(
-                        headers["x-safeclock-delivery-id"]
-                            .to_str()
-                            .unwrap()
-                            .to_string(),
-                    );
-                    StatusCode::from_u16(status).unwrap()
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), seen)
-}
-
-fn breach(referral: &str) -> Vec<u8> {
-    serde_json::to_vec(&SlaEvent {
-        sla_event_id: format!("{referral}-breach"),
-        referral_id: referral.into(),
-        rule_id: "victim-contact".into(),
-        clock_id: format!("{referral}-c1"),
-        transition: SlaTransition::Breached as i32,
-        severity: Severity::High as i32,
-        labels: Some(SlaLabels {
-            force_id: "nottinghamshire".into(),
-            ..SlaLabels::default()
-        }),
-        ..SlaEvent::default()
-    })
-    .unwrap()
-}
-
-async fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+fn seen(pager: &TestPager) -> Seen {
+    let mut seen = Seen::default();
+    for page in pager.pages() {
+        seen.by_referral
+            .entry(page.referral_id.clone())
+            .or_default()
+            .push(page.status);
+        seen.delivery_ids
+            .entry(page.referral_id)
+            .or_default()
+            .insert(page.delivery_id);
     }
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,8 +60,8 @@ async fn sigkill_loses_no_pending_notification_and_repeats_no_delivered_one() {
     let prefix = format!("esc-crash-{tag}.");
     let group = format!("esc-crash-{tag}");
     let input = format!("{prefix}sla-events.v1");
-    let failing = Arc::new(AtomicBool::new(false));
-    let (url, seen) = webhook(failing.clone()).await;
+    let pager = TestPager::new();
+    let url = pager.start().await;
     let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     write!(
         config,
@@ -213,9 +96,8 @@ levels = [{{ receivers = ["duty"] }}]
     )
     .unwrap();
 
-    let ops = format!("127.0.0.1:{}", free_port());
-    let mut first = start(config.path(), &ops);
-    wait_ready(&ops);
+    let mut first = start(config.path());
+    wait_ready(&first.ops, Duration::from_secs(60)).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("acks", "all")
@@ -229,7 +111,7 @@ levels = [{{ receivers = ["duty"] }}]
                 .send(
                     FutureRecord::to(&input)
                         .key(&referral)
-                        .payload(&breach(&referral)),
+                        .payload(&breach_record(&referral)),
                     Duration::from_secs(30),
                 )
                 .await
@@ -237,9 +119,8 @@ levels = [{{ receivers = ["duty"] }}]
                 .unwrap();
         }
     };
-    let delivered = |seen: &Mutex<Seen>, prefix: &str| {
-        seen.lock()
-            .unwrap()
+    let delivered = |pager: &TestPager, prefix: &str| {
+        seen(pager)
             .by_referral
             .iter()
             .filter(|(r, s)| r.starts_with(prefix) && s.contains(&200))
@@ -250,28 +131,27 @@ levels = [{{ receivers = ["duty"] }}]
     for i in 0..PER_PHASE {
         produce(format!("R-A-{i:03}")).await;
     }
-    wait("phase A delivered", Duration::from_secs(60), || {
-        delivered(&seen, "R-A-") == PER_PHASE
+    wait_for("phase A delivered", Duration::from_secs(60), || {
+        delivered(&pager, "R-A-") == PER_PHASE
     })
     .await;
-    wait("phase A offsets committed", Duration::from_secs(30), || {
-        committed(&brokers, &group, &input) >= PER_PHASE
+    wait_for("phase A offsets committed", Duration::from_secs(30), || {
+        committed_total(&brokers, &group, &input, 3) >= PER_PHASE
     })
     .await;
     // The outcomes are written to the changelog right after the deliveries; give that a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Phase B: the receiver fails, so these stay pending (retrying) in the state.
-    failing.store(true, Ordering::SeqCst);
+    pager.fail(true);
     for i in 0..PER_PHASE {
         produce(format!("R-B-{i:03}")).await;
     }
-    wait(
+    wait_for(
         "every phase B page attempted",
         Duration::from_secs(60),
         || {
-            seen.lock()
-                .unwrap()
+            seen(&pager)
                 .by_referral
                 .keys()
                 .filter(|r| r.starts_with("R-B-"))
@@ -280,38 +160,30 @@ levels = [{{ receivers = ["duty"] }}]
         },
     )
     .await;
-    wait("phase B offsets committed", Duration::from_secs(30), || {
-        committed(&brokers, &group, &input) >= 2 * PER_PHASE
+    wait_for("phase B offsets committed", Duration::from_secs(30), || {
+        committed_total(&brokers, &group, &input, 3) >= 2 * PER_PHASE
     })
     .await;
-    assert_eq!(delivered(&seen, "R-B-"), 0);
+    assert_eq!(delivered(&pager, "R-B-"), 0);
 
-    drop(first.0.kill()); // SIGKILL: no drain, no final commit
-    let _ = first.0.wait();
-    // Let the dead member's session (6 s) expire first: tansu 0.6 does not rebalance a group
-    // again when a member times out after a new one joined (docs/architecture.md, decision j).
+    first.sigkill(); // no drain, no final commit
+                     // Let the dead member's session (6 s) expire first: tansu 0.6 does not rebalance a group
+                     // again when a member times out after a new one joined (docs/architecture.md, decision j).
     tokio::time::sleep(Duration::from_secs(8)).await;
-    failing.store(false, Ordering::SeqCst);
-    let requests_before_restart: usize = seen
-        .lock()
-        .unwrap()
-        .by_referral
-        .values()
-        .map(Vec::len)
-        .sum();
+    pager.fail(false);
+    let requests_before_restart = pager.pages().len();
 
-    let ops = format!("127.0.0.1:{}", free_port());
-    let second = start(config.path(), &ops);
-    wait_ready(&ops);
-    wait(
+    let mut second = start(config.path());
+    wait_ready(&second.ops, Duration::from_secs(60)).await;
+    wait_for(
         "phase B delivered after the restart",
         Duration::from_secs(90),
-        || delivered(&seen, "R-B-") == PER_PHASE,
+        || delivered(&pager, "R-B-") == PER_PHASE,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let s = seen.lock().unwrap();
+    let s = seen(&pager);
     for i in 0..PER_PHASE {
         let a = &s.by_referral[&format!("R-A-{i:03}")];
         assert_eq!(
@@ -337,13 +209,8 @@ levels = [{{ receivers = ["duty"] }}]
         after >= PER_PHASE,
         "the restarted instance delivered the pending pages"
     );
-    drop(s);
-
-    Command::new("kill")
-        .args(["-TERM", &second.0.id().to_string()])
-        .status()
-        .unwrap();
-    let mut second = second;
-    let status = second.0.wait().unwrap();
-    assert!(status.success(), "second escalator exit {status}");
+    assert!(
+        second.sigterm(Duration::from_secs(30)),
+        "the second escalator exits cleanly on SIGTERM"
+    );
 }

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +46,8 @@ use safeclock_common::schema::v1::{
     ReferralClosed, ReferralDecisionMade, ReferralEvent, ReferralReceived, RiskAssessed, RiskGrade,
     SlaTransition, VictimContacted,
 };
-use safeclock_tests::{free_port, header, reader, signal, TansuProcess};
+use safeclock_tests::processes::{wait_ready, ServiceProcess};
+use safeclock_tests::{free_port, header, reader, TansuProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
 const PARTITIONS: i32 = 6;
@@ -257,7 +258,7 @@ struct Instance {
     slot: usize,
     ops: String,
     log: PathBuf,
-    child: Option<Child>,
+    process: Option<ServiceProcess>,
 }
 
 impl Instance {
@@ -266,54 +267,32 @@ impl Instance {
     }
 
     fn start(&mut self, config: &Path) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["run", self.svc.name(), "--config"])
-            .arg(config)
-            .env("SAFECLOCK__OPS__LISTEN", &self.ops)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.process = Some(ServiceProcess::spawn(
+            Command::new(BIN)
+                .args(["run", self.svc.name(), "--config"])
+                .arg(config),
+            &self.ops,
+            Some(&self.log),
+        ));
     }
 
     fn sigkill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.process.take() {
+            p.sigkill();
         }
     }
 
     /// SIGTERM, then waits for a clean exit (SIGKILL after 30 s). Returns whether it exited 0.
     fn sigterm(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return true;
-        };
-        signal(c.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.process
+            .take()
+            .is_none_or(|mut p| p.sigterm(Duration::from_secs(30)))
     }
 
     /// Whether the process exited by itself (it is then restarted, as a supervisor would).
     fn exited(&mut self) -> Option<String> {
-        let c = self.child.as_mut()?;
-        let status = c.try_wait().unwrap()?;
-        self.child = None;
+        let status = self.process.as_mut()?.exited()?;
+        self.process = None;
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let last: Vec<&str> = log
             .lines()
@@ -325,12 +304,6 @@ impl Instance {
             "{} exited by itself ({status}); last errors: {last:?}",
             self.label()
         ))
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        self.sigkill();
     }
 }
 
@@ -543,7 +516,7 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
         slot,
         ops: format!("127.0.0.1:{}", free_port()),
         log: dir.join(format!("{}-{slot}.log", svc.name())),
-        child: None,
+        process: None,
     })
     .collect();
     for i in &mut instances {
@@ -1066,22 +1039,6 @@ async fn instance_totals(ops: &str) -> Totals {
         referrals: sum("safeclock_referrals_received_total"),
         transitions: sum("safeclock_sla_transitions_total"),
         breaches: sum("safeclock_sla_breaches_total"),
-    }
-}
-
-async fn wait_ready(ops: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://{ops}/readyz")).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ops} not ready within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
