@@ -25,11 +25,10 @@ use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, Rece
 use safeclock_common::kafka::{self, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::Readiness;
-use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
 use safeclock_common::service::ServiceDeps;
 use safeclock_common::shutdown::CancellationToken;
 use safeclock_common::time::SystemTime;
-use safeclock_tests::isolated_settings;
+use safeclock_tests::{breach_record, isolated_settings};
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -52,25 +51,6 @@ async fn webhook() -> (String, Arrivals) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}/hook"), arrivals)
-}
-
-fn breach(referral: &str) -> Vec<u8> {
-    serde_json::to_vec(&SlaEvent {
-        sla_event_id: format!("{referral}-breach"),
-        referral_id: referral.into(),
-        rule_id: "victim-contact".into(),
-        clock_id: format!("{referral}-c1"),
-        transition: SlaTransition::Breached as i32,
-        severity: Severity::High as i32,
-        labels: Some(SlaLabels {
-            force_id: "nottinghamshire".into(),
-            category: "grooming".into(),
-            risk: "high".into(),
-            ..SlaLabels::default()
-        }),
-        ..SlaEvent::default()
-    })
-    .unwrap()
 }
 
 async fn wait_for(arrivals: &Arrivals, prefix: &str, n: usize, timeout: Duration) -> bool {
@@ -158,7 +138,7 @@ async fn main() {
     let mut deliveries = Vec::with_capacity(n);
     for i in 0..n {
         let referral = format!("R-BURST-{i:07}");
-        let payload = breach(&referral);
+        let payload = breach_record(&referral);
         let record = FutureRecord::<str, [u8]>::to(&input)
             .key(&referral)
             .payload(&payload);
@@ -185,7 +165,7 @@ async fn main() {
     for i in 0..paced {
         tick.tick().await;
         let referral = format!("R-PACED-{i:07}");
-        let payload = breach(&referral);
+        let payload = breach_record(&referral);
         sent.insert(referral.clone(), Instant::now());
         let record = FutureRecord::<str, [u8]>::to(&input)
             .key(&referral)

@@ -193,8 +193,9 @@ pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32)
         .sum()
 }
 
-/// A breached SLA event for `referral` (rule `victim-contact`, deadline five minutes ago,
-/// critical), encoded as the clock publishes it: what the escalator tests feed the escalator.
+/// A breached SLA event for `referral` (rule `victim-contact`, a high-risk grooming referral,
+/// critical, deadline five minutes ago), encoded as the clock publishes it: what the escalator
+/// tests and benchmark feed the escalator.
 pub fn breach_record(referral: &str) -> Vec<u8> {
     use safeclock_common::schema::from_jiff;
     use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
@@ -208,6 +209,8 @@ pub fn breach_record(referral: &str) -> Vec<u8> {
         severity: Severity::Critical as i32,
         labels: Some(SlaLabels {
             force_id: "nottinghamshire".into(),
+            category: "grooming".into(),
+            risk: "high".into(),
             ..SlaLabels::default()
         }),
         deadline: Some(from_jiff(now - jiff::SignedDuration::from_mins(5))),
