@@ -328,7 +328,9 @@ async fn the_circuit_breaker_opens_after_consecutive_failures_and_then_fails_fas
             .submit(job("flaky", n, NotificationKind::Trigger));
     }
     let (done, _) = h.outcomes(5).await;
-    assert!(started.elapsed() < Duration::from_millis(500));
+    // Refused at once, not after the 60 s cool-down: the bound is loose so that a loaded
+    // machine cannot fail it, and still far below anything that waited.
+    assert!(started.elapsed() < Duration::from_secs(10));
     for (_, o) in &done {
         assert!(
             matches!(o, Outcome::Failed { attempts: 1, error } if error.contains("circuit breaker open")),
