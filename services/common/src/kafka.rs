@@ -599,9 +599,12 @@ pub fn consumer_with(
 /// # Errors
 /// When the admin request fails for a reason other than "already exists".
 pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(&settings.kafka, &BTreeMap::new())
-        .create()
-        .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
+    let admin_client = || -> anyhow::Result<AdminClient<DefaultClientContext>> {
+        client_config(&settings.kafka, &BTreeMap::new())
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))
+    };
+    let mut admin = admin_client()?;
     let names: Vec<String> = topics.iter().map(|t| settings.topic(*t)).collect();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -628,6 +631,9 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
             Err(e) if started.elapsed() < BROKER_WAIT => {
                 tracing::warn!(error.message = %e, "cannot reach the broker to create topics yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                // A new client, as in `check_copartitioned`: one cut off while connecting may
+                // stay cut off.
+                admin = admin_client()?;
             }
             Err(e) => anyhow::bail!("cannot create topics {names:?}: {e}"),
         }
@@ -1073,17 +1079,21 @@ pub async fn check_copartitioned(
     use anyhow::Context;
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            client_config(&settings.kafka, &settings.kafka.consumer_properties)
-                .create()
-                .context("cannot create a metadata client")?;
         let count = |topic: &str| -> anyhow::Result<usize> {
-            // The broker may be restarting: wait for it (the service is not ready meanwhile).
+            // The broker may be restarting: wait for it (the service is not ready meanwhile),
+            // with a new client at each attempt. A client whose first connection the broker's
+            // restart cut did not always connect again: the fault suite once saw a clock fail
+            // this lookup for two minutes while every other client had reconnected.
             let md = retry_blocking(
                 BROKER_WAIT,
                 Duration::from_secs(1),
                 &format!("cannot describe topic {topic} yet"),
-                || consumer.fetch_metadata(Some(topic), Duration::from_secs(10)),
+                || {
+                    let client: BaseConsumer =
+                        client_config(&settings.kafka, &settings.kafka.consumer_properties)
+                            .create()?;
+                    client.fetch_metadata(Some(topic), Duration::from_secs(10))
+                },
             )
             .with_context(|| format!("cannot describe topic {topic}"))?;
             Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
