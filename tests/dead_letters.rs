@@ -16,7 +16,6 @@ use safeclock::dlq::{self, Filter};
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::{dlq_headers, Topic};
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::scenario::received;
 use safeclock_tests::{header, isolated_settings, produce, read_until, reader, real_broker};
 
@@ -85,7 +84,7 @@ async fn each_kind_of_bad_record_is_dead_lettered_by_clock_and_exporter_and_good
             app::start(
                 settings.clone(),
                 service,
-                Arc::new(SystemTime),
+                safeclock_tests::test_time(),
                 "127.0.0.1:0".parse().unwrap(),
                 shutdown.clone(),
             )
@@ -95,7 +94,7 @@ async fn each_kind_of_bad_record_is_dead_lettered_by_clock_and_exporter_and_good
     }
 
     // All under one key, so in one partition and in this order: good, every bad kind, good.
-    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
     let bad = bad_records(now);
     produce(
         &brokers,
@@ -317,7 +316,7 @@ async fn each_kind_of_bad_sla_record_is_dead_lettered_by_the_escalator_and_good_
     let running = app::start(
         settings.clone(),
         Service::Escalator,
-        Arc::new(SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )
@@ -325,7 +324,7 @@ async fn each_kind_of_bad_sla_record_is_dead_lettered_by_the_escalator_and_good_
     .unwrap();
 
     // One key, so one partition and this order: good, every bad kind, good.
-    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
     let bad = bad_sla_records(now);
     produce(
         &brokers,

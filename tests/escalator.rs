@@ -20,7 +20,6 @@ use safeclock_common::schema::v1::{
     EscalationAction, EscalationRecord, Severity, SlaEvent, SlaLabels, SlaTransition,
 };
 use safeclock_common::service::ServiceDeps;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::{
     free_port, header, isolated_settings, produce, read_until, reader, real_alertmanager,
     real_broker, wait_for, RecordingWebhook,
@@ -31,7 +30,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789abcdef";
 
 fn sla_event(referral: &str, transition: SlaTransition, id: &str) -> Vec<u8> {
-    let now = jiff::Timestamp::now();
+    let now = safeclock_tests::now();
     let e = SlaEvent {
         sla_event_id: id.into(),
         referral_id: referral.into(),
@@ -84,7 +83,7 @@ async fn start(
         settings: Arc::new(settings),
         registry: registry.clone(),
         readiness: readiness.clone(),
-        time: Arc::new(SystemTime),
+        time: safeclock_tests::test_time(),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(safeclock_escalator::run(

@@ -10,7 +10,6 @@ use safeclock::app::{self, Running, Service};
 use safeclock_common::config::Settings;
 use safeclock_common::kafka::Topic;
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::{isolated_settings, produce, produce_to, real_broker};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,7 +25,7 @@ async fn start(settings: &Arc<Settings>, shutdown: &CancellationToken) -> Runnin
     let running = app::start(
         settings.clone(),
         Service::Exporter,
-        Arc::new(SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )

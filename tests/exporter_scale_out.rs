@@ -28,7 +28,7 @@ fn breach(n: u32) -> Vec<u8> {
 /// One referral received and its victim-contact breach, both keyed by the referral (so the
 /// referral event and the SLA event are in the same-numbered partition of their topics).
 async fn publish(brokers: &str, settings: &Settings, range: std::ops::Range<u32>) {
-    let at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(30);
+    let at = safeclock_tests::now() - jiff::SignedDuration::from_hours(30);
     for n in range {
         let referral = format!("R-{n}");
         produce(

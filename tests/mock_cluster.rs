@@ -37,7 +37,7 @@ async fn start_clock(
     let running = safeclock::app::start(
         settings.clone(),
         safeclock::app::Service::Clock,
-        Arc::new(safeclock_common::time::SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )

@@ -24,7 +24,6 @@ use jiff::{SignedDuration, Timestamp};
 use safeclock::app::{self, Service};
 use safeclock_common::kafka::Topic;
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::scenario::{contacted, received};
 use safeclock_tests::{isolated_settings, produce, real_broker};
 
@@ -217,7 +216,7 @@ async fn dashboards_and_rules_run_on_a_real_prometheus_with_the_expected_values(
     let running = app::start(
         settings.clone(),
         Service::All,
-        Arc::new(SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )
@@ -243,7 +242,7 @@ async fn dashboards_and_rules_run_on_a_real_prometheus_with_the_expected_values(
     .await;
 
     // Wave 1 creates every series; wait until Prometheus has sampled them.
-    let now = Timestamp::now();
+    let now = safeclock_tests::now();
     wave(&brokers, &input, 1, now).await;
     let breaches = r#"sum(safeclock_sla_breaches_total{rule="victim-contact"})"#;
     wait_until(&http, &url, "wave 1 in Prometheus", breaches, |r| {

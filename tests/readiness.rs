@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use safeclock::app::{self, Service};
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::{free_port, isolated_settings, TansuProcess};
 
 async fn readyz(ops: std::net::SocketAddr) -> u16 {
@@ -48,7 +47,7 @@ async fn not_ready_while_cut_off_from_the_broker_and_ready_again_when_it_returns
     let running = app::start(
         Arc::new(settings),
         Service::Exporter,
-        Arc::new(SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )

@@ -124,7 +124,7 @@ fn settings(brokers: &str) -> Arc<Settings> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_sla_events() {
     let brokers = real_broker();
-    let t0 = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let t0 = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
 
     // One instance, the whole input.
     let single = settings(&brokers);

@@ -15,7 +15,6 @@ use rdkafka::producer::FutureRecord;
 use safeclock::app::{self, Service};
 use safeclock_common::kafka::{self, Topic};
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::isolated_settings;
 use safeclock_tests::scenario::committed_offsets;
 
@@ -81,7 +80,7 @@ async fn main() {
     let running = app::start(
         settings.clone(),
         Service::Clock,
-        Arc::new(SystemTime),
+        safeclock_tests::test_time(),
         "127.0.0.1:0".parse().unwrap(),
         shutdown.clone(),
     )

@@ -27,7 +27,6 @@ use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::Readiness;
 use safeclock_common::service::ServiceDeps;
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
 use safeclock_tests::{breach_record, isolated_settings};
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
@@ -121,7 +120,7 @@ async fn main() {
         settings: settings.clone(),
         registry: registry.clone(),
         readiness: readiness.clone(),
-        time: Arc::new(SystemTime),
+        time: safeclock_tests::test_time(),
     };
     let task = tokio::spawn(safeclock_escalator::run(
         deps,

@@ -50,6 +50,26 @@ pub fn real_alertmanager() -> Option<String> {
     }
 }
 
+/// "Now" for the tests: the real clock, or the instant `SAFECLOCK_TEST_NOW` names, shifted
+/// alike for every test in this process and every service it starts (see
+/// `OffsetTime::for_tests`). Tests never read the system clock directly.
+pub fn now() -> jiff::Timestamp {
+    use safeclock_common::time::TimeSource;
+    safeclock_common::time::OffsetTime::for_tests().now()
+}
+
+/// The time source the services a test starts run on (see [`now`]).
+pub fn test_time() -> safeclock_common::time::SharedTime {
+    Arc::new(safeclock_common::time::OffsetTime::for_tests())
+}
+
+/// The `[time] offset_secs` that makes a service process agree with [`now`].
+pub fn time_offset_secs() -> i64 {
+    safeclock_common::time::OffsetTime::for_tests()
+        .offset()
+        .as_secs()
+}
+
 /// A free loopback port (bound and released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -72,6 +92,7 @@ pub fn isolated_settings(brokers: &str) -> Settings {
     s.exporter.group_id = format!("test-{tag}-exporter");
     s.clock.tick_interval_ms = 50;
     s.escalator.tick_interval_ms = 50;
+    s.time.offset_secs = time_offset_secs();
     s.shutdown.grace_period_secs = 10;
     s.kafka
         .consumer_properties
@@ -199,7 +220,7 @@ pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32)
 pub fn breach_record(referral: &str) -> Vec<u8> {
     use safeclock_common::schema::from_jiff;
     use safeclock_common::schema::v1::{Severity, SlaEvent, SlaLabels, SlaTransition};
-    let now = jiff::Timestamp::now();
+    let now = now();
     serde_json::to_vec(&SlaEvent {
         sla_event_id: format!("{referral}-breach"),
         referral_id: referral.into(),
@@ -393,7 +414,7 @@ impl InProcess {
         let running = safeclock::app::start(
             settings.clone(),
             service,
-            Arc::new(safeclock_common::time::SystemTime),
+            test_time(),
             "127.0.0.1:0".parse().unwrap(),
             shutdown.clone(),
         )

@@ -36,6 +36,10 @@ impl ServiceProcess {
         };
         let child = command
             .env("SAFECLOCK__OPS__LISTEN", ops)
+            .env(
+                "SAFECLOCK__TIME__OFFSET_SECS",
+                super::time_offset_secs().to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -69,7 +69,7 @@ pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
     let settings = Arc::new(settings);
     let input = settings.topic(Topic::ReferralEvents);
 
-    let t0: Timestamp = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let t0: Timestamp = Timestamp::from_second(crate::now().as_second()).unwrap();
     let time = ManualTime::new(t0);
     let shutdown = CancellationToken::new();
     // A failed assertion must stop the services too, or the test runtime waits for their

@@ -12,7 +12,6 @@ use safeclock_common::config::{LogFormat, Settings};
 use safeclock_common::policy::Policy;
 use safeclock_common::shutdown::{cancel_on_signal, CancellationToken};
 use safeclock_common::telemetry;
-use safeclock_common::time::SystemTime;
 
 #[derive(Parser)]
 #[command(
@@ -225,12 +224,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             telemetry::init(format, &settings.telemetry.filter);
             tracing::info!(?service, settings = ?settings, "starting");
+            if settings.time.offset_secs != 0 {
+                tracing::warn!(
+                    offset_secs = settings.time.offset_secs,
+                    "the wall clock is shifted ([time] offset_secs): deadlines fire at simulated times"
+                );
+            }
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             let running = app::start(
                 settings.clone(),
                 service,
-                Arc::new(SystemTime),
+                settings.time.source(),
                 settings.ops.listen,
                 shutdown,
             )

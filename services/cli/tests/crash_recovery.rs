@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::SignedDuration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -128,7 +128,7 @@ async fn sigkill_mid_stream_loses_no_clock_and_no_breach() {
         .unwrap();
     // Every deadline falls ~60 s from now, after the crash and the restart.
     let occurred =
-        Timestamp::now() - SignedDuration::from_hours(24) + SignedDuration::from_secs(60);
+        safeclock_tests::now() - SignedDuration::from_hours(24) + SignedDuration::from_secs(60);
     let produce = |i: usize| {
         let producer = producer.clone();
         let input = input.clone();

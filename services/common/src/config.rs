@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::intake_config::{IntakeSettings, Secret, UnknownForces, ValidationSettings};
+pub use crate::time::TimeSettings;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
 
@@ -53,6 +54,8 @@ pub struct Settings {
     pub intake: IntakeSettings,
     /// Plausibility checks on referral events beyond their shape (event time, known force).
     pub validation: ValidationSettings,
+    /// The wall clock: real, or shifted for a drill or a test.
+    pub time: TimeSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1201,6 +1204,9 @@ impl Settings {
         }
         self.intake.validate()?;
         self.validation.validate()?;
+        self.time
+            .validate()
+            .map_err(|m| invalid("time.offset_secs", m))?;
         Ok(())
     }
 

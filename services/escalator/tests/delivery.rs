@@ -16,7 +16,7 @@ use safeclock_common::config::{ReceiverKind, ReceiverSettings, SmtpTls};
 use safeclock_common::schema::v1::{
     NotificationKind, PendingNotification, Severity, SlaEvent, SlaLabels, SlaTransition,
 };
-use safeclock_common::time::SystemTime;
+use safeclock_common::time::{OffsetTime, TimeSource};
 use safeclock_escalator::delivery::{Dispatcher, Report};
 use safeclock_escalator::engine::{Job, Outcome};
 use safeclock_escalator::metrics::EscalatorMetrics;
@@ -137,7 +137,7 @@ fn start(receivers: Vec<ReceiverSettings>) -> Harness {
             .map(|r| Receiver::new(r).unwrap())
             .collect(),
         metrics,
-        Arc::new(SystemTime),
+        Arc::new(OffsetTime::for_tests()),
         tx,
         stop.clone(),
     );
@@ -466,7 +466,7 @@ async fn an_unreachable_receiver_falls_back_and_its_page_is_dead_lettered() {
     let mut h = start(settings.escalator.all_receivers());
 
     let breach = job("primary", 1, NotificationKind::Trigger).event;
-    let now = jiff::Timestamp::now();
+    let now = OffsetTime::for_tests().now();
     let mut actions = engine.on_sla_event(&breach, now);
     let mut dead = Vec::new();
     let mut delivered = Vec::new();
@@ -528,7 +528,7 @@ async fn webhooks_are_signed_and_templates_shape_the_body() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((jiff::Timestamp::now().as_second() - ts).abs() < 60);
+    assert!((OffsetTime::for_tests().now().as_second() - ts).abs() < 60);
     assert_eq!(
         signed.headers[SIGNATURE_HEADER].to_str().unwrap(),
         signature(b"a-shared-secret", ts, &signed.body),

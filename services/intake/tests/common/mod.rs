@@ -12,7 +12,7 @@ use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::Readiness;
 use safeclock_common::service::ServiceDeps;
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_common::time::SystemTime;
+use safeclock_common::time::{OffsetTime, TimeSource};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -71,7 +71,7 @@ pub async fn start(settings: Settings, create: bool) -> Running {
         settings: Arc::new(settings),
         registry: registry.clone(),
         readiness: Readiness::default(),
-        time: Arc::new(SystemTime),
+        time: Arc::new(OffsetTime::for_tests()),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(safeclock_intake::serve(
@@ -90,7 +90,7 @@ pub async fn start(settings: Settings, create: bool) -> Running {
 
 /// A valid event occurring now.
 pub fn event(id: &str, referral: &str) -> serde_json::Value {
-    let now = jiff::Timestamp::now();
+    let now = OffsetTime::for_tests().now();
     serde_json::json!({
         "eventId": id,
         "referralId": referral,
