@@ -263,7 +263,7 @@ fn oracle(
         }
     };
     for e in events {
-        keep(engine.on_event(e, now));
+        keep(engine.on_event(e, now).unwrap());
         if tick_each {
             keep(engine.on_tick(now));
         }

@@ -178,6 +178,7 @@ fn policy() -> Policy {
     Policy {
         rules: RuleSet::default_pack().unwrap(),
         calendars: CalendarBook::builtin(),
+        limits: safeclock_common::config::ClockLimits::default(),
     }
 }
 
@@ -199,7 +200,7 @@ fn main() {
             let r = format!("R-M-{i:08}");
             let at = start + SignedDuration::from_secs(i as i64);
             let e = received(&r, at, i);
-            engine.on_event(&e, at);
+            engine.on_event(&e, at).unwrap();
             i += 1;
         }
         engine.take_dirty();
@@ -256,7 +257,7 @@ fn main() {
         if i % 64 == 0 {
             engine.fire_due(now, &mut transitions);
         }
-        engine.apply_event(e, now, &mut transitions);
+        engine.apply_event(e, now, &mut transitions).unwrap();
         emitted += transitions.len();
         transitions.clear();
         if i % 1024 == 0 {
@@ -272,7 +273,7 @@ fn main() {
         if i % 64 == 0 {
             records += engine.on_tick(now).len();
         }
-        records += engine.on_event(e, now).len();
+        records += engine.on_event(e, now).unwrap().len();
         if i % 1024 == 0 {
             engine.take_dirty();
         }
@@ -305,7 +306,7 @@ fn main() {
             let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
             for (e, &now) in events.iter().zip(&times) {
                 engine.fire_due(now, &mut transitions);
-                engine.apply_event(e, now, &mut transitions);
+                engine.apply_event(e, now, &mut transitions).unwrap();
                 transitions.clear();
             }
         }

@@ -42,7 +42,9 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use jiff::{SignedDuration, Timestamp};
 use safeclock_calendar::Target;
+use safeclock_common::config::ClockLimits;
 use safeclock_common::event::kind_name;
+use safeclock_common::event::Rejection;
 use safeclock_common::ids::derive_id;
 pub use safeclock_common::policy::CalendarBook;
 use safeclock_common::rules::{Condition, LabelField, Rule, RuleSet, Warning};
@@ -56,8 +58,6 @@ use safeclock_common::schema::{
 
 use crate::attribute::attribute;
 
-/// How many stop events that arrived before their start are remembered per referral.
-const MAX_EARLY_STOPS: usize = 16;
 /// `Clock::paused_since` when the clock runs.
 const RUNNING: i64 = i64::MIN;
 
@@ -155,6 +155,11 @@ impl Symbols {
 
     fn name(&self, sym: Sym) -> &str {
         self.names.get(sym as usize).map_or("", |n| n)
+    }
+
+    /// Whether interning `name` would add a value to a table already holding `max`.
+    fn is_full_for(&self, name: &str, max: usize) -> bool {
+        self.names.len() >= max && !self.index.contains_key(name)
     }
 }
 
@@ -266,12 +271,35 @@ struct EarlyStop {
     event_id: Box<str>,
 }
 
+/// One remembered event: its id's hash and when it occurred (seconds since 2000-01-01 UTC,
+/// saturating, so 1999 and 2137 read as the edges). 12 bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+struct SeenEvent {
+    hash: u64,
+    at: u32,
+}
+
+/// Unix seconds of 2000-01-01T00:00:00Z, the origin of [`SeenEvent::at`].
+const SEEN_EPOCH: i64 = 946_684_800;
+
+fn seen_seconds(unix_seconds: i64) -> u32 {
+    u32::try_from(unix_seconds.saturating_sub(SEEN_EPOCH).max(0)).unwrap_or(u32::MAX)
+}
+
+/// No dedup horizon yet: every event time is accepted.
+const NO_HORIZON: u32 = 0;
+
 #[derive(Debug, Default)]
 struct Referral {
     id: Box<str>,
     labels: Labels,
-    /// Hashes of the event ids applied.
-    seen: Vec<u64>,
+    /// The event ids applied (hashed) with their event times: at most
+    /// `ClockLimits::max_seen_events`, the oldest event times dropped first.
+    seen: Vec<SeenEvent>,
+    /// Events that occurred at or before this second ([`SeenEvent::at`] scale) may have had their
+    /// ids dropped from `seen`, so they are refused; [`NO_HORIZON`] when nothing was dropped.
+    horizon: u32,
     clocks: Vec<Clock>,
     /// Clock ids and instances the clocks refer to.
     strings: Vec<Box<str>>,
@@ -279,6 +307,41 @@ struct Referral {
 }
 
 impl Referral {
+    fn has_seen(&self, hash: u64) -> bool {
+        self.seen.iter().any(|e| {
+            let h = e.hash;
+            h == hash
+        })
+    }
+
+    /// Remembers an applied event; past `max` entries, drops the oldest eighth by event time
+    /// and moves the horizon up to the newest time dropped.
+    fn remember(&mut self, hash: u64, at: u32, max: usize) {
+        if self.seen.len() == self.seen.capacity() {
+            self.seen.reserve_exact(self.seen.len().clamp(1, 8));
+        }
+        self.seen.push(SeenEvent { hash, at });
+        if self.seen.len() > max {
+            self.forget_oldest_seen(max - (max / 8).max(1));
+        }
+    }
+
+    /// Keeps the `keep` most recent (by event time) remembered events.
+    fn forget_oldest_seen(&mut self, keep: usize) {
+        if self.seen.len() <= keep {
+            return;
+        }
+        let drop = self.seen.len() - keep;
+        let mut times: Vec<u32> = self.seen.iter().map(|e| e.at).collect();
+        let (_, cut, _) = times.select_nth_unstable(drop - 1);
+        let cut = *cut;
+        // Everything at or before `cut` goes: ties are dropped together, so the horizon is
+        // exact (an event at `cut` that stayed could not be told from one that went).
+        self.seen.retain(|e| e.at > cut);
+        self.seen.shrink_to_fit();
+        self.horizon = self.horizon.max(cut);
+    }
+
     fn string(&self, index: u16) -> &str {
         self.strings.get(usize::from(index)).map_or("", |s| s)
     }
@@ -521,6 +584,7 @@ impl Reacting {
 #[derive(Debug)]
 struct Policy {
     rules: Vec<Rule>,
+    limits: ClockLimits,
     /// Per rule: `applies_to` with interned values.
     applies_to: Vec<Vec<(LabelField, Vec<Sym>)>>,
     calendars: CalendarBook,
@@ -569,7 +633,13 @@ struct State {
 }
 
 impl Engine {
+    /// An engine with the default `[clock.limits]`.
     pub fn new(rules: RuleSet, calendars: CalendarBook) -> Self {
+        Self::with_limits(rules, calendars, ClockLimits::default())
+    }
+
+    /// An engine that refuses events which would take a referral past `limits`.
+    pub fn with_limits(rules: RuleSet, calendars: CalendarBook, limits: ClockLimits) -> Self {
         let mut symbols = Symbols::new();
         let mut by_kind: HashMap<String, KindRules> = HashMap::default();
         for (i, rule) in rules.rules.iter().enumerate() {
@@ -618,6 +688,7 @@ impl Engine {
         Self {
             policy: Policy {
                 rules: rules.rules,
+                limits,
                 applies_to,
                 calendars,
                 by_kind,
@@ -671,7 +742,16 @@ impl Engine {
             referral_id: referral_id.to_string(),
             labels: Some(r.labels.to_proto(&self.state.symbols)),
             seen_event_ids: Vec::new(),
-            seen_event_hashes: r.seen.clone(),
+            seen_event_hashes: r.seen.iter().map(|e| e.hash).collect(),
+            seen_event_seconds: r
+                .seen
+                .iter()
+                .map(|e| i64::from(e.at) + SEEN_EPOCH)
+                .collect(),
+            dedup_horizon: (r.horizon != NO_HORIZON).then(|| ProtoTimestamp {
+                seconds: i64::from(r.horizon) + SEEN_EPOCH,
+                nanos: 0,
+            }),
             clocks: r
                 .clocks
                 .iter()
@@ -721,16 +801,44 @@ impl Engine {
             .collect();
         let slot = self.state.slot_for(&state.referral_id);
         let labels = Labels::from_proto(&state.labels.unwrap_or_default(), &mut self.state.symbols);
+        // Records written before event times were kept (0.2) have none: their events count as
+        // old as the referral's newest clock start, which is when the newest of them can have
+        // occurred at the earliest that matters.
+        let unknown_at = seen_seconds(
+            state
+                .clocks
+                .iter()
+                .filter_map(|c| c.started_at.as_ref().map(|t| t.seconds))
+                .max()
+                .unwrap_or(SEEN_EPOCH),
+        );
+        let times = &state.seen_event_seconds;
+        let mut seen: Vec<SeenEvent> = state
+            .seen_event_hashes
+            .iter()
+            .enumerate()
+            .map(|(i, &hash)| SeenEvent {
+                hash,
+                at: times.get(i).map_or(unknown_at, |&t| seen_seconds(t)),
+            })
+            .collect();
+        // Records written before hashes were kept name the ids themselves.
+        seen.extend(state.seen_event_ids.iter().map(|id| SeenEvent {
+            hash: event_hash(id),
+            at: unknown_at,
+        }));
         let mut referral = Referral {
             id: state.referral_id.as_str().into(),
             labels,
-            seen: state.seen_event_hashes,
+            seen,
+            horizon: state
+                .dedup_horizon
+                .as_ref()
+                .map_or(NO_HORIZON, |t| seen_seconds(t.seconds)),
             ..Referral::default()
         };
-        // Records written before hashes were kept name the ids themselves.
-        referral
-            .seen
-            .extend(state.seen_event_ids.iter().map(|id| event_hash(id)));
+        // A window lowered since the record was written applies now.
+        referral.forget_oldest_seen(self.policy.limits.max_seen_events);
         referral.clocks.reserve_exact(state.clocks.len());
         for c in state.clocks {
             let Some(&rule) = rule_index.get(c.rule_id.as_str()) else {
@@ -886,13 +994,22 @@ impl Engine {
 
     /// Applies one validated referral event at wall-clock time `now` and returns the SLA events
     /// to publish.
-    pub fn on_event(&mut self, event: &ReferralEvent, now: Timestamp) -> Vec<SlaEvent> {
+    ///
+    /// # Errors
+    /// [`LimitExceeded`] when the event would take the referral past a limit of
+    /// `[clock.limits]`: nothing of it is applied (not even its id is remembered), so the
+    /// referral's clocks run on as before.
+    pub fn on_event(
+        &mut self,
+        event: &ReferralEvent,
+        now: Timestamp,
+    ) -> Result<Vec<SlaEvent>, LimitExceeded> {
         let mut transitions = Vec::new();
-        self.apply_event(event, now, &mut transitions);
-        transitions
+        self.apply_event(event, now, &mut transitions)?;
+        Ok(transitions
             .iter()
             .map(|t| self.materialize(t, Some(event)))
-            .collect()
+            .collect())
     }
 
     /// Fires every warning and deadline due at or before `now` and returns the SLA events.
@@ -907,39 +1024,43 @@ impl Engine {
 
     /// The core of [`Engine::on_event`]: appends the transitions `event` causes to `out`. Each
     /// must be materialized before the next call that changes the engine.
+    ///
+    /// # Errors
+    /// [`LimitExceeded`], with nothing applied.
     pub fn apply_event(
         &mut self,
         event: &ReferralEvent,
         now: Timestamp,
         out: &mut Vec<Transition>,
-    ) {
+    ) -> Result<(), LimitExceeded> {
         let (Some(kind), Some(at)) = (
             event.kind.as_ref(),
             event.occurred_at.as_ref().and_then(to_jiff),
         ) else {
-            return;
+            return Ok(());
         };
         let Engine { policy, state } = self;
         let slot = state.slot_for(&event.referral_id);
-        let referral = &mut state.slab[slot as usize];
         let hash = event_hash(&event.event_id);
-        if referral.seen.contains(&hash) {
-            return; // duplicate
+        if state.slab[slot as usize].has_seen(hash) {
+            return Ok(()); // duplicate
         }
-        if referral.seen.len() == referral.seen.capacity() {
-            referral.seen.reserve_exact(referral.seen.len().clamp(1, 8));
-        }
-        referral.seen.push(hash);
+        let kind_name = kind_name(kind);
+        let reacting = policy.by_kind.get(kind_name);
+        // Every check before any change: a refused event leaves no trace.
+        let admitted = state
+            .admit(policy, slot, event, kind, at, reacting)
+            .inspect_err(|_| state.release_if_empty(slot, &event.referral_id))?;
+        let referral = &mut state.slab[slot as usize];
+        referral.remember(
+            hash,
+            seen_seconds(at.as_second()),
+            policy.limits.max_seen_events,
+        );
         referral.collect_strings();
         state.dirty.insert(slot);
-        let risk_before = referral.labels.risk;
-        update_labels(
-            &mut state.symbols,
-            &mut referral.labels,
-            &event.force_id,
-            kind,
-        );
-        let regraded = referral.labels.risk != risk_before;
+        let regraded = admitted.labels.risk != referral.labels.risk;
+        referral.labels = admitted.labels;
 
         let ctx = Ctx {
             slot,
@@ -947,22 +1068,9 @@ impl Engine {
             at: nanos(at),
             now: nanos(now),
         };
-        let kind_name = kind_name(kind);
-        if let Some(reacting) = policy.by_kind.get(kind_name) {
-            for reaction in &reacting.rules {
-                let rule_idx = reaction.rule;
-                let rule = &policy.rules[usize::from(rule_idx)];
-                let m = reaction.matched(rule, event, &reacting.json_name);
-                let instance = rule
-                    .instance
-                    .as_deref()
-                    .and_then(|a| attribute(event, &reacting.json_name, a))
-                    .and_then(|v| match v {
-                        serde_json::Value::String(s) => Some(s),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                state.apply(policy, rule_idx, m, &instance, &ctx, out);
+        if let Some(reacting) = reacting {
+            for (reaction, (m, instance)) in reacting.rules.iter().zip(admitted.matched) {
+                state.apply(policy, reaction.rule, m, &instance, &ctx, out);
             }
         }
         if regraded {
@@ -971,6 +1079,7 @@ impl Engine {
         // A closed referral keeps its seen event ids (no clocks), so a replayed or late duplicate
         // cannot reopen clocks. Forgetting closed referrals after a retention period is future
         // work (see the engine's memory figures).
+        Ok(())
     }
 
     /// The core of [`Engine::on_tick`]: appends the transitions due at or before `now`.
@@ -1060,6 +1169,71 @@ impl Engine {
     }
 }
 
+/// Why an event was refused: it would take its referral past a limit of `[clock.limits]`.
+/// Nothing of the event is applied; it is dead-lettered with [`LimitExceeded::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitExceeded {
+    #[error(
+        "the event would open more than {max} clocks of rule `{rule}` on this referral \
+         (clock.limits.max_instances_per_rule)"
+    )]
+    InstancesPerRule { rule: String, max: usize },
+    #[error("the event would open more than {max} clocks on this referral (clock.limits.max_open_clocks)")]
+    OpenClocks { max: usize },
+    #[error(
+        "the event would give this referral's open clocks more than {max} distinct references \
+         (clock.limits.max_references)"
+    )]
+    References { max: usize },
+    #[error(
+        "the event would pause a clock of rule `{rule}` more than {max} times \
+         (clock.limits.max_pauses_per_clock)"
+    )]
+    Pauses { rule: String, max: u32 },
+    #[error(
+        "the event occurred at or before {horizon}, the oldest event time this referral still \
+         remembers ids from (clock.limits.max_seen_events): a repeat could not be recognised"
+    )]
+    BeforeDedupHorizon { horizon: Timestamp },
+    #[error(
+        "the event brings a new label value (`{field}`) to a clock engine that already holds \
+         {max} (clock.limits.max_label_values)"
+    )]
+    LabelValues { field: &'static str, max: usize },
+}
+
+impl LimitExceeded {
+    /// A short, fixed reason code (dead-letter header, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LimitExceeded::InstancesPerRule { .. } => "limit_instances_per_rule",
+            LimitExceeded::OpenClocks { .. } => "limit_open_clocks",
+            LimitExceeded::References { .. } => "limit_references",
+            LimitExceeded::Pauses { .. } => "limit_pauses",
+            LimitExceeded::BeforeDedupHorizon { .. } => "before_dedup_horizon",
+            LimitExceeded::LabelValues { .. } => "limit_label_values",
+        }
+    }
+}
+
+impl From<LimitExceeded> for Rejection {
+    fn from(e: LimitExceeded) -> Self {
+        Rejection::OverLimit {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What [`State::admit`] worked out for an admitted event, so it is not worked out twice.
+struct Admitted {
+    /// The referral's labels after the event.
+    labels: Labels,
+    /// Per reacting rule (in the order of [`KindRules::rules`]): what the event does to it, and
+    /// the instance it names.
+    matched: Vec<(Matched, String)>,
+}
+
 /// The id of a clock's `breached` record: derived, so the engine keeps only a flag.
 fn breach_id(referral_id: &str, rule_id: &str, clock_id: &str) -> String {
     derive_id(&[
@@ -1113,6 +1287,150 @@ impl State {
         };
         self.index.insert(referral_id, slot);
         slot
+    }
+
+    /// Drops the slot [`State::slot_for`] allocated for an event that was then refused, if the
+    /// referral holds nothing (it was new).
+    fn release_if_empty(&mut self, slot: u32, referral_id: &str) {
+        let r = &self.slab[slot as usize];
+        if r.seen.is_empty() && r.clocks.is_empty() && r.early_stops.is_empty() {
+            if let Some(slot) = self.index.remove(&self.slab, referral_id) {
+                self.slab[slot as usize] = Referral::default();
+                self.free.push(slot);
+                self.dirty.remove(&slot);
+            }
+        }
+    }
+
+    /// Checks that applying `event` keeps the referral within `policy.limits`, without changing
+    /// anything but the label table.
+    ///
+    /// Counted conservatively: a start counts as a new clock when the rule applies to the
+    /// referral's labels after the event and no clock of that rule and instance is open (a
+    /// start that a stop in the same event frees a slot for, or that an early stop completes at
+    /// once, may be counted although it ends up adding nothing). Only events that would add a
+    /// clock are held to the counts, so a referral already past a lowered limit can still stop
+    /// and cancel its clocks.
+    fn admit(
+        &mut self,
+        policy: &Policy,
+        slot: u32,
+        event: &ReferralEvent,
+        kind: &Kind,
+        at: Timestamp,
+        reacting: Option<&KindRules>,
+    ) -> Result<Admitted, LimitExceeded> {
+        let limits = &policy.limits;
+        let referral = &self.slab[slot as usize];
+        if referral.horizon != NO_HORIZON && seen_seconds(at.as_second()) <= referral.horizon {
+            return Err(LimitExceeded::BeforeDedupHorizon {
+                horizon: Timestamp::from_second(i64::from(referral.horizon) + SEEN_EPOCH)
+                    .unwrap_or(Timestamp::MAX),
+            });
+        }
+        let mut labels = referral.labels;
+        update_labels(
+            &mut self.symbols,
+            &mut labels,
+            &event.force_id,
+            kind,
+            limits.max_label_values,
+        )?;
+        let referral = &self.slab[slot as usize];
+        let Some(reacting) = reacting else {
+            return Ok(Admitted {
+                labels,
+                matched: Vec::new(),
+            });
+        };
+        let mut matched = Vec::with_capacity(reacting.rules.len());
+        // Indices into `matched` of the reactions that would open a clock.
+        let mut adding: Vec<usize> = Vec::new();
+        for reaction in &reacting.rules {
+            let rule_idx = reaction.rule;
+            let rule = &policy.rules[usize::from(rule_idx)];
+            let m = reaction.matched(rule, event, &reacting.json_name);
+            let instance = rule
+                .instance
+                .as_deref()
+                .and_then(|a| attribute(event, &reacting.json_name, a))
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let affected = |c: &Clock| {
+                c.rule == rule_idx && (instance.is_empty() || referral.instance(c) == instance)
+            };
+            if m.pause && !m.cancel && !m.reset {
+                let max = limits.max_pauses_per_clock;
+                let over = referral.clocks.iter().any(|c| {
+                    affected(c) && !c.paused() && !c.breached && u32::from(c.pauses) >= max
+                });
+                if over {
+                    return Err(LimitExceeded::Pauses {
+                        rule: rule.id.clone(),
+                        max,
+                    });
+                }
+            }
+            let opens = m.start
+                && !m.cancel
+                && !m.reset
+                && policy.applies(rule_idx, &labels)
+                && !referral
+                    .clocks
+                    .iter()
+                    .any(|c| c.rule == rule_idx && referral.instance(c) == instance);
+            if opens {
+                adding.push(matched.len());
+            }
+            matched.push((m, instance));
+        }
+        if !adding.is_empty() {
+            let added: Vec<(u16, &str)> = adding
+                .iter()
+                .map(|&i| (reacting.rules[i].rule, matched[i].1.as_str()))
+                .collect();
+            let open = referral.clocks.len();
+            if open + added.len() > limits.max_open_clocks {
+                return Err(LimitExceeded::OpenClocks {
+                    max: limits.max_open_clocks,
+                });
+            }
+            for (rule_idx, _) in &added {
+                let of_rule = referral
+                    .clocks
+                    .iter()
+                    .filter(|c| c.rule == *rule_idx)
+                    .count()
+                    + added.iter().filter(|(r, _)| r == rule_idx).count();
+                if of_rule > limits.max_instances_per_rule {
+                    return Err(LimitExceeded::InstancesPerRule {
+                        rule: policy.rules[usize::from(*rule_idx)].id.clone(),
+                        max: limits.max_instances_per_rule,
+                    });
+                }
+            }
+            let mut references: Vec<&str> = referral
+                .clocks
+                .iter()
+                .map(|c| referral.instance(c))
+                .filter(|i| !i.is_empty())
+                .collect();
+            let before = references.len();
+            references.extend(added.iter().map(|(_, i)| *i).filter(|i| !i.is_empty()));
+            if references.len() > before {
+                references.sort_unstable();
+                references.dedup();
+                if references.len() > limits.max_references {
+                    return Err(LimitExceeded::References {
+                        max: limits.max_references,
+                    });
+                }
+            }
+        }
+        Ok(Admitted { labels, matched })
     }
 
     fn apply(
@@ -1191,7 +1509,10 @@ impl State {
                 // review period) starts a clock below; it is not an early stop.
                 None if m.start => {}
                 None => {
-                    if referral.early_stops.len() >= MAX_EARLY_STOPS {
+                    if policy.limits.max_early_stops == 0 {
+                        return;
+                    }
+                    if referral.early_stops.len() >= policy.limits.max_early_stops {
                         referral.early_stops.remove(0);
                     }
                     referral.early_stops.push(EarlyStop {
@@ -1663,7 +1984,38 @@ fn camel(snake: &str) -> String {
 }
 
 /// Keeps the referral's labels current from the attributes events carry.
-fn update_labels(symbols: &mut Symbols, labels: &mut Labels, force_id: &str, kind: &Kind) {
+///
+/// # Errors
+/// [`LimitExceeded::LabelValues`] when a new value would be interned into a full table; the
+/// labels are then left as they were.
+fn update_labels(
+    symbols: &mut Symbols,
+    labels: &mut Labels,
+    force_id: &str,
+    kind: &Kind,
+    max_values: usize,
+) -> Result<(), LimitExceeded> {
+    let fits = |symbols: &Symbols, field: &'static str, value: &str| {
+        if symbols.is_full_for(value, max_values) {
+            Err(LimitExceeded::LabelValues {
+                field,
+                max: max_values,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    // Free-text labels are checked before anything is interned; enum labels come from the
+    // contract's small fixed sets.
+    fits(symbols, "forceId", force_id)?;
+    match kind {
+        Kind::ReferralReceived(r) => {
+            fits(symbols, "referralReceived.area", &r.area)?;
+            fits(symbols, "referralReceived.team", &r.team)?;
+        }
+        Kind::Allocated(a) => fits(symbols, "allocated.team", &a.team)?,
+        _ => {}
+    }
     if symbols.name(labels.force) != force_id {
         labels.force = symbols.intern(force_id);
     }
@@ -1709,8 +2061,13 @@ fn update_labels(symbols: &mut Symbols, labels: &mut Labels, force_id: &str, kin
         Kind::Allocated(a) if !a.team.is_empty() => labels.team = symbols.intern(&a.team),
         _ => {}
     }
+    Ok(())
 }
 
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "limits_tests.rs"]
+mod limits_tests;

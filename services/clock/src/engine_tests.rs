@@ -140,7 +140,9 @@ fn deadline(e: &SlaEvent) -> Timestamp {
 fn origin_case_breaches_at_24_hours_on_a_quiet_topic_then_met_late_at_five_days() {
     let mut e = engine();
     let start = "2026-11-29T10:00:00Z";
-    let out = e.on_event(&event("e1", start, RECEIVED), ts(start));
+    let out = e
+        .on_event(&event("e1", start, RECEIVED), ts(start))
+        .unwrap();
     assert_eq!(
         transitions(&out, "victim-contact"),
         [SlaTransition::Started]
@@ -172,10 +174,12 @@ fn origin_case_breaches_at_24_hours_on_a_quiet_topic_then_met_late_at_five_days(
         ts("2026-11-30T10:00:00Z")
     );
 
-    let late = e.on_event(
-        &event("e2", "2026-12-04T10:00:00Z", CONTACTED),
-        ts("2026-12-04T10:00:00Z"),
-    );
+    let late = e
+        .on_event(
+            &event("e2", "2026-12-04T10:00:00Z", CONTACTED),
+            ts("2026-12-04T10:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&late, "victim-contact"),
         [SlaTransition::MetLate]
@@ -195,11 +199,14 @@ fn met_in_time_cancels_pending_timers() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
-    let out = e.on_event(
-        &event("e2", "2026-11-29T12:00:00Z", CONTACTED),
-        ts("2026-11-29T12:00:00Z"),
-    );
+    )
+    .unwrap();
+    let out = e
+        .on_event(
+            &event("e2", "2026-11-29T12:00:00Z", CONTACTED),
+            ts("2026-11-29T12:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(transitions(&out, "victim-contact"), [SlaTransition::Met]);
     assert!(transitions(&e.on_tick(ts("2026-12-01T00:00:00Z")), "victim-contact").is_empty());
 }
@@ -210,9 +217,11 @@ fn duplicates_are_ignored_by_event_id() {
     let now = ts("2026-11-29T10:00:00Z");
     assert!(!e
         .on_event(&event("e1", "2026-11-29T10:00:00Z", RECEIVED), now)
+        .unwrap()
         .is_empty());
     assert!(e
         .on_event(&event("e1", "2026-11-29T10:00:00Z", RECEIVED), now)
+        .unwrap()
         .is_empty());
 }
 
@@ -223,7 +232,8 @@ fn warnings_already_past_at_start_are_skipped_but_the_deadline_fires() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-30T06:00:00Z"),
-    );
+    )
+    .unwrap();
     let out = e.on_tick(ts("2026-11-30T10:00:00Z"));
     assert_eq!(
         transitions(&out, "victim-contact"),
@@ -237,25 +247,30 @@ fn a_pause_shifts_the_deadline_by_the_time_paused() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
-    let paused = e.on_event(
-        &event(
-            "e2",
-            "2026-11-29T12:00:00Z",
-            r#""childMissingReported":{"risk":"RISK_GRADE_HIGH"}"#,
-        ),
-        ts("2026-11-29T12:00:00Z"),
-    );
+    )
+    .unwrap();
+    let paused = e
+        .on_event(
+            &event(
+                "e2",
+                "2026-11-29T12:00:00Z",
+                r#""childMissingReported":{"risk":"RISK_GRADE_HIGH"}"#,
+            ),
+            ts("2026-11-29T12:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&paused, "victim-contact"),
         [SlaTransition::Paused]
     );
     // While paused nothing fires, not even the original deadline.
     assert!(transitions(&e.on_tick(ts("2026-11-30T10:00:00Z")), "victim-contact").is_empty());
-    let resumed = e.on_event(
-        &event("e3", "2026-11-30T18:00:00Z", r#""missingChildFound":{}"#),
-        ts("2026-11-30T18:00:00Z"),
-    );
+    let resumed = e
+        .on_event(
+            &event("e3", "2026-11-30T18:00:00Z", r#""missingChildFound":{}"#),
+            ts("2026-11-30T18:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&resumed, "victim-contact"),
         [SlaTransition::Resumed]
@@ -282,10 +297,12 @@ fn a_pause_shifts_the_deadline_by_the_time_paused() {
 fn regrading_the_risk_recomputes_the_target_and_may_breach_at_once() {
     let mut e = engine();
     let received = r#""onlineAbuseReferralReceived":{"priority":"ONLINE_PRIORITY_MEDIUM"}"#;
-    let out = e.on_event(
-        &event("e1", "2026-11-02T10:00:00Z", received),
-        ts("2026-11-02T10:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event("e1", "2026-11-02T10:00:00Z", received),
+            ts("2026-11-02T10:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         deadline(of_rule(&out, "online-cse-referral")[0]),
         ts("2026-11-16T10:00:00Z"),
@@ -300,7 +317,8 @@ fn regrading_the_risk_recomputes_the_target_and_may_breach_at_once() {
             r#""riskAssessed":{"risk":"RISK_GRADE_VERY_HIGH"}"#,
         ),
         ts("2026-11-05T10:00:00Z"),
-    );
+    )
+    .unwrap();
     let out = e.on_tick(ts("2026-11-05T10:00:01Z"));
     assert_eq!(
         transitions(&out, "online-cse-referral"),
@@ -316,25 +334,29 @@ fn regrading_the_risk_recomputes_the_target_and_may_breach_at_once() {
 fn working_day_rules_use_the_force_calendar_and_overrides() {
     let mut e = engine();
     // Sun 29 Nov 2026 10:00: the first working day following is Mon 30 Nov; deadline 1 Dec 00:00.
-    let out = e.on_event(
-        &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
-        ts("2026-11-29T10:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
+            ts("2026-11-29T10:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         deadline(of_rule(&out, "referral-decision")[0]),
         ts("2026-12-01T00:00:00Z")
     );
     // The Met overrides it to 24 hours on a 24x7 calendar.
-    let out = e.on_event(
-        &event_for(
-            "R-2",
-            "metropolitan",
-            "m1",
-            "2026-11-29T10:00:00Z",
-            RECEIVED,
-        ),
-        ts("2026-11-29T10:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event_for(
+                "R-2",
+                "metropolitan",
+                "m1",
+                "2026-11-29T10:00:00Z",
+                RECEIVED,
+            ),
+            ts("2026-11-29T10:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         deadline(of_rule(&out, "referral-decision")[0]),
         ts("2026-11-30T10:00:00Z")
@@ -345,7 +367,8 @@ fn working_day_rules_use_the_force_calendar_and_overrides() {
 fn instances_run_separate_clocks_and_applies_to_filters_referrals() {
     let mut e = engine();
     let now = ts("2026-11-02T10:00:00Z");
-    e.on_event(&event("e1", "2026-11-02T09:00:00Z", RECEIVED), now);
+    e.on_event(&event("e1", "2026-11-02T09:00:00Z", RECEIVED), now)
+        .unwrap();
     let seized = |id: &str, dev: &str| {
         event(
             id,
@@ -354,8 +377,8 @@ fn instances_run_separate_clocks_and_applies_to_filters_referrals() {
         )
     };
     let out = [
-        e.on_event(&seized("d1", "DEV-1"), now),
-        e.on_event(&seized("d2", "DEV-2"), now),
+        e.on_event(&seized("d1", "DEV-1"), now).unwrap(),
+        e.on_event(&seized("d2", "DEV-2"), now).unwrap(),
     ]
     .concat();
     assert_eq!(
@@ -367,7 +390,7 @@ fn instances_run_separate_clocks_and_applies_to_filters_referrals() {
         "2026-11-20T10:00:00Z",
         r#""deviceExamined":{"deviceRef":"DEV-2"}"#,
     );
-    let out = e.on_event(&examined, ts("2026-11-20T10:00:00Z"));
+    let out = e.on_event(&examined, ts("2026-11-20T10:00:00Z")).unwrap();
     assert_eq!(
         transitions(&out, "device-examination"),
         [SlaTransition::Met]
@@ -388,27 +411,31 @@ fn instances_run_separate_clocks_and_applies_to_filters_referrals() {
     assert_eq!(deadline(breach[0]), ts("2026-11-30T10:00:00Z"));
 
     // A neglect referral's seized device is not a device-examination case.
-    let out = e.on_event(
-        &event_for(
-            "R-9",
-            "nottinghamshire",
-            "n1",
-            "2026-11-02T09:00:00Z",
-            r#""referralReceived":{"category":"CATEGORY_NEGLECT"}"#,
-        ),
-        now,
-    );
+    let out = e
+        .on_event(
+            &event_for(
+                "R-9",
+                "nottinghamshire",
+                "n1",
+                "2026-11-02T09:00:00Z",
+                r#""referralReceived":{"category":"CATEGORY_NEGLECT"}"#,
+            ),
+            now,
+        )
+        .unwrap();
     assert!(transitions(&out, "device-examination").is_empty());
-    let out = e.on_event(
-        &event_for(
-            "R-9",
-            "nottinghamshire",
-            "n2",
-            "2026-11-02T10:00:00Z",
-            r#""deviceSeized":{"deviceRef":"DEV-9"}"#,
-        ),
-        now,
-    );
+    let out = e
+        .on_event(
+            &event_for(
+                "R-9",
+                "nottinghamshire",
+                "n2",
+                "2026-11-02T10:00:00Z",
+                r#""deviceSeized":{"deviceRef":"DEV-9"}"#,
+            ),
+            now,
+        )
+        .unwrap();
     assert!(transitions(&out, "device-examination").is_empty());
 }
 
@@ -419,11 +446,14 @@ fn repeating_rules_start_the_next_clock_at_the_stop() {
     e.on_event(
         &event("e1", "2026-11-02T08:00:00Z", r#""childDetained":{}"#),
         now,
-    );
-    let out = e.on_event(
-        &event("e2", "2026-11-02T16:00:00Z", r#""detentionReviewed":{}"#),
-        now,
-    );
+    )
+    .unwrap();
+    let out = e
+        .on_event(
+            &event("e2", "2026-11-02T16:00:00Z", r#""detentionReviewed":{}"#),
+            now,
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "detention-review-next"),
         [SlaTransition::Met, SlaTransition::Started]
@@ -438,18 +468,22 @@ fn repeating_rules_start_the_next_clock_at_the_stop() {
         transitions(&out, "detention-review-next"),
         [SlaTransition::Breached]
     );
-    let out = e.on_event(
-        &event("e3", "2026-11-03T02:00:00Z", r#""detentionReviewed":{}"#),
-        ts("2026-11-03T02:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event("e3", "2026-11-03T02:00:00Z", r#""detentionReviewed":{}"#),
+            ts("2026-11-03T02:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "detention-review-next"),
         [SlaTransition::MetLate, SlaTransition::Started]
     );
-    let out = e.on_event(
-        &event("e4", "2026-11-03T03:00:00Z", r#""childReleased":{}"#),
-        ts("2026-11-03T03:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event("e4", "2026-11-03T03:00:00Z", r#""childReleased":{}"#),
+            ts("2026-11-03T03:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "detention-review-next"),
         [SlaTransition::Cancelled]
@@ -466,25 +500,30 @@ fn reset_restarts_the_clock_from_the_reset_event() {
             r#""significantHarmSuspected":{}"#,
         ),
         ts("2026-11-02T08:00:00Z"),
-    );
+    )
+    .unwrap();
     // A re-grade to high does not reset; very high does.
-    let out = e.on_event(
-        &event(
-            "e2",
-            "2026-11-02T10:00:00Z",
-            r#""riskAssessed":{"risk":"RISK_GRADE_HIGH"}"#,
-        ),
-        ts("2026-11-02T10:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event(
+                "e2",
+                "2026-11-02T10:00:00Z",
+                r#""riskAssessed":{"risk":"RISK_GRADE_HIGH"}"#,
+            ),
+            ts("2026-11-02T10:00:00Z"),
+        )
+        .unwrap();
     assert!(transitions(&out, "strategy-discussion").is_empty());
-    let out = e.on_event(
-        &event(
-            "e3",
-            "2026-11-02T12:00:00Z",
-            r#""riskAssessed":{"risk":"RISK_GRADE_VERY_HIGH"}"#,
-        ),
-        ts("2026-11-02T12:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event(
+                "e3",
+                "2026-11-02T12:00:00Z",
+                r#""riskAssessed":{"risk":"RISK_GRADE_VERY_HIGH"}"#,
+            ),
+            ts("2026-11-02T12:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "strategy-discussion"),
         [SlaTransition::Cancelled, SlaTransition::Started]
@@ -501,17 +540,20 @@ fn a_late_arriving_stop_that_occurred_in_time_is_met_with_a_correction() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
+    )
+    .unwrap();
     let breach = e.on_tick(ts("2026-11-30T10:00:01Z"));
     let breach = of_rule(&breach, "victim-contact")
         .into_iter()
         .find(|e| e.transition() == SlaTransition::Breached)
         .unwrap()
         .clone();
-    let out = e.on_event(
-        &event("e2", "2026-11-30T09:00:00Z", CONTACTED),
-        ts("2026-11-30T11:00:00Z"),
-    );
+    let out = e
+        .on_event(
+            &event("e2", "2026-11-30T09:00:00Z", CONTACTED),
+            ts("2026-11-30T11:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "victim-contact"),
         [SlaTransition::Met, SlaTransition::Corrected]
@@ -528,8 +570,11 @@ fn a_stop_arriving_before_its_start_completes_the_clock_when_the_start_arrives()
     let now = ts("2026-11-29T13:00:00Z");
     assert!(e
         .on_event(&event("e2", "2026-11-29T12:00:00Z", CONTACTED), now)
+        .unwrap()
         .is_empty());
-    let out = e.on_event(&event("e1", "2026-11-29T10:00:00Z", RECEIVED), now);
+    let out = e
+        .on_event(&event("e1", "2026-11-29T10:00:00Z", RECEIVED), now)
+        .unwrap();
     assert_eq!(
         transitions(&out, "victim-contact"),
         [SlaTransition::Started, SlaTransition::Met]
@@ -543,11 +588,14 @@ fn a_stop_after_the_deadline_before_the_tick_still_breaches_exactly_once() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
-    let out = e.on_event(
-        &event("e2", "2026-12-01T10:00:00Z", CONTACTED),
-        ts("2026-12-01T10:00:00Z"),
-    );
+    )
+    .unwrap();
+    let out = e
+        .on_event(
+            &event("e2", "2026-12-01T10:00:00Z", CONTACTED),
+            ts("2026-12-01T10:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "victim-contact"),
         [SlaTransition::Breached, SlaTransition::MetLate]
@@ -561,15 +609,18 @@ fn closing_the_referral_cancels_its_clocks_and_forgets_it() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
-    let out = e.on_event(
-        &event(
-            "e9",
-            "2026-11-29T11:00:00Z",
-            r#""referralClosed":{"outcome":"no-further-action"}"#,
-        ),
-        ts("2026-11-29T11:00:00Z"),
-    );
+    )
+    .unwrap();
+    let out = e
+        .on_event(
+            &event(
+                "e9",
+                "2026-11-29T11:00:00Z",
+                r#""referralClosed":{"outcome":"no-further-action"}"#,
+            ),
+            ts("2026-11-29T11:00:00Z"),
+        )
+        .unwrap();
     assert_eq!(
         transitions(&out, "victim-contact"),
         [SlaTransition::Cancelled]
@@ -586,6 +637,7 @@ fn replaying_the_same_input_reproduces_the_same_ids() {
                 &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
                 ts("2026-11-29T10:00:00Z"),
             )
+            .unwrap()
             .into_iter()
             .map(|x| x.sla_event_id)
             .collect();
@@ -607,15 +659,18 @@ fn state_restored_from_the_changelog_continues_the_clock_and_fires_overdue_deadl
     a.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
+    )
+    .unwrap();
     a.on_event(
         &event("e2", "2026-11-29T12:00:00Z", r#""childMissingReported":{}"#),
         ts("2026-11-29T12:00:00Z"),
-    );
+    )
+    .unwrap();
     a.on_event(
         &event("e3", "2026-11-29T14:00:00Z", r#""missingChildFound":{}"#),
         ts("2026-11-29T14:00:00Z"),
-    );
+    )
+    .unwrap();
     let warned = a.on_tick(ts("2026-11-30T06:00:00Z"));
     assert_eq!(
         transitions(&warned, "victim-contact"),
@@ -656,6 +711,7 @@ fn state_restored_from_the_changelog_continues_the_clock_and_fires_overdue_deadl
             &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
             ts("2026-12-02T00:00:00Z")
         )
+        .unwrap()
         .is_empty());
 }
 
@@ -665,11 +721,13 @@ fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
+    )
+    .unwrap();
     e.on_event(
         &event("e2", "2026-11-29T11:00:00Z", r#""referralClosed":{}"#),
         ts("2026-11-29T11:00:00Z"),
-    );
+    )
+    .unwrap();
     assert_eq!(e.take_dirty(), ["R-1"]);
     assert!(e.export("R-1").unwrap().clocks.is_empty());
     // A replay of the referral's first event after the close does not reopen its clocks.
@@ -678,6 +736,7 @@ fn a_closed_referral_keeps_no_clocks_but_still_recognises_replayed_events() {
             &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
             ts("2026-11-29T12:00:00Z")
         )
+        .unwrap()
         .is_empty());
     assert!(e.on_tick(ts("2026-12-30T00:00:00Z")).is_empty());
 }
@@ -688,7 +747,8 @@ fn census_counts_open_clocks_by_state_and_finds_the_oldest_breach() {
     e.on_event(
         &event("e1", "2026-11-29T10:00:00Z", RECEIVED),
         ts("2026-11-29T10:00:00Z"),
-    );
+    )
+    .unwrap();
     let state_of = |census: &Census, rule: &str| -> Vec<(OpenState, u64)> {
         census
             .open
@@ -723,7 +783,8 @@ fn census_counts_open_clocks_by_state_and_finds_the_oldest_breach() {
     e.on_event(
         &event("e2", "2026-11-30T11:00:00Z", r#""victimContacted":{}"#),
         ts("2026-11-30T11:00:00Z"),
-    );
+    )
+    .unwrap();
     assert!(state_of(&e.census(), "victim-contact").is_empty());
 }
 
@@ -742,16 +803,16 @@ proptest::proptest! {
         let pause_at = start + SignedDuration::from_secs(pause_after);
         let resume_at = pause_at + SignedDuration::from_secs(p);
         let mut e = engine();
-        let started = e.on_event(&event("e1", &start.to_string(), RECEIVED), start);
+        let started = e.on_event(&event("e1", &start.to_string(), RECEIVED), start).unwrap();
         let original = deadline(of_rule(&started, "victim-contact")[0]);
         e.on_event(
             &event("e2", &pause_at.to_string(), r#""childMissingReported":{"risk":"RISK_GRADE_HIGH"}"#),
             pause_at,
-        );
+        ).unwrap();
         let resumed = e.on_event(
             &event("e3", &resume_at.to_string(), r#""missingChildFound":{}"#),
             resume_at,
-        );
+        ).unwrap();
         let moved = deadline(of_rule(&resumed, "victim-contact")[0]);
         proptest::prop_assert_eq!(moved, original + SignedDuration::from_secs(p));
         let before = e.on_tick(moved - SignedDuration::from_nanos(1));

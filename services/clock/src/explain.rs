@@ -77,6 +77,8 @@ impl ClockTimeline {
 pub struct Explanation {
     pub clocks: Vec<ClockTimeline>,
     pub bad_lines: Vec<BadLine>,
+    /// Events the engine refused (past a `[clock.limits]` limit): (event id, why).
+    pub refused: Vec<(String, crate::engine::LimitExceeded)>,
     /// The events read, by id (to say which event caused what).
     pub events: HashMap<String, ReferralEvent>,
     /// The wall-clock time the replay ran up to.
@@ -117,12 +119,19 @@ pub fn replay(
         }
     }
     events.sort_by_key(arrival);
-    let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
+    let mut engine = Engine::with_limits(
+        policy.rules.clone(),
+        policy.calendars.clone(),
+        policy.limits,
+    );
     let mut emitted: Vec<SlaEvent> = Vec::new();
     for e in &events {
         let Some(now) = arrival(e) else { continue };
         emitted.extend(engine.on_tick(now));
-        emitted.extend(engine.on_event(e, now));
+        match engine.on_event(e, now) {
+            Ok(out) => emitted.extend(out),
+            Err(why) => out.refused.push((e.event_id.clone(), why)),
+        }
     }
     let end = until.or_else(|| events.iter().filter_map(arrival).max());
     if let Some(end) = end {
@@ -200,6 +209,9 @@ pub fn render(policy: &Policy, x: &Explanation) -> String {
     let mut s = String::new();
     for bad in &x.bad_lines {
         let _ = writeln!(s, "line {}: skipped, {}", bad.line, bad.rejection);
+    }
+    for (event_id, why) in &x.refused {
+        let _ = writeln!(s, "event {event_id}: refused ({}), {why}", why.reason());
     }
     let mut current = String::new();
     for clock in &x.clocks {

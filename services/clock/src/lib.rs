@@ -416,7 +416,14 @@ pub async fn run(
                         }
                         Ok(event) => {
                             tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
-                            events.extend(engine.on_event(&event, deps.time.now()));
+                            match engine.on_event(&event, deps.time.now()) {
+                                Ok(out) => events.extend(out),
+                                // Refused whole: the referral's other clocks run on.
+                                Err(limit) => {
+                                    drop(_enter);
+                                    dead.push(dead_letters.send(message, &limit.into()).instrument(span.clone()).await?);
+                                }
+                            }
                         }
                     }
                     offsets.handled(message);

@@ -92,7 +92,7 @@ mod tests {
             let e = safeclock_common::event::decode_referral_event(l.as_bytes()).unwrap();
             let now = to_jiff(e.occurred_at.as_ref().unwrap()).unwrap();
             out.extend(engine.on_tick(now));
-            out.extend(engine.on_event(&e, now));
+            out.extend(engine.on_event(&e, now).unwrap());
         }
         out.extend(engine.on_tick(tick.parse().unwrap()));
         (out, policy)
@@ -125,10 +125,16 @@ mod tests {
         let policy = Policy::load(&Settings::defaults().unwrap()).unwrap();
         let mut engine = Engine::new(policy.rules.clone(), policy.calendars.clone());
         let received = safeclock_common::event::decode_referral_event(RECEIVED.as_bytes()).unwrap();
-        engine.on_event(&received, "2026-11-27T10:00:00Z".parse().unwrap());
+        engine
+            .on_event(&received, "2026-11-27T10:00:00Z".parse().unwrap())
+            .unwrap();
         let mut events = engine.on_tick("2026-11-28T10:00:01Z".parse().unwrap());
         let stop = safeclock_common::event::decode_referral_event(late_record.as_bytes()).unwrap();
-        events.extend(engine.on_event(&stop, "2026-11-29T09:00:00Z".parse().unwrap()));
+        events.extend(
+            engine
+                .on_event(&stop, "2026-11-29T09:00:00Z".parse().unwrap())
+                .unwrap(),
+        );
         let o = from_event(last_for(&events, "victim-contact"), &policy);
         assert_eq!(o.status(), OutcomeStatus::Met);
         assert!(o.breached && o.breach_corrected);

@@ -36,7 +36,7 @@ fn restore_blocking(
     partition: i32,
 ) -> anyhow::Result<(Engine, usize)> {
     let topic = settings.topic(Topic::ClockState);
-    let mut engine = Engine::new(policy.rules, policy.calendars);
+    let mut engine = Engine::with_limits(policy.rules, policy.calendars, policy.limits);
     let (latest, records) = read_compacted_partition(
         settings,
         &topic,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::intake_config::{IntakeSettings, Secret, UnknownForces, ValidationSettings};
+pub use crate::state_limits::ClockLimits;
 pub use crate::time::TimeSettings;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
@@ -194,6 +195,8 @@ pub struct ClockSettings {
     /// ordered acknowledgements and de-duplication by id, which needs no transactions.
     #[serde(default)]
     pub transactional_id: Option<String>,
+    /// How much the clock keeps per referral (`[clock.limits]`).
+    pub limits: ClockLimits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -557,6 +560,13 @@ impl fmt::Debug for ApiSettings {
 
 /// The name of the receiver `log_receiver` adds.
 pub const LOG_RECEIVER: &str = "log";
+
+/// Most levels in one escalation policy.
+pub const MAX_POLICY_LEVELS: usize = 16;
+/// Most receivers on one level.
+pub const MAX_LEVEL_RECEIVERS: usize = 16;
+/// Most repeats of a policy's last level.
+pub const MAX_REPEAT_LIMIT: u32 = 1000;
 /// The policy used when none is configured.
 pub const DEFAULT_POLICY: &str = "default";
 
@@ -654,7 +664,26 @@ impl EscalatorSettings {
             if p.levels.is_empty() {
                 return Err(invalid(field("levels"), "must have at least one level"));
             }
+            // An escalation's state records every notification it sent: these caps bound it.
+            if p.levels.len() > MAX_POLICY_LEVELS {
+                return Err(invalid(
+                    field("levels"),
+                    format!("must have at most {MAX_POLICY_LEVELS} levels"),
+                ));
+            }
+            if p.repeat_limit > MAX_REPEAT_LIMIT {
+                return Err(invalid(
+                    field("repeat_limit"),
+                    format!("must be at most {MAX_REPEAT_LIMIT}"),
+                ));
+            }
             for (l, level) in p.levels.iter().enumerate() {
+                if level.receivers.len() > MAX_LEVEL_RECEIVERS {
+                    return Err(invalid(
+                        field(&format!("levels[{l}].receivers")),
+                        format!("must name at most {MAX_LEVEL_RECEIVERS} receivers"),
+                    ));
+                }
                 if level.receivers.is_empty() {
                     return Err(invalid(
                         field(&format!("levels[{l}].receivers")),
@@ -1195,6 +1224,7 @@ impl Settings {
         if self.clock.max_batch == 0 {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
+        self.clock.limits.validate(&self.validation)?;
         self.escalator.validate()?;
         if !self.escalator.api.tokens.is_empty() && self.escalator.api.listen == self.ops.listen {
             return Err(invalid(

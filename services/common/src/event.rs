@@ -37,6 +37,20 @@ pub enum Rejection {
     ImplausibleTime { field: &'static str, detail: String },
     #[error("field `forceId` is not a force this deployment knows (configuration `forces`)")]
     UnknownForce,
+    #[error("field `{field}` is {chars} characters, over the limit of {max} ({setting})")]
+    FieldTooLong {
+        field: String,
+        chars: usize,
+        max: usize,
+        setting: &'static str,
+    },
+    /// The event would take the referral's state past a limit of `[clock.limits]`; it is
+    /// refused whole and the referral's other clocks run on.
+    #[error("{message}")]
+    OverLimit {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Rejection {
@@ -51,6 +65,8 @@ impl Rejection {
             Rejection::UnknownKind => "unknown_event_kind",
             Rejection::ImplausibleTime { .. } => "implausible_time",
             Rejection::UnknownForce => "unknown_force",
+            Rejection::FieldTooLong { .. } => "field_too_long",
+            Rejection::OverLimit { reason, .. } => reason,
         }
     }
 }
@@ -169,6 +185,7 @@ pub struct Plausibility {
     max_past: Option<jiff::SignedDuration>,
     /// `None` when unknown forces are accepted.
     forces: Option<std::collections::HashSet<String>>,
+    strings: crate::event_strings::StringLimits,
 }
 
 impl Plausibility {
@@ -184,6 +201,11 @@ impl Plausibility {
                 .map(|d| jiff::SignedDuration::from_hours(i64::from(d) * 24)),
             forces: (v.unknown_forces == crate::config::UnknownForces::Reject)
                 .then(|| settings.forces.iter().cloned().collect()),
+            strings: crate::event_strings::StringLimits::new(
+                v.max_id_chars,
+                v.max_ref_chars,
+                v.max_code_chars,
+            ),
         }
     }
 
@@ -198,11 +220,21 @@ impl Plausibility {
         Ok(event)
     }
 
-    /// Checks `event` (already shape-validated) against the window around `now`.
+    /// Checks `event` (already shape-validated): the length of every string field, then event
+    /// times against the window around `now`, then the force.
     ///
     /// # Errors
-    /// [`Rejection::ImplausibleTime`] naming the field, or [`Rejection::UnknownForce`].
+    /// [`Rejection::FieldTooLong`] or [`Rejection::ImplausibleTime`] naming the field, or
+    /// [`Rejection::UnknownForce`].
     pub fn check(&self, event: &ReferralEvent, now: jiff::Timestamp) -> Result<(), Rejection> {
+        if let Err(t) = self.strings.check(event) {
+            return Err(Rejection::FieldTooLong {
+                field: t.field,
+                chars: t.chars,
+                max: t.max,
+                setting: t.setting,
+            });
+        }
         for (field, ts) in [
             ("occurredAt", event.occurred_at.as_ref()),
             ("recordedAt", event.recorded_at.as_ref()),

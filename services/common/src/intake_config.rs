@@ -169,6 +169,14 @@ pub struct ValidationSettings {
     pub max_past_days: Option<u32>,
     /// `reject` or `accept` events whose `forceId` is not in `forces`.
     pub unknown_forces: UnknownForces,
+    /// Longest id (`eventId`, `referralId`, `forceId`) in characters; the contract's ceiling is
+    /// 128.
+    pub max_id_chars: usize,
+    /// Longest reference (`deviceRef`, `suspectRef`, every `*Ref` field) in characters.
+    pub max_ref_chars: usize,
+    /// Longest code or other string field (`area`, `team`, `referrer`, `outcome`, ...) in
+    /// characters.
+    pub max_code_chars: usize,
 }
 
 impl ValidationSettings {
@@ -186,6 +194,19 @@ impl ValidationSettings {
                 "validation.max_past_days",
                 "must be at least 1 (or unset)",
             ));
+        }
+        for (field, value, max) in [
+            (
+                "validation.max_id_chars",
+                self.max_id_chars,
+                crate::event::MAX_ID_LEN,
+            ),
+            ("validation.max_ref_chars", self.max_ref_chars, 256),
+            ("validation.max_code_chars", self.max_code_chars, 256),
+        ] {
+            if !(8..=max).contains(&value) {
+                return Err(invalid(field, format!("must be between 8 and {max}")));
+            }
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod dedup;
 pub mod event;
+mod event_strings;
 pub mod ids;
 pub mod intake_config;
 pub mod kafka;
@@ -20,5 +21,6 @@ pub mod rules;
 pub mod schema;
 pub mod service;
 pub mod shutdown;
+pub mod state_limits;
 pub mod telemetry;
 pub mod time;

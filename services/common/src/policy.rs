@@ -77,6 +77,8 @@ impl CalendarBook {
 pub struct Policy {
     pub rules: RuleSet,
     pub calendars: CalendarBook,
+    /// How much the clock keeps per referral (`[clock.limits]`).
+    pub limits: crate::config::ClockLimits,
 }
 
 impl Policy {
@@ -102,6 +104,7 @@ impl Policy {
         let policy = Self {
             rules,
             calendars: book,
+            limits: settings.clock.limits,
         };
         policy.check()?;
         Ok(policy)

@@ -394,6 +394,9 @@ fn toml_files(path: &Path) -> Result<Vec<PathBuf>, RuleError> {
     }
 }
 
+/// Longest rule id: it is a metric label and part of every clock's state.
+pub const MAX_RULE_ID_LEN: usize = 64;
+
 const RISKS: [&str; 4] = ["low", "medium", "high", "very_high"];
 
 fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, RuleError> {
@@ -404,6 +407,7 @@ fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, 
         message,
     };
     if spec.id.is_empty()
+        || spec.id.len() > MAX_RULE_ID_LEN
         || !spec
             .id
             .chars()
@@ -411,7 +415,10 @@ fn compile(file: &str, spec: RuleSpec, kinds: &[EventKindInfo]) -> Result<Rule, 
     {
         return Err(invalid(
             "id",
-            "must be lower-case letters, digits and '-' (it becomes a metric label)".into(),
+            format!(
+                "must be 1-{MAX_RULE_ID_LEN} lower-case letters, digits and '-' (it becomes a \
+                 metric label)"
+            ),
         ));
     }
     if spec.title.trim().is_empty() {

@@ -229,10 +229,12 @@ pub fn rejection_field(r: &Rejection) -> String {
         | Rejection::InvalidField { field, .. }
         | Rejection::ImplausibleTime { field, .. } => (*field).to_string(),
         Rejection::UnknownForce => "forceId".into(),
+        Rejection::FieldTooLong { field, .. } => field.clone(),
         Rejection::Empty
         | Rejection::Oversized { .. }
         | Rejection::InvalidJson { .. }
-        | Rejection::UnknownKind => String::new(),
+        | Rejection::UnknownKind
+        | Rejection::OverLimit { .. } => String::new(),
     }
 }
 
