@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::intake_config::{IntakeSettings, Secret, UnknownForces, ValidationSettings};
+pub use crate::intake_config::{IntakeSettings, UnknownForces, ValidationSettings};
+pub use crate::secret::Secret;
 pub use crate::time::TimeSettings;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
@@ -536,23 +537,15 @@ pub struct DefaultRouteSettings {
 }
 
 /// The acknowledgement API (list, acknowledge, resolve escalations).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     /// Where the API listens. It is served only when at least one token is configured.
     pub listen: SocketAddr,
-    /// Operator id -> bearer token. The operator id is recorded as who acknowledged.
+    /// Operator id -> bearer token. The operator id is recorded as who acknowledged; the token
+    /// is a [`Secret`], never printed.
     #[serde(default)]
-    pub tokens: BTreeMap<String, String>,
-}
-
-impl fmt::Debug for ApiSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSettings")
-            .field("listen", &self.listen)
-            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
-            .finish()
-    }
+    pub tokens: BTreeMap<String, Secret>,
 }
 
 /// The name of the receiver `log_receiver` adds.
@@ -735,10 +728,16 @@ impl EscalatorSettings {
             if !valid_name(actor) {
                 return Err(invalid(format!("escalator.api.tokens.{actor}"), NAME_RULE));
             }
-            if token.len() < 16 {
+            if token.expose().len() < crate::intake_config::MIN_TOKEN_LEN {
                 return Err(invalid(
                     format!("escalator.api.tokens.{actor}"),
                     "must be at least 16 characters (use a random token)",
+                ));
+            }
+            if token.expose().chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("escalator.api.tokens.{actor}"),
+                    "must be printable ASCII without spaces (it travels in an HTTP header)",
                 ));
             }
         }
@@ -1364,7 +1363,7 @@ secret = "env:HOOK_SECRET"
         assert_eq!(r[0].routing_key.as_deref(), Some("pd-key-from-env-123"));
         assert_eq!(r[1].secret.as_deref(), Some("hmac-secret-from-env"));
         assert_eq!(
-            s.escalator.api.tokens["duty_desk"],
+            s.escalator.api.tokens["duty_desk"].expose(),
             "api-token-from-env-0123456789"
         );
         let shown = format!("{s:?}");

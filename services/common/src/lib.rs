@@ -18,6 +18,7 @@ pub mod ops;
 pub mod policy;
 pub mod rules;
 pub mod schema;
+pub mod secret;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -20,6 +20,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use safeclock_common::secret::Secret;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
@@ -79,7 +80,7 @@ pub enum Command {
 
 #[derive(Clone)]
 struct ApiState {
-    tokens: Vec<(String, Vec<u8>)>,
+    tokens: Vec<(String, Secret)>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -98,11 +99,11 @@ struct CommandBody {
 const MAX_NOTE: usize = 2000;
 
 /// The API router.
-pub fn router(tokens: &BTreeMap<String, String>, commands: mpsc::Sender<Command>) -> Router {
+pub fn router(tokens: &BTreeMap<String, Secret>, commands: mpsc::Sender<Command>) -> Router {
     let state = ApiState {
         tokens: tokens
             .iter()
-            .map(|(actor, t)| (actor.clone(), t.as_bytes().to_vec()))
+            .map(|(actor, t)| (actor.clone(), t.clone()))
             .collect(),
         commands,
     };
@@ -119,7 +120,7 @@ pub fn router(tokens: &BTreeMap<String, String>, commands: mpsc::Sender<Command>
 /// When the address cannot be bound.
 pub async fn bind(
     listen: SocketAddr,
-    tokens: &BTreeMap<String, String>,
+    tokens: &BTreeMap<String, Secret>,
     commands: mpsc::Sender<Command>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
@@ -166,7 +167,7 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, Box<Res
     let mut found: Option<&str> = None;
     for (actor, token) in &state.tokens {
         // Check every token, whatever matched, so timing says nothing about which one did.
-        if bool::from(token.as_slice().ct_eq(presented)) {
+        if bool::from(token.expose().as_bytes().ct_eq(presented)) {
             found = Some(actor);
         }
     }
