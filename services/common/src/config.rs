@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::intake_config::{IntakeSettings, UnknownForces, ValidationSettings};
 pub use crate::secret::Secret;
+pub use crate::server::ServerSettings;
 pub use crate::time::TimeSettings;
 
 const DEFAULTS: &str = include_str!("defaults.toml");
@@ -154,8 +155,11 @@ impl fmt::Debug for KafkaSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsSettings {
-    /// Address of the HTTP ops endpoint (/metrics, /healthz, /readyz).
+    /// Address of the HTTP ops endpoint (/metrics, /healthz, /readyz). Loopback by default:
+    /// it has no authentication, so a deployment opens it to its scraper explicitly.
     pub listen: SocketAddr,
+    /// Connection and request limits, timeouts and optional TLS of the ops listener.
+    pub server: ServerSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -546,6 +550,12 @@ pub struct ApiSettings {
     /// is a [`Secret`], never printed.
     #[serde(default)]
     pub tokens: BTreeMap<String, Secret>,
+    /// Failed authentications a peer may make at once before it is refused (429) ...
+    pub auth_failure_burst: u32,
+    /// ... and how many more it may make per minute after that.
+    pub auth_failures_per_minute: u32,
+    /// Connection and request limits, timeouts and optional TLS of the API's listener.
+    pub server: ServerSettings,
 }
 
 /// The name of the receiver `log_receiver` adds.
@@ -741,6 +751,19 @@ impl EscalatorSettings {
                 ));
             }
         }
+        if self.api.auth_failure_burst == 0 {
+            return Err(invalid(
+                "escalator.api.auth_failure_burst",
+                "must be at least 1",
+            ));
+        }
+        if self.api.auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "escalator.api.auth_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        self.api.server.validate("escalator.api.server")?;
         if self.closed_retention_secs == 0 {
             return Err(invalid(
                 "escalator.closed_retention_secs",
@@ -1088,6 +1111,9 @@ impl Settings {
         if let Some(p) = self.calendars.school_terms_file.as_mut() {
             fix(p);
         }
+        self.ops.server.resolve_paths(dir);
+        self.intake.server.resolve_paths(dir);
+        self.escalator.api.server.resolve_paths(dir);
     }
 
     /// Built-in defaults only (the demo and tests start from these).
@@ -1194,6 +1220,7 @@ impl Settings {
         if self.clock.max_batch == 0 {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
+        self.ops.server.validate("ops.server")?;
         self.escalator.validate()?;
         if !self.escalator.api.tokens.is_empty() && self.escalator.api.listen == self.ops.listen {
             return Err(invalid(
@@ -1241,6 +1268,28 @@ mod tests {
     }
 
     #[test]
+    fn every_listener_binds_loopback_unless_told_otherwise() {
+        let s = Settings::defaults().unwrap();
+        for (name, addr) in [
+            ("ops.listen", s.ops.listen),
+            ("intake.listen", s.intake.listen),
+            ("escalator.api.listen", s.escalator.api.listen),
+        ] {
+            assert!(addr.ip().is_loopback(), "{name} = {addr}");
+        }
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("SAFECLOCK__OPS__LISTEN", "0.0.0.0:9464"),
+                ("SAFECLOCK__INTAKE__SERVER__MAX_CONNECTIONS", "2000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ops.listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(s.intake.server.max_connections, 2000);
+    }
+
+    #[test]
     fn file_then_env_override_defaults() {
         let f = file("[kafka]\nbrokers = \"file:9092\"\n[clock]\ntick_interval_ms = 250\n");
         let s = Settings::load_with_env(
@@ -1277,6 +1326,23 @@ mod tests {
                 "escalator.webhooks[0].url",
             ),
             ("[ops]\nlisten = \"not an address\"\n", "listen"),
+            (
+                "[intake.server]\nmax_connections = 0\n",
+                "intake.server.max_connections",
+            ),
+            (
+                "[ops.server]\ntls_cert_file = \"cert.pem\"\n",
+                "ops.server.tls_key_file",
+            ),
+            (
+                "[escalator.api.server]\nheader_read_timeout_ms = 1\n",
+                "escalator.api.server.header_read_timeout_ms",
+            ),
+            ("[intake]\nauth_failure_burst = 0\n", "intake.auth_failure_burst"),
+            (
+                "[escalator.api]\nauth_failures_per_minute = 0\n",
+                "escalator.api.auth_failures_per_minute",
+            ),
         ];
         for (contents, field) in cases {
             let f = file(contents);

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
 use crate::secret::Secret;
+use crate::server::ServerSettings;
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -27,8 +28,15 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntakeSettings {
-    /// Where `POST /v1/events`, `/openapi.json`, `/healthz` and `/readyz` are served.
+    /// Where `POST /v1/events`, `/openapi.json`, `/healthz` and `/readyz` are served. Loopback
+    /// by default; a deployment that serves other hosts says so (`0.0.0.0:8080`).
     pub listen: SocketAddr,
+    /// Connection and request limits, timeouts and optional TLS of the intake listener.
+    pub server: ServerSettings,
+    /// Failed authentications a peer may make at once before it is refused (429) ...
+    pub auth_failure_burst: u32,
+    /// ... and how many more it may make per minute after that.
+    pub auth_failures_per_minute: u32,
     /// Client name -> bearer token. The name (never the token) appears in logs and metrics.
     /// `safeclock run intake` refuses to start with no token.
     #[serde(default)]
@@ -109,6 +117,16 @@ impl IntakeSettings {
                 "must be between 100 and 300000",
             ));
         }
+        if self.auth_failure_burst == 0 {
+            return Err(invalid("intake.auth_failure_burst", "must be at least 1"));
+        }
+        if self.auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "intake.auth_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        self.server.validate("intake.server")?;
         if !(1..=3600).contains(&self.retry_after_secs) {
             return Err(invalid(
                 "intake.retry_after_secs",

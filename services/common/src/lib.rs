@@ -19,6 +19,7 @@ pub mod policy;
 pub mod rules;
 pub mod schema;
 pub mod secret;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
