@@ -1338,7 +1338,10 @@ mod tests {
                 "[escalator.api.server]\nheader_read_timeout_ms = 1\n",
                 "escalator.api.server.header_read_timeout_ms",
             ),
-            ("[intake]\nauth_failure_burst = 0\n", "intake.auth_failure_burst"),
+            (
+                "[intake]\nauth_failure_burst = 0\n",
+                "intake.auth_failure_burst",
+            ),
             (
                 "[escalator.api]\nauth_failures_per_minute = 0\n",
                 "escalator.api.auth_failures_per_minute",
