@@ -378,13 +378,15 @@ impl Intake {
         };
         let parsed = match body::parse(&bytes, limits.max_batch_events) {
             Ok(p) => p,
-            Err(BodyError::TooManyEvents { max }) => return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_many_events",
-                format!(
+            Err(BodyError::TooManyEvents { max }) => {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_events",
+                    format!(
                     "the batch has more than {max} events; at most {max} are accepted per request"
                 ),
-            ),
+                )
+            }
             Err(BodyError::Invalid(e)) => {
                 self.count_refused(std::slice::from_ref(&e));
                 return problem_with(
