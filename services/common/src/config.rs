@@ -328,6 +328,11 @@ pub struct ReceiverSettings {
     /// Receiver that gets the notification when this one cannot be reached.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Accept an `http://` url on a host that is not loopback: only for a receiver inside a
+    /// private network you trust (a compose network, an in-cluster Alertmanager). The
+    /// notification, its signature and any routing key then cross that network unencrypted.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 fn default_refresh_secs() -> u64 {
@@ -407,6 +412,7 @@ impl ReceiverSettings {
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_ms: default_breaker_cooldown_ms(),
             fallback: None,
+            allow_http: false,
         }
     }
 
@@ -448,6 +454,7 @@ impl fmt::Debug for ReceiverSettings {
             .field("breaker_failures", &self.breaker_failures)
             .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
             .field("fallback", &self.fallback)
+            .field("allow_http", &self.allow_http)
             .finish()
     }
 }
@@ -618,9 +625,7 @@ impl EscalatorSettings {
             if w.name.trim().is_empty() {
                 return Err(invalid(field("name"), "must not be empty"));
             }
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(invalid(field("url"), "must be an http:// or https:// URL"));
-            }
+            check_receiver_url(&w.url, false).map_err(|m| invalid(field("url"), m))?;
             if w.max_attempts == 0 {
                 return Err(invalid(field("max_attempts"), "must be at least 1"));
             }
@@ -806,10 +811,8 @@ fn validate_receiver(
     let http_url = |u: &Option<String>, required: bool| -> Result<(), ConfigError> {
         match u {
             None if required => Err(invalid(field("url"), "is required for this kind")),
-            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                Err(invalid(field("url"), "must be an http:// or https:// URL"))
-            }
-            _ => Ok(()),
+            Some(u) => check_receiver_url(u, r.allow_http).map_err(|m| invalid(field("url"), m)),
+            None => Ok(()),
         }
     };
     let not_for_kind = |present: bool, f: &str| -> Result<(), ConfigError> {
@@ -828,6 +831,13 @@ fn validate_receiver(
         }
         ReceiverKind::Webhook => {
             http_url(&r.url, true)?;
+            if r.secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(invalid(
+                    field("secret"),
+                    "must not be empty: an empty HMAC key signs nothing anyone could not forge \
+                     (leave it unset to send unsigned bodies)",
+                ));
+            }
             if let Some(t) = &r.template {
                 check_template(t).map_err(|m| invalid(field("template"), m))?;
             }
@@ -876,6 +886,12 @@ fn validate_receiver(
                     "username and password must be set together",
                 ));
             }
+            if r.password.is_some() && r.smtp_tls == SmtpTls::None {
+                return Err(invalid(
+                    field("password"),
+                    "must not be sent over plain SMTP: set smtp_tls to \"starttls\" or \"tls\"",
+                ));
+            }
         }
     }
     if r.max_attempts == 0 {
@@ -911,6 +927,32 @@ fn validate_receiver(
         }
     }
     Ok(())
+}
+
+/// Checks a receiver URL: `https://`, or `http://` only to a loopback address (127.0.0.0/8,
+/// `::1`, `localhost`) unless `allow_http` says the network in between is trusted. The message
+/// never quotes the URL: it may carry a token.
+fn check_receiver_url(u: &str, allow_http: bool) -> Result<(), String> {
+    let url = url::Url::parse(u).map_err(|e| format!("is not a valid URL ({e})"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.eq_ignore_ascii_case("localhost.")
+        }
+        None => return Err("must name a host".into()),
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_http => Ok(()),
+        "http" => Err(
+            "must be an https:// URL: http:// is accepted only to a loopback address \
+             (127.0.0.0/8, ::1, localhost), or with allow_http = true for a receiver inside a \
+             private network"
+                .into(),
+        ),
+        _ => Err("must be an https:// URL".into()),
+    }
 }
 
 /// Checks a webhook template: known placeholders only, and valid JSON once they are filled.
@@ -1368,6 +1410,31 @@ routing_key = "rk-0123456789"
 name = "am"
 kind = "alertmanager"
 url = "http://am:9093"
+allow_http = true
+[[escalator.receivers]]
+name = "hook"
+kind = "webhook"
+url = "https://hooks.example/x"
+secret = "hmac-secret"
+[[escalator.receivers]]
+name = "local"
+kind = "webhook"
+url = "http://127.0.0.2:8080/x"
+[[escalator.receivers]]
+name = "local6"
+kind = "webhook"
+url = "http://[::1]:8080/x"
+[[escalator.receivers]]
+name = "localname"
+kind = "webhook"
+url = "http://LOCALHOST:8080/x"
+[[escalator.receivers]]
+name = "relay"
+kind = "email"
+smtp_host = "127.0.0.1"
+smtp_tls = "none"
+from = "a@b"
+to = ["c@d"]
 "#;
         let cases = [
             ("[[escalator.receivers]]\nname = \"x\"\nkind = \"pagerduty\"\n", "escalator.receivers[0].routing_key"),
@@ -1376,9 +1443,9 @@ url = "http://am:9093"
             ("[[escalator.receivers]]\nname = \"Bad Name\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
             ("[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
             ("[[escalator.receivers]]\nname = \"m\"\nkind = \"email\"\nsmtp_host = \"mx\"\nfrom = \"a@b\"\n", "escalator.receivers[0].to"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{ {{nope}} }\"\n", "escalator.receivers[0].template"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{\\\"a\\\": {{summary}}\"\n", "escalator.receivers[0].template"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\nfallback = \"nobody\"\n", "escalator.receivers[0].fallback"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\ntemplate = \"{ {{nope}} }\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\ntemplate = \"{\\\"a\\\": {{summary}}\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\nfallback = \"nobody\"\n", "escalator.receivers[0].fallback"),
             ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"env:NOT_SET_ANYWHERE\"\n", "escalator.receivers[0].url"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = []\n", "escalator.policies[0].levels"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = [{ receivers = [\"ghost\"] }]\n", "escalator.policies[0].levels[0].receivers"),
@@ -1388,6 +1455,16 @@ url = "http://am:9093"
             ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
             ("[escalator.default_route]\nbreach_policy = \"ghost\"\n", "escalator.default_route.breach_policy"),
             ("[escalator.api.tokens]\nduty = \"short\"\n", "escalator.api.tokens.duty"),
+            // Outbound: https except on loopback, a real HMAC key, no SMTP password in clear.
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://hooks.example/t0ps3cret\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1.example/x\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://10.0.0.1/x\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"am\"\nkind = \"alertmanager\"\nurl = \"http://alertmanager:9093\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"pd\"\nkind = \"pagerduty\"\nrouting_key = \"rk-0123\"\nurl = \"http://events.example/v2/enqueue\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.webhooks]]\nname = \"duty\"\nurl = \"http://duty.example/hook\"\n", "escalator.webhooks[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://hooks.example/x\"\nsecret = \"\"\n", "escalator.receivers[0].secret"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://hooks.example/x\"\nsecret = \"   \"\n", "escalator.receivers[0].secret"),
+            ("[[escalator.receivers]]\nname = \"m\"\nkind = \"email\"\nsmtp_host = \"mx\"\nsmtp_tls = \"none\"\nfrom = \"a@b\"\nto = [\"c@d\"]\nusername = \"u\"\npassword = \"hunter2\"\n", "escalator.receivers[0].password"),
         ];
         for (contents, field) in cases {
             let f = file(contents);
@@ -1399,6 +1476,35 @@ url = "http://am:9093"
         }
         let f = file(receivers);
         Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn receiver_urls_need_https_except_on_loopback() {
+        for ok in [
+            "https://hooks.example/x",
+            "https://10.0.0.1/x",
+            "http://127.0.0.1:9093",
+            "http://127.255.0.9/x",
+            "http://[::1]:8080/x",
+            "http://localhost/x",
+            "http://LocalHost./x",
+        ] {
+            check_receiver_url(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for refused in [
+            "http://hooks.example/t0ps3cret",
+            "http://10.0.0.1/t0ps3cret",
+            "http://[::2]/t0ps3cret",
+            "http://localhost.example/t0ps3cret",
+            "http://127.0.0.1.nip.example/t0ps3cret",
+            "ftp://127.0.0.1/t0ps3cret",
+            "t0ps3cret",
+        ] {
+            let e = check_receiver_url(refused, false).unwrap_err();
+            assert!(!e.contains("t0ps3cret"), "the URL is never quoted: {e}");
+        }
+        check_receiver_url("http://alertmanager:9093", true).unwrap();
+        assert!(check_receiver_url("ftp://alertmanager:9093", true).is_err());
     }
 
     #[test]
