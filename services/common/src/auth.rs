@@ -184,7 +184,8 @@ impl BearerAuth {
     }
 
     fn housekeeping(&self) {
-        if self.failures_seen.fetch_add(1, Ordering::Relaxed) % HOUSEKEEPING_EVERY == 0 {
+        let seen = self.failures_seen.fetch_add(1, Ordering::Relaxed);
+        if seen.is_multiple_of(HOUSEKEEPING_EVERY) {
             self.failures.retain_recent();
             self.failures.shrink_to_fit();
             let now = Instant::now();

@@ -600,36 +600,31 @@ mod tests {
     #[test]
     fn limits_and_tls_pairs_are_checked_by_field() {
         settings().validate("ops.server").unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut ServerSettings)>, &str)> = vec![
+        type Change = fn(&mut ServerSettings);
+        let cases: Vec<(Change, &str)> = vec![
+            (|s| s.max_connections = 0, "ops.server.max_connections"),
             (
-                Box::new(|s| s.max_connections = 0),
-                "ops.server.max_connections",
-            ),
-            (
-                Box::new(|s| s.max_concurrent_requests = 11),
+                |s| s.max_concurrent_requests = 11,
                 "ops.server.max_concurrent_requests",
             ),
             (
-                Box::new(|s| s.header_read_timeout_ms = 0),
+                |s| s.header_read_timeout_ms = 0,
                 "ops.server.header_read_timeout_ms",
             ),
+            (|s| s.max_header_bytes = 10, "ops.server.max_header_bytes"),
             (
-                Box::new(|s| s.max_header_bytes = 10),
-                "ops.server.max_header_bytes",
-            ),
-            (
-                Box::new(|s| s.tls_cert_file = Some("/nonexistent/cert.pem".into())),
+                |s| s.tls_cert_file = Some("/nonexistent/cert.pem".into()),
                 "ops.server.tls_key_file",
             ),
             (
-                Box::new(|s| s.tls_key_file = Some("/nonexistent/key.pem".into())),
+                |s| s.tls_key_file = Some("/nonexistent/key.pem".into()),
                 "ops.server.tls_cert_file",
             ),
             (
-                Box::new(|s| {
+                |s| {
                     s.tls_cert_file = Some("/nonexistent/cert.pem".into());
                     s.tls_key_file = Some("/nonexistent/key.pem".into());
-                }),
+                },
                 "ops.server.tls_cert_file",
             ),
         ];
