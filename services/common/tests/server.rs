@@ -367,3 +367,34 @@ async fn unusable_tls_files_are_refused_naming_the_field() {
         assert!(!err.contains("PRIVATE KEY-----"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn every_listener_of_a_process_registers_its_metrics_in_the_one_registry() {
+    let registry = Registry::new();
+    let mut servers = Vec::new();
+    for name in ["ops", "intake", "escalator-api"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        servers.push(
+            HttpServer::from_listener(name, listener, &settings(), "x.server", &registry).unwrap(),
+        );
+    }
+    let families = registry.gather();
+    let open = families
+        .iter()
+        .find(|f| f.name() == "safeclock_http_connections_open")
+        .unwrap();
+    let listeners: Vec<&str> = open
+        .get_metric()
+        .iter()
+        .flat_map(|m| m.get_label().iter())
+        .filter(|l| l.name() == "listener")
+        .map(|l| l.value())
+        .collect();
+    assert_eq!(listeners.len(), 3, "{listeners:?}");
+    // The same listener twice is a mistake, and says so.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = HttpServer::from_listener("ops", listener, &settings(), "x.server", &registry)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ops"), "{err}");
+}
