@@ -98,6 +98,7 @@ fn every_kubernetes_manifest_parses_names_its_kind_and_is_listed_in_the_kustomiz
         "Service",
         "ServiceMonitor",
         "PrometheusRule",
+        "NetworkPolicy",
     ] {
         assert!(!of_kind(&files, kind).is_empty(), "no {kind}");
     }
@@ -227,6 +228,67 @@ fn the_kubernetes_config_is_a_valid_safeclock_configuration() {
     let settings = safeclock_common::config::Settings::load(Some(&path)).unwrap();
     safeclock_common::policy::Policy::load(&settings).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    // The built-in default is loopback; the pods open the ops port (behind the NetworkPolicy)
+    // and nothing else.
+    assert_eq!(settings.ops.listen.to_string(), "0.0.0.0:9464");
+    assert!(settings.intake.listen.ip().is_loopback());
+    assert!(settings.escalator.api.listen.ip().is_loopback());
+}
+
+#[test]
+fn only_prometheus_may_reach_the_ops_port_of_any_safeclock_pod() {
+    let files = k8s();
+    let policies = of_kind(&files, "NetworkPolicy");
+    assert!(!policies.is_empty(), "no NetworkPolicy in deploy/k8s");
+    for policy in &policies {
+        let name = str_at(policy, &["metadata", "name"]);
+        let types: Vec<&str> = policy["spec"]["policyTypes"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name}: no policyTypes"))
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(types.contains(&"Ingress"), "{name}: {types:?}");
+        for rule in policy["spec"]["ingress"].as_sequence().unwrap() {
+            // A rule without `from` (or with an empty peer) admits every source.
+            let from = rule["from"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("{name}: an ingress rule without `from` admits anyone"));
+            assert!(!from.is_empty(), "{name}: empty `from`");
+            for peer in from {
+                assert_eq!(
+                    peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+                    Some("prometheus"),
+                    "{name}: a peer that is not Prometheus: {peer:?}"
+                );
+                assert!(
+                    peer["namespaceSelector"]["matchLabels"].is_mapping(),
+                    "{name}: the Prometheus peer names its namespace: {peer:?}"
+                );
+                assert!(peer["ipBlock"].is_null(), "{name}: {peer:?}");
+            }
+            let ports: Vec<u64> = rule["ports"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("{name}: a rule without ports opens every port"))
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ports, [9464], "{name}: only the ops port");
+        }
+    }
+    // Every safeclock pod is selected by a policy (so unlisted traffic to it is denied).
+    for d in of_kind(&files, "Deployment") {
+        let name = str_at(d, &["metadata", "name"]);
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let covered = policies.iter().any(|p| {
+            p["spec"]["podSelector"]["matchLabels"]
+                .as_mapping()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+        });
+        assert!(covered, "{name}: no NetworkPolicy selects its pods");
+    }
 }
 
 #[test]
@@ -243,6 +305,20 @@ fn compose_prometheus_alertmanager_and_grafana_files_parse_and_agree() {
         "grafana",
     ] {
         assert!(services.contains_key(s), "docker-compose.yml has no {s}");
+    }
+    // The services' ops endpoints bind loopback by default: compose opens them to its network
+    // explicitly, and publishes them (and the acknowledgement API) on the host's loopback only.
+    for s in ["clock", "escalator", "exporter"] {
+        let service = &compose["services"][s];
+        assert_eq!(
+            service["environment"]["SAFECLOCK__OPS__LISTEN"].as_str(),
+            Some("0.0.0.0:9464"),
+            "{s}"
+        );
+        for port in service["ports"].as_sequence().unwrap() {
+            let port = port.as_str().unwrap();
+            assert!(port.starts_with("127.0.0.1:"), "{s} publishes {port}");
+        }
     }
     let mounts: Vec<&str> = compose["services"]["prometheus"]["volumes"]
         .as_sequence()

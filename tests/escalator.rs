@@ -10,7 +10,7 @@ use std::time::Duration;
 use prometheus::Registry;
 use rdkafka::message::Message;
 use safeclock_common::config::{
-    LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings, Settings,
+    LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings, Secret, Settings,
 };
 use safeclock_common::kafka::{self, dlq_headers, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
@@ -127,7 +127,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
         .escalator
         .api
         .tokens
-        .insert("duty-desk".into(), TOKEN.into());
+        .insert("duty-desk".into(), Secret::new(TOKEN));
     let sla_topic = settings.topic(Topic::SlaEvents);
     let log_topic = settings.topic(Topic::EscalationLog);
     let (shutdown, task, registry) = start(settings).await;

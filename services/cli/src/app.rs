@@ -88,6 +88,7 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     let (ops_addr, ops_task) = ops::bind(
         ops_listen,
+        &settings.ops.server,
         registry.clone(),
         readiness.clone(),
         shutdown.clone(),

@@ -167,7 +167,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for t in safeclock_common::kafka::Topic::ALL {
                 println!("  topic:        {}", settings.topic(t));
             }
-            println!("  ops endpoint: {}", settings.ops.listen);
+            let tls = |s: &safeclock_common::config::ServerSettings| {
+                if s.tls() {
+                    " (https)"
+                } else {
+                    ""
+                }
+            };
+            println!(
+                "  ops endpoint: {}{}",
+                settings.ops.listen,
+                tls(&settings.ops.server)
+            );
             println!("  forces:       {}", settings.forces.len());
             println!(
                 "  rules:        {} ({})",
@@ -210,7 +221,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 if esc.api.tokens.is_empty() {
                     "off (no escalator.api.tokens)".to_string()
                 } else {
-                    format!("{} ({} tokens)", esc.api.listen, esc.api.tokens.len())
+                    format!(
+                        "{}{} ({} tokens)",
+                        esc.api.listen,
+                        tls(&esc.api.server),
+                        esc.api.tokens.len()
+                    )
+                }
+            );
+            println!(
+                "  intake:       {}",
+                if settings.intake.tokens.is_empty() {
+                    "no clients (no intake.tokens)".to_string()
+                } else {
+                    format!(
+                        "{}{} ({} clients)",
+                        settings.intake.listen,
+                        tls(&settings.intake.server),
+                        settings.intake.tokens.len()
+                    )
                 }
             );
             Ok(())

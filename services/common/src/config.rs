@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::intake_config::{IntakeSettings, Secret, UnknownForces, ValidationSettings};
+pub use crate::intake_config::{IntakeSettings, UnknownForces, ValidationSettings};
+pub use crate::secret::Secret;
+pub use crate::server::ServerSettings;
 pub use crate::state_limits::ClockLimits;
 pub use crate::time::TimeSettings;
 
@@ -154,8 +156,11 @@ impl fmt::Debug for KafkaSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsSettings {
-    /// Address of the HTTP ops endpoint (/metrics, /healthz, /readyz).
+    /// Address of the HTTP ops endpoint (/metrics, /healthz, /readyz). Loopback by default:
+    /// it has no authentication, so a deployment opens it to its scraper explicitly.
     pub listen: SocketAddr,
+    /// Connection and request limits, timeouts and optional TLS of the ops listener.
+    pub server: ServerSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +331,11 @@ pub struct ReceiverSettings {
     /// Receiver that gets the notification when this one cannot be reached.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Accept an `http://` url on a host that is not loopback: only for a receiver inside a
+    /// private network you trust (a compose network, an in-cluster Alertmanager). The
+    /// notification, its signature and any routing key then cross that network unencrypted.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 fn default_refresh_secs() -> u64 {
@@ -405,6 +415,7 @@ impl ReceiverSettings {
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_ms: default_breaker_cooldown_ms(),
             fallback: None,
+            allow_http: false,
         }
     }
 
@@ -446,6 +457,7 @@ impl fmt::Debug for ReceiverSettings {
             .field("breaker_failures", &self.breaker_failures)
             .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
             .field("fallback", &self.fallback)
+            .field("allow_http", &self.allow_http)
             .finish()
     }
 }
@@ -539,23 +551,21 @@ pub struct DefaultRouteSettings {
 }
 
 /// The acknowledgement API (list, acknowledge, resolve escalations).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     /// Where the API listens. It is served only when at least one token is configured.
     pub listen: SocketAddr,
-    /// Operator id -> bearer token. The operator id is recorded as who acknowledged.
+    /// Operator id -> bearer token. The operator id is recorded as who acknowledged; the token
+    /// is a [`Secret`], never printed.
     #[serde(default)]
-    pub tokens: BTreeMap<String, String>,
-}
-
-impl fmt::Debug for ApiSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSettings")
-            .field("listen", &self.listen)
-            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
-            .finish()
-    }
+    pub tokens: BTreeMap<String, Secret>,
+    /// Failed authentications a peer may make at once before it is refused (429) ...
+    pub auth_failure_burst: u32,
+    /// ... and how many more it may make per minute after that.
+    pub auth_failures_per_minute: u32,
+    /// Connection and request limits, timeouts and optional TLS of the API's listener.
+    pub server: ServerSettings,
 }
 
 /// The name of the receiver `log_receiver` adds.
@@ -625,9 +635,7 @@ impl EscalatorSettings {
             if w.name.trim().is_empty() {
                 return Err(invalid(field("name"), "must not be empty"));
             }
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(invalid(field("url"), "must be an http:// or https:// URL"));
-            }
+            check_receiver_url(&w.url, false).map_err(|m| invalid(field("url"), m))?;
             if w.max_attempts == 0 {
                 return Err(invalid(field("max_attempts"), "must be at least 1"));
             }
@@ -764,13 +772,32 @@ impl EscalatorSettings {
             if !valid_name(actor) {
                 return Err(invalid(format!("escalator.api.tokens.{actor}"), NAME_RULE));
             }
-            if token.len() < 16 {
+            if token.expose().len() < crate::intake_config::MIN_TOKEN_LEN {
                 return Err(invalid(
                     format!("escalator.api.tokens.{actor}"),
                     "must be at least 16 characters (use a random token)",
                 ));
             }
+            if token.expose().chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("escalator.api.tokens.{actor}"),
+                    "must be printable ASCII without spaces (it travels in an HTTP header)",
+                ));
+            }
         }
+        if self.api.auth_failure_burst == 0 {
+            return Err(invalid(
+                "escalator.api.auth_failure_burst",
+                "must be at least 1",
+            ));
+        }
+        if self.api.auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "escalator.api.auth_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        self.api.server.validate("escalator.api.server")?;
         if self.closed_retention_secs == 0 {
             return Err(invalid(
                 "escalator.closed_retention_secs",
@@ -813,10 +840,8 @@ fn validate_receiver(
     let http_url = |u: &Option<String>, required: bool| -> Result<(), ConfigError> {
         match u {
             None if required => Err(invalid(field("url"), "is required for this kind")),
-            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                Err(invalid(field("url"), "must be an http:// or https:// URL"))
-            }
-            _ => Ok(()),
+            Some(u) => check_receiver_url(u, r.allow_http).map_err(|m| invalid(field("url"), m)),
+            None => Ok(()),
         }
     };
     let not_for_kind = |present: bool, f: &str| -> Result<(), ConfigError> {
@@ -835,6 +860,13 @@ fn validate_receiver(
         }
         ReceiverKind::Webhook => {
             http_url(&r.url, true)?;
+            if r.secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(invalid(
+                    field("secret"),
+                    "must not be empty: an empty HMAC key signs nothing anyone could not forge \
+                     (leave it unset to send unsigned bodies)",
+                ));
+            }
             if let Some(t) = &r.template {
                 check_template(t).map_err(|m| invalid(field("template"), m))?;
             }
@@ -883,6 +915,12 @@ fn validate_receiver(
                     "username and password must be set together",
                 ));
             }
+            if r.password.is_some() && r.smtp_tls == SmtpTls::None {
+                return Err(invalid(
+                    field("password"),
+                    "must not be sent over plain SMTP: set smtp_tls to \"starttls\" or \"tls\"",
+                ));
+            }
         }
     }
     if r.max_attempts == 0 {
@@ -918,6 +956,32 @@ fn validate_receiver(
         }
     }
     Ok(())
+}
+
+/// Checks a receiver URL: `https://`, or `http://` only to a loopback address (127.0.0.0/8,
+/// `::1`, `localhost`) unless `allow_http` says the network in between is trusted. The message
+/// never quotes the URL: it may carry a token.
+fn check_receiver_url(u: &str, allow_http: bool) -> Result<(), String> {
+    let url = url::Url::parse(u).map_err(|e| format!("is not a valid URL ({e})"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.eq_ignore_ascii_case("localhost.")
+        }
+        None => return Err("must name a host".into()),
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_http => Ok(()),
+        "http" => Err(
+            "must be an https:// URL: http:// is accepted only to a loopback address \
+             (127.0.0.0/8, ::1, localhost), or with allow_http = true for a receiver inside a \
+             private network"
+                .into(),
+        ),
+        _ => Err("must be an https:// URL".into()),
+    }
 }
 
 /// Checks a webhook template: known placeholders only, and valid JSON once they are filled.
@@ -1118,6 +1182,9 @@ impl Settings {
         if let Some(p) = self.calendars.school_terms_file.as_mut() {
             fix(p);
         }
+        self.ops.server.resolve_paths(dir);
+        self.intake.server.resolve_paths(dir);
+        self.escalator.api.server.resolve_paths(dir);
     }
 
     /// Built-in defaults only (the demo and tests start from these).
@@ -1225,6 +1292,7 @@ impl Settings {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
         self.clock.limits.validate(&self.validation)?;
+        self.ops.server.validate("ops.server")?;
         self.escalator.validate()?;
         if !self.escalator.api.tokens.is_empty() && self.escalator.api.listen == self.ops.listen {
             return Err(invalid(
@@ -1272,6 +1340,28 @@ mod tests {
     }
 
     #[test]
+    fn every_listener_binds_loopback_unless_told_otherwise() {
+        let s = Settings::defaults().unwrap();
+        for (name, addr) in [
+            ("ops.listen", s.ops.listen),
+            ("intake.listen", s.intake.listen),
+            ("escalator.api.listen", s.escalator.api.listen),
+        ] {
+            assert!(addr.ip().is_loopback(), "{name} = {addr}");
+        }
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("SAFECLOCK__OPS__LISTEN", "0.0.0.0:9464"),
+                ("SAFECLOCK__INTAKE__SERVER__MAX_CONNECTIONS", "2000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ops.listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(s.intake.server.max_connections, 2000);
+    }
+
+    #[test]
     fn file_then_env_override_defaults() {
         let f = file("[kafka]\nbrokers = \"file:9092\"\n[clock]\ntick_interval_ms = 250\n");
         let s = Settings::load_with_env(
@@ -1308,6 +1398,26 @@ mod tests {
                 "escalator.webhooks[0].url",
             ),
             ("[ops]\nlisten = \"not an address\"\n", "listen"),
+            (
+                "[intake.server]\nmax_connections = 0\n",
+                "intake.server.max_connections",
+            ),
+            (
+                "[ops.server]\ntls_cert_file = \"cert.pem\"\n",
+                "ops.server.tls_key_file",
+            ),
+            (
+                "[escalator.api.server]\nheader_read_timeout_ms = 1\n",
+                "escalator.api.server.header_read_timeout_ms",
+            ),
+            (
+                "[intake]\nauth_failure_burst = 0\n",
+                "intake.auth_failure_burst",
+            ),
+            (
+                "[escalator.api]\nauth_failures_per_minute = 0\n",
+                "escalator.api.auth_failures_per_minute",
+            ),
         ];
         for (contents, field) in cases {
             let f = file(contents);
@@ -1330,6 +1440,31 @@ routing_key = "rk-0123456789"
 name = "am"
 kind = "alertmanager"
 url = "http://am:9093"
+allow_http = true
+[[escalator.receivers]]
+name = "hook"
+kind = "webhook"
+url = "https://hooks.example/x"
+secret = "hmac-secret"
+[[escalator.receivers]]
+name = "local"
+kind = "webhook"
+url = "http://127.0.0.2:8080/x"
+[[escalator.receivers]]
+name = "local6"
+kind = "webhook"
+url = "http://[::1]:8080/x"
+[[escalator.receivers]]
+name = "localname"
+kind = "webhook"
+url = "http://LOCALHOST:8080/x"
+[[escalator.receivers]]
+name = "relay"
+kind = "email"
+smtp_host = "127.0.0.1"
+smtp_tls = "none"
+from = "a@b"
+to = ["c@d"]
 "#;
         let cases = [
             ("[[escalator.receivers]]\nname = \"x\"\nkind = \"pagerduty\"\n", "escalator.receivers[0].routing_key"),
@@ -1338,9 +1473,9 @@ url = "http://am:9093"
             ("[[escalator.receivers]]\nname = \"Bad Name\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
             ("[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n[[escalator.receivers]]\nname = \"log\"\nkind = \"log\"\n", "escalator.receivers[0].name"),
             ("[[escalator.receivers]]\nname = \"m\"\nkind = \"email\"\nsmtp_host = \"mx\"\nfrom = \"a@b\"\n", "escalator.receivers[0].to"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{ {{nope}} }\"\n", "escalator.receivers[0].template"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{\\\"a\\\": {{summary}}\"\n", "escalator.receivers[0].template"),
-            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://x\"\nfallback = \"nobody\"\n", "escalator.receivers[0].fallback"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\ntemplate = \"{ {{nope}} }\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\ntemplate = \"{\\\"a\\\": {{summary}}\"\n", "escalator.receivers[0].template"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://x\"\nfallback = \"nobody\"\n", "escalator.receivers[0].fallback"),
             ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"env:NOT_SET_ANYWHERE\"\n", "escalator.receivers[0].url"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = []\n", "escalator.policies[0].levels"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = [{ receivers = [\"ghost\"] }]\n", "escalator.policies[0].levels[0].receivers"),
@@ -1350,6 +1485,16 @@ url = "http://am:9093"
             ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
             ("[escalator.default_route]\nbreach_policy = \"ghost\"\n", "escalator.default_route.breach_policy"),
             ("[escalator.api.tokens]\nduty = \"short\"\n", "escalator.api.tokens.duty"),
+            // Outbound: https except on loopback, a real HMAC key, no SMTP password in clear.
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://hooks.example/t0ps3cret\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1.example/x\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://10.0.0.1/x\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"am\"\nkind = \"alertmanager\"\nurl = \"http://alertmanager:9093\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.receivers]]\nname = \"pd\"\nkind = \"pagerduty\"\nrouting_key = \"rk-0123\"\nurl = \"http://events.example/v2/enqueue\"\n", "escalator.receivers[0].url"),
+            ("[[escalator.webhooks]]\nname = \"duty\"\nurl = \"http://duty.example/hook\"\n", "escalator.webhooks[0].url"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://hooks.example/x\"\nsecret = \"\"\n", "escalator.receivers[0].secret"),
+            ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"https://hooks.example/x\"\nsecret = \"   \"\n", "escalator.receivers[0].secret"),
+            ("[[escalator.receivers]]\nname = \"m\"\nkind = \"email\"\nsmtp_host = \"mx\"\nsmtp_tls = \"none\"\nfrom = \"a@b\"\nto = [\"c@d\"]\nusername = \"u\"\npassword = \"hunter2\"\n", "escalator.receivers[0].password"),
         ];
         for (contents, field) in cases {
             let f = file(contents);
@@ -1361,6 +1506,35 @@ url = "http://am:9093"
         }
         let f = file(receivers);
         Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn receiver_urls_need_https_except_on_loopback() {
+        for ok in [
+            "https://hooks.example/x",
+            "https://10.0.0.1/x",
+            "http://127.0.0.1:9093",
+            "http://127.255.0.9/x",
+            "http://[::1]:8080/x",
+            "http://localhost/x",
+            "http://LocalHost./x",
+        ] {
+            check_receiver_url(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for refused in [
+            "http://hooks.example/t0ps3cret",
+            "http://10.0.0.1/t0ps3cret",
+            "http://[::2]/t0ps3cret",
+            "http://localhost.example/t0ps3cret",
+            "http://127.0.0.1.nip.example/t0ps3cret",
+            "ftp://127.0.0.1/t0ps3cret",
+            "t0ps3cret",
+        ] {
+            let e = check_receiver_url(refused, false).unwrap_err();
+            assert!(!e.contains("t0ps3cret"), "the URL is never quoted: {e}");
+        }
+        check_receiver_url("http://alertmanager:9093", true).unwrap();
+        assert!(check_receiver_url("ftp://alertmanager:9093", true).is_err());
     }
 
     #[test]
@@ -1394,7 +1568,7 @@ secret = "env:HOOK_SECRET"
         assert_eq!(r[0].routing_key.as_deref(), Some("pd-key-from-env-123"));
         assert_eq!(r[1].secret.as_deref(), Some("hmac-secret-from-env"));
         assert_eq!(
-            s.escalator.api.tokens["duty_desk"],
+            s.escalator.api.tokens["duty_desk"].expose(),
             "api-token-from-env-0123456789"
         );
         let shown = format!("{s:?}");

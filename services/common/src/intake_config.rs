@@ -5,41 +5,19 @@
 //! can grow without touching the other services' sections.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
+use crate::secret::Secret;
+use crate::server::ServerSettings;
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         message: message.into(),
-    }
-}
-
-/// A secret string (a bearer token): never printed by `Debug` or `Display`, so it cannot reach a
-/// log line through a settings dump or an error message.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for comparing; never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
@@ -50,8 +28,15 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntakeSettings {
-    /// Where `POST /v1/events`, `/openapi.json`, `/healthz` and `/readyz` are served.
+    /// Where `POST /v1/events`, `/openapi.json`, `/healthz` and `/readyz` are served. Loopback
+    /// by default; a deployment that serves other hosts says so (`0.0.0.0:8080`).
     pub listen: SocketAddr,
+    /// Connection and request limits, timeouts and optional TLS of the intake listener.
+    pub server: ServerSettings,
+    /// Failed authentications a peer may make at once before it is refused (429) ...
+    pub auth_failure_burst: u32,
+    /// ... and how many more it may make per minute after that.
+    pub auth_failures_per_minute: u32,
     /// Client name -> bearer token. The name (never the token) appears in logs and metrics.
     /// `safeclock run intake` refuses to start with no token.
     #[serde(default)]
@@ -132,6 +117,16 @@ impl IntakeSettings {
                 "must be between 100 and 300000",
             ));
         }
+        if self.auth_failure_burst == 0 {
+            return Err(invalid("intake.auth_failure_burst", "must be at least 1"));
+        }
+        if self.auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "intake.auth_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        self.server.validate("intake.server")?;
         if !(1..=3600).contains(&self.retry_after_secs) {
             return Err(invalid(
                 "intake.retry_after_secs",

@@ -7,6 +7,7 @@
 //! are durable ([`kafka`]), one ops endpoint ([`ops`]), one shutdown path ([`shutdown`]), and an
 //! injectable notion of "now" ([`time`]) so tests and the demo can run on simulated time.
 
+pub mod auth;
 pub mod config;
 pub mod dedup;
 pub mod event;
@@ -19,6 +20,8 @@ pub mod ops;
 pub mod policy;
 pub mod rules;
 pub mod schema;
+pub mod secret;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod state_limits;

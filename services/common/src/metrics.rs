@@ -170,3 +170,59 @@ impl ConsumerMetrics {
         })
     }
 }
+
+/// The metrics of one HTTP listener ([`crate::server`]). Every listener of a process registers
+/// its own set with the constant label `listener` (`ops`, `intake`, `escalator-api`), so the
+/// families are shared and the series apart.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// `safeclock_http_connections_open{listener}`: connections open now.
+    pub connections_open: prometheus::IntGauge,
+    /// `safeclock_http_connections_refused_total{listener,reason}`: connections closed at once,
+    /// `limit` (past `max_connections`) or `tls_handshake` (no TLS session within the
+    /// header-read timeout, or a failed handshake).
+    pub connections_refused: IntCounterVec,
+    /// `safeclock_http_requests_shed_total{listener}`: requests answered 503 because
+    /// `max_concurrent_requests` were already in progress.
+    pub requests_shed: prometheus::IntCounter,
+}
+
+impl HttpMetrics {
+    /// # Errors
+    /// When this listener's metrics are already registered.
+    pub fn register(registry: &Registry, listener: &str) -> prometheus::Result<Self> {
+        let connections_open = prometheus::IntGauge::with_opts(
+            Opts::new(
+                "safeclock_http_connections_open",
+                "HTTP connections open now, by listener.",
+            )
+            .const_label("listener", listener),
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "safeclock_http_connections_refused_total",
+                "HTTP connections closed at once: past max_connections (limit) or without a TLS session (tls_handshake).",
+            )
+            .const_label("listener", listener),
+            &["reason"],
+        )?;
+        let requests_shed = prometheus::IntCounter::with_opts(
+            Opts::new(
+                "safeclock_http_requests_shed_total",
+                "HTTP requests answered 503 because max_concurrent_requests were in progress.",
+            )
+            .const_label("listener", listener),
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(requests_shed.clone()))?;
+        for reason in ["limit", "tls_handshake"] {
+            connections_refused.with_label_values(&[reason]);
+        }
+        Ok(Self {
+            connections_open,
+            connections_refused,
+            requests_shed,
+        })
+    }
+}

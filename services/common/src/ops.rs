@@ -16,8 +16,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{Encoder, Registry, TextEncoder};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::server::{HttpServer, ServerError, ServerSettings};
 
 /// Named readiness flags; ready when there is at least one and all are set.
 #[derive(Debug, Clone, Default)]
@@ -114,28 +115,24 @@ async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
     }
 }
 
-/// Binds the ops endpoint; returns the bound address (useful with port 0) and the serving task.
+/// Binds the ops endpoint on the hardened server ([`crate::server`]); returns the bound address
+/// (useful with port 0) and the serving task.
 ///
 /// # Errors
-/// When the address cannot be bound.
+/// When the address cannot be bound or the listener's settings are unusable.
 pub async fn bind(
     listen: SocketAddr,
+    server: &ServerSettings,
     registry: Registry,
     readiness: Readiness,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the ops endpoint on {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
+) -> Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>), ServerError> {
+    let http = HttpServer::bind("ops", listen, server, "ops.server", &registry).await?;
+    let addr = http.local_addr();
+    let scheme = http.scheme();
     let app = router(registry, readiness);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .map_err(|e| anyhow::anyhow!("ops endpoint failed: {e}"))
-    });
-    tracing::info!(%addr, "ops endpoint listening (/metrics, /healthz, /readyz)");
+    let task = tokio::spawn(async move { Ok(http.serve(app, shutdown).await?) });
+    tracing::info!(%addr, scheme, "ops endpoint listening (/metrics, /healthz, /readyz)");
     Ok((addr, task))
 }
 
@@ -165,8 +162,10 @@ mod tests {
         counter.inc();
         let readiness = Readiness::default();
         let shutdown = CancellationToken::new();
+        let server = crate::config::Settings::defaults().unwrap().ops.server;
         let (addr, task) = bind(
             "127.0.0.1:0".parse().unwrap(),
+            &server,
             registry,
             readiness.clone(),
             shutdown.clone(),

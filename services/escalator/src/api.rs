@@ -1,27 +1,40 @@
 //! The acknowledgement API: list open escalations, acknowledge one, resolve one.
 //!
-//! Served on its own listener (`escalator.api.listen`), not on the ops endpoint: `/metrics` and
-//! the health checks are unauthenticated and often exposed to a scraper network, while this API
-//! changes who gets paged and must only be reachable by people's tools. Every request needs
-//! `Authorization: Bearer <token>`; tokens come from configuration (`escalator.api.tokens`, one
-//! per operator or tool, whose id is recorded as who acknowledged) and are compared in constant
-//! time. Tokens are never logged.
+//! Served on its own listener (`escalator.api.listen`, loopback by default), not on the ops
+//! endpoint: `/metrics` and the health checks are unauthenticated and often exposed to a scraper
+//! network, while this API changes who gets paged and must only be reachable by people's tools.
+//! The listener is the hardened one of `safeclock_common::server` (header-read timeout,
+//! connection and request limits, optional TLS: `[escalator.api.server]`).
+//!
+//! Every request needs `Authorization: Bearer <token>`; tokens come from configuration
+//! (`escalator.api.tokens`, one per operator or tool, whose id is recorded as who acknowledged),
+//! are [`Secret`]s and are compared in constant time (`safeclock_common::auth`). A peer that fails
+//! authentication `auth_failure_burst` times is answered 429 with `Retry-After`, without its
+//! token being checked, until its budget refills at `auth_failures_per_minute`; every failure is
+//! counted in `safeclock_escalation_api_auth_failures_total{reason}`. Tokens are never logged.
+//!
+//! Bodies are tiny (an operator id and a note): at most [`MAX_BODY_BYTES`], read within
+//! [`BODY_TIMEOUT`], so a client that trickles a body gets 408 instead of holding a request slot.
 //!
 //! The state belongs to the service loop (one engine per partition), so handlers send it a
 //! [`Command`] and wait for the answer; the loop answers only once the change is durable in the
 //! changelog and the audit log.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use prometheus::{IntCounterVec, Registry};
+use safeclock_common::auth::{AuthFailure, BearerAuth};
+use safeclock_common::config::ApiSettings;
+use safeclock_common::server::{self, BodyReadError, HttpServer, ServerError};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -79,9 +92,15 @@ pub enum Command {
 
 #[derive(Clone)]
 struct ApiState {
-    tokens: Vec<(String, Vec<u8>)>,
+    auth: Arc<BearerAuth>,
     commands: mpsc::Sender<Command>,
+    auth_failures: IntCounterVec,
 }
+
+/// Largest acknowledgement or resolution body.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Time a request body has to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of an acknowledgement or resolution (optional).
 #[derive(Debug, Default, Deserialize)]
@@ -97,14 +116,20 @@ struct CommandBody {
 
 const MAX_NOTE: usize = 2000;
 
-/// The API router.
-pub fn router(tokens: &BTreeMap<String, String>, commands: mpsc::Sender<Command>) -> Router {
+/// The API router. `auth_failures` is `safeclock_escalation_api_auth_failures_total`.
+pub fn router(
+    settings: &ApiSettings,
+    commands: mpsc::Sender<Command>,
+    auth_failures: IntCounterVec,
+) -> Router {
     let state = ApiState {
-        tokens: tokens
-            .iter()
-            .map(|(actor, t)| (actor.clone(), t.as_bytes().to_vec()))
-            .collect(),
+        auth: Arc::new(BearerAuth::new(
+            &settings.tokens,
+            settings.auth_failure_burst,
+            settings.auth_failures_per_minute,
+        )),
         commands,
+        auth_failures,
     };
     Router::new()
         .route("/v1/escalations", get(list))
@@ -113,28 +138,31 @@ pub fn router(tokens: &BTreeMap<String, String>, commands: mpsc::Sender<Command>
         .with_state(state)
 }
 
-/// Binds the API on `listen`; returns the bound address and the serving task.
+/// Binds the API on `settings.listen` with the hardened listener; returns the bound address
+/// and the serving task.
 ///
 /// # Errors
-/// When the address cannot be bound.
+/// When the address cannot be bound or the listener's settings are unusable.
 pub async fn bind(
-    listen: SocketAddr,
-    tokens: &BTreeMap<String, String>,
+    settings: &ApiSettings,
+    registry: &Registry,
+    auth_failures: IntCounterVec,
     commands: mpsc::Sender<Command>,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the escalation API on {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    let app = router(tokens, commands);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .map_err(|e| anyhow::anyhow!("escalation API failed: {e}"))
-    });
-    tracing::info!(%addr, "escalation API listening (/v1/escalations)");
+) -> Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>), ServerError> {
+    let http = HttpServer::bind(
+        "escalator-api",
+        settings.listen,
+        &settings.server,
+        "escalator.api.server",
+        registry,
+    )
+    .await?;
+    let addr = http.local_addr();
+    let scheme = http.scheme();
+    let app = router(settings, commands, auth_failures);
+    let task = tokio::spawn(async move { Ok(http.serve(app, shutdown).await?) });
+    tracing::info!(%addr, scheme, "escalation API listening (/v1/escalations)");
     Ok((addr, task))
 }
 
@@ -146,35 +174,43 @@ fn boxed_problem(status: StatusCode, message: impl Into<String>) -> Box<Response
     Box::new(problem(status, message))
 }
 
-/// The operator id of the bearer token, compared in constant time against every token.
-fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    let unauthorized = || {
-        let mut r = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        Box::new(r)
-    };
-    let presented = headers
+/// The operator id of the bearer token (compared in constant time against every token), or
+/// 401, or 429 for a peer that failed too often; failures are counted by reason.
+fn authenticate(state: &ApiState, request: &Request) -> Result<String, Box<Response>> {
+    let authorization = request
+        .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?
-        .trim()
-        .as_bytes();
-    let mut found: Option<&str> = None;
-    for (actor, token) in &state.tokens {
-        // Check every token, whatever matched, so timing says nothing about which one did.
-        if bool::from(token.as_slice().ct_eq(presented)) {
-            found = Some(actor);
+        .map(HeaderValue::as_bytes);
+    match state.auth.check(server::peer_of(request), authorization) {
+        Ok(actor) => Ok(actor.to_string()),
+        Err(failure) => {
+            state
+                .auth_failures
+                .with_label_values(&[failure.reason()])
+                .inc();
+            Err(Box::new(unauthenticated(failure)))
         }
     }
-    found.map(str::to_string).ok_or_else(unauthorized)
 }
 
-async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&state, &headers) {
+fn unauthenticated(failure: AuthFailure) -> Response {
+    if let Some(secs) = failure.retry_after_secs() {
+        let mut r = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from your address; try again in {secs} s"),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
+    let mut r = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+async fn list(State(state): State<ApiState>, request: Request) -> Response {
+    if let Err(r) = authenticate(&state, &request) {
         return *r;
     }
     let (reply, rx) = oneshot::channel();
@@ -228,9 +264,8 @@ fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Box<R
 
 async fn command(
     state: ApiState,
-    headers: HeaderMap,
     id: String,
-    body: Bytes,
+    request: Request,
     make: impl FnOnce(
         String,
         String,
@@ -238,9 +273,29 @@ async fn command(
         oneshot::Sender<Result<EscalationView, CommandError>>,
     ) -> Command,
 ) -> Response {
-    let token_actor = match authenticate(&state, &headers) {
+    let token_actor = match authenticate(&state, &request) {
         Ok(a) => a,
         Err(r) => return *r,
+    };
+    let (parts, body) = request.into_parts();
+    let body = match server::read_body(
+        body,
+        parts.headers.get(header::CONTENT_LENGTH),
+        MAX_BODY_BYTES,
+        BODY_TIMEOUT,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e @ BodyReadError::TooLarge(_)) => {
+            return problem(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
+        Err(e @ BodyReadError::Timeout) => {
+            return problem(StatusCode::REQUEST_TIMEOUT, e.to_string())
+        }
+        Err(e @ BodyReadError::Unreadable) => {
+            return problem(StatusCode::BAD_REQUEST, e.to_string())
+        }
     };
     let (actor, note) = match parse_body(&token_actor, &body) {
         Ok(x) => x,
@@ -269,10 +324,9 @@ async fn command(
 async fn acknowledge(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Response {
-    command(state, headers, id, body, |id, actor, note, reply| {
+    command(state, id, request, |id, actor, note, reply| {
         Command::Acknowledge {
             id,
             actor,
@@ -286,10 +340,9 @@ async fn acknowledge(
 async fn resolve(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Response {
-    command(state, headers, id, body, |id, actor, note, reply| {
+    command(state, id, request, |id, actor, note, reply| {
         Command::Resolve {
             id,
             actor,

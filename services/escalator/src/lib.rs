@@ -414,8 +414,9 @@ pub async fn run(
         None
     } else {
         let (_, task) = api::bind(
-            esc.api.listen,
-            &esc.api.tokens,
+            &esc.api,
+            &deps.registry,
+            metrics.api_auth_failures.clone(),
             command_tx.clone(),
             shutdown.clone(),
         )

@@ -30,6 +30,10 @@ pub struct EscalatorMetrics {
     pub dead_letters: IntCounterVec,
     /// `safeclock_escalator_partitions`: input partitions this instance holds.
     pub partitions: prometheus::IntGauge,
+    /// `safeclock_escalation_api_auth_failures_total{reason}`: acknowledgement-API requests
+    /// refused for authentication: `missing`, `invalid` or `rate_limited` (the peer failed too
+    /// often and was refused without a check).
+    pub api_auth_failures: IntCounterVec,
 }
 
 impl EscalatorMetrics {
@@ -99,6 +103,17 @@ impl EscalatorMetrics {
             "safeclock_escalator_partitions",
             "sla-events partitions this escalator instance holds (and whose escalations it owns).",
         )?;
+        let api_auth_failures = IntCounterVec::new(
+            Opts::new(
+                "safeclock_escalation_api_auth_failures_total",
+                "Acknowledgement-API requests refused for authentication, by reason: missing, invalid, rate_limited.",
+            ),
+            &["reason"],
+        )?;
+        for reason in safeclock_common::auth::AuthFailure::REASONS {
+            api_auth_failures.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(api_auth_failures.clone()))?;
         registry.register(Box::new(partitions.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
         registry.register(Box::new(delivery_seconds.clone()))?;
@@ -118,6 +133,7 @@ impl EscalatorMetrics {
             time_to_ack,
             dead_letters,
             partitions,
+            api_auth_failures,
         })
     }
 }

@@ -6,7 +6,13 @@
 //! delivery layer's job (`delivery.rs`), the same for every kind.
 //!
 //! URLs, routing keys, HMAC secrets and SMTP passwords are never logged: errors are built with
-//! `reqwest::Error::without_url`, and receivers are named by their configured name. Notification
+//! `reqwest::Error::without_url`, and receivers are named by their configured name.
+//!
+//! HTTP receivers **follow no redirects**: a 3xx answer is a permanent failure of the attempt
+//! ("redirects are not followed"), so the signed body, its signature and a PagerDuty routing key
+//! only ever go to the configured address. The configuration refuses `http://` URLs except to a
+//! loopback address (or with `allow_http` for a trusted private network), an empty HMAC secret,
+//! and an SMTP password without TLS (`config.rs`). Notification
 //! content carries pseudonymous ids and codes only; an acknowledgement's free-text note stays in
 //! the audit log and is never sent to a receiver.
 
@@ -206,12 +212,26 @@ impl Receiver {
     /// When the HTTP client or SMTP transport cannot be built.
     pub fn new(settings: ReceiverSettings) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(settings.timeout_ms);
+        // No redirects: a 3xx would otherwise carry the signed body, or the PagerDuty routing
+        // key, to whatever address the answer names. It is a failed attempt instead.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(settings.concurrency.max(1))
             .user_agent(concat!("safeclock/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        if settings.allow_http
+            && settings
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("http://"))
+        {
+            tracing::warn!(
+                receiver = %settings.name,
+                "allow_http: notifications to this receiver cross the network unencrypted"
+            );
+        }
         let smtp = if settings.kind == ReceiverKind::Email {
             let host = settings.smtp_host.clone().unwrap_or_default();
             let mut b = match settings.smtp_tls {
@@ -286,6 +306,13 @@ impl Receiver {
         let status = response.status();
         if status.is_success() {
             return Ok(());
+        }
+        if status.is_redirection() {
+            // Never followed, and the target is not logged (it may carry a token).
+            return Err(AttemptError::permanent(format!(
+                "HTTP {status}: redirects are not followed, so nothing was sent to the address it \
+                 names; configure the receiver's final URL"
+            )));
         }
         let retryable = status.is_server_error()
             || status == reqwest::StatusCode::REQUEST_TIMEOUT

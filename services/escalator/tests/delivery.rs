@@ -295,6 +295,77 @@ async fn client_errors_are_permanent() {
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
+/// A local server that answers every POST with `status` and `Location: {location}`.
+async fn redirector(status: u16, location: String) -> (String, Arc<Mutex<usize>>) {
+    let hits = Arc::new(Mutex::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/{*path}",
+        post(move || {
+            let h = h.clone();
+            let location = location.clone();
+            async move {
+                *h.lock().unwrap() += 1;
+                (
+                    StatusCode::from_u16(status).unwrap(),
+                    [(axum::http::header::LOCATION, location)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), hits)
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failed_attempt_and_nothing_reaches_the_address_it_names() {
+    // The address a hostile or misconfigured receiver redirects to.
+    let (elsewhere, reached) = receiver(answers(&[])).await;
+    for status in [307, 308, 301, 302, 303] {
+        let (url, hits) = redirector(status, elsewhere.clone()).await;
+        let mut signed = webhook("duty", &url);
+        signed.secret = Some("hmac-secret-0123456789".into());
+        let mut pd = ReceiverSettings::new("pd", ReceiverKind::Pagerduty);
+        pd.url = Some(url.clone());
+        pd.routing_key = Some("routing-key-0123456789".into());
+        pd.max_attempts = 3;
+        pd.breaker_failures = 0;
+        let mut h = start(vec![signed, pd]);
+        h.dispatcher
+            .submit(job("duty", 1, NotificationKind::Trigger));
+        h.dispatcher.submit(job("pd", 2, NotificationKind::Trigger));
+        let (done, attempts) = h.outcomes(2).await;
+        for (job, outcome) in &done {
+            match outcome {
+                Outcome::Failed { attempts: 1, error } => {
+                    assert!(error.contains(&status.to_string()), "{error}");
+                    assert!(error.contains("redirects are not followed"), "{error}");
+                    assert!(
+                        !error.contains("127.0.0.1"),
+                        "the target is never shown: {error}"
+                    );
+                }
+                other => panic!("{} on {status}: {other:?}", job.pending.receiver),
+            }
+        }
+        assert!(
+            attempts.is_empty(),
+            "a redirect is not retried: {attempts:?}"
+        );
+        assert_eq!(
+            *hits.lock().unwrap(),
+            2,
+            "each receiver tried once on {status}"
+        );
+        assert!(
+            reached.lock().unwrap().is_empty(),
+            "the redirect target received a request on {status}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_circuit_breaker_opens_after_consecutive_failures_and_then_fails_fast() {
     let (url, seen) = receiver(Arc::new(|_| (500, Duration::ZERO))).await;

@@ -7,11 +7,32 @@
 //! `referralReceived.category`) and the reason code, never the offending value: a wrong value may
 //! be personal data typed into the wrong field, and errors end up in logs.
 //!
-//! Pure functions with no I/O, so they can be fuzzed (`tests/fuzz_body.rs`).
+//! # Bounded work and memory per request
+//! The body (at most `intake.max_body_bytes`) is never turned into a tree of
+//! `serde_json::Value`s. In order:
+//! 1. **Nesting** is checked with one pass over the bytes: deeper than [`MAX_DEPTH`] is refused
+//!    at once. A valid event is two levels deep (three in a batch). serde_json alone would not
+//!    catch it here: it skips values it keeps raw ([`RawValue`]) and unknown fields
+//!    (`IgnoredAny`) with a loop and its own small stack, without its recursion limit of 128,
+//!    so a 10,000-deep unknown field inside an otherwise valid event would be accepted and
+//!    silently dropped. Its recursion limit still guards every recursive path, so nothing here
+//!    can overflow the stack.
+//! 2. **The batch is counted while it is split**: the array's elements are taken as
+//!    [`RawValue`]s (slices of the body, not copies) and the split stops at element
+//!    `max_events + 1` with [`BodyError::TooManyEvents`], before any event is decoded. A 1 MiB
+//!    array of numbers costs at most `max_events` slice references.
+//! 3. Each element is then decoded straight from its slice into a `ReferralEvent`.
+//!
+//! Pure functions with no I/O, so they can be fuzzed (`tests/fuzz.rs`).
+
+use std::cell::Cell;
 
 use safeclock_common::event::{validate_referral_event, Rejection, MAX_RECORD_BYTES};
 use safeclock_common::schema::v1::ReferralEvent;
+use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 /// One refused event (or the whole body, when `index` is `None`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -59,9 +80,13 @@ pub struct Parsed {
 pub enum BodyError {
     /// Not JSON, not an object or array, or an empty array: 400.
     Invalid(FieldError),
-    /// More events than allowed: 413.
-    TooManyEvents { count: usize, max: usize },
+    /// More events than allowed (counting stopped at `max + 1`): 413.
+    TooManyEvents { max: usize },
 }
+
+/// Deepest nesting of arrays and objects accepted in a body. A valid event is two levels deep
+/// (the event, its kind), three in a batch; the rest is room for fields added to the contract.
+pub const MAX_DEPTH: usize = 32;
 
 fn whole(reason: &'static str, message: impl Into<String>) -> BodyError {
     BodyError::Invalid(FieldError {
@@ -79,13 +104,21 @@ fn whole(reason: &'static str, message: impl Into<String>) -> BodyError {
 /// [`BodyError`] when the body as a whole is unusable; per-event problems are in
 /// [`Parsed::events`].
 pub fn parse(bytes: &[u8], max_events: usize) -> Result<Parsed, BodyError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(whole(
             "empty",
             "the body is empty: send one event or an array of events",
         ));
+    };
+    if nested_deeper_than(bytes, MAX_DEPTH) {
+        return Err(whole(
+            "invalid_json",
+            format!(
+                "the body is nested deeper than {MAX_DEPTH} levels; an event is two levels deep"
+            ),
+        ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    let not_json = |e: serde_json::Error| {
         whole(
             "invalid_json",
             format!(
@@ -95,35 +128,120 @@ pub fn parse(bytes: &[u8], max_events: usize) -> Result<Parsed, BodyError> {
                 e.column()
             ),
         )
-    })?;
-    match value {
-        serde_json::Value::Object(_) => Ok(Parsed {
-            shape: Shape::Single,
-            events: vec![event(0, &value)],
-        }),
-        serde_json::Value::Array(items) => {
+    };
+    match first {
+        b'{' => {
+            let raw: &RawValue = serde_json::from_slice(bytes).map_err(not_json)?;
+            Ok(Parsed {
+                shape: Shape::Single,
+                events: vec![event(0, raw)],
+            })
+        }
+        b'[' => {
+            let too_many = Cell::new(false);
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let items = Batch {
+                max: max_events,
+                too_many: &too_many,
+            }
+            .deserialize(&mut de)
+            .and_then(|items| de.end().map(|()| items));
+            let items = match items {
+                Ok(items) => items,
+                Err(_) if too_many.get() => {
+                    return Err(BodyError::TooManyEvents { max: max_events })
+                }
+                Err(e) => return Err(not_json(e)),
+            };
             if items.is_empty() {
                 return Err(whole(
                     "empty",
                     "the batch is empty: send at least one event",
                 ));
             }
-            if items.len() > max_events {
-                return Err(BodyError::TooManyEvents {
-                    count: items.len(),
-                    max: max_events,
-                });
-            }
             Ok(Parsed {
                 shape: Shape::Batch,
-                events: items.iter().enumerate().map(|(i, v)| event(i, v)).collect(),
+                events: items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, raw)| event(i, raw))
+                    .collect(),
             })
         }
-        _ => Err(whole(
-            "invalid_json",
-            "the body must be a JSON object (one event) or an array of events",
-        )),
+        _ => {
+            // Say whether it is JSON at all before saying it has the wrong shape.
+            serde_json::from_slice::<&RawValue>(bytes).map_err(not_json)?;
+            Err(whole(
+                "invalid_json",
+                "the body must be a JSON object (one event) or an array of events",
+            ))
+        }
     }
+}
+
+/// The elements of a JSON array as raw slices, refusing element `max + 1` before reading it.
+struct Batch<'c> {
+    max: usize,
+    too_many: &'c Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for Batch<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Batch<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if items.len() == self.max {
+                self.too_many.set(true);
+                return Err(A::Error::custom("too many events"));
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
+}
+
+/// Whether arrays and objects in `bytes` nest deeper than `limit` (brackets inside strings do
+/// not count). Not a JSON validator: the parser that follows is.
+fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn json_category(e: &serde_json::Error) -> &'static str {
@@ -158,28 +276,31 @@ fn expected_only(message: &str) -> String {
     }
 }
 
-fn event_id_of(value: &serde_json::Value) -> Option<String> {
-    let id = value
-        .get("eventId")
-        .or_else(|| value.get("event_id"))?
-        .as_str()?;
-    // Echo only ids the contract allows, never arbitrary text.
-    safeclock_common::event::validate_id("eventId", id)
+/// The `eventId` of an event, read only when an error needs it; only ids the contract allows
+/// are echoed, never arbitrary text.
+fn event_id_of(raw: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(rename = "eventId", alias = "event_id")]
+        event_id: Option<String>,
+    }
+    let id = serde_json::from_str::<IdOnly>(raw.get()).ok()?.event_id?;
+    safeclock_common::event::validate_id("eventId", &id)
         .ok()
-        .map(|()| id.to_string())
+        .map(|()| id)
 }
 
-/// Decodes and validates one event of the body.
-fn event(index: usize, value: &serde_json::Value) -> Result<Valid, FieldError> {
-    let event_id = event_id_of(value);
+/// Decodes and validates one event of the body, straight from its slice of the body.
+fn event(index: usize, raw: &RawValue) -> Result<Valid, FieldError> {
     let fail = |field: String, rejection: &Rejection| FieldError {
         index: Some(index),
-        event_id: event_id.clone(),
+        event_id: event_id_of(raw),
         field,
         reason: rejection.reason(),
         message: rejection.to_string(),
     };
-    let event: ReferralEvent = match serde_path_to_error::deserialize(value) {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let event: ReferralEvent = match serde_path_to_error::deserialize(&mut de) {
         Ok(e) => e,
         Err(e) => {
             let path = e.path().to_string();
@@ -192,7 +313,7 @@ fn event(index: usize, value: &serde_json::Value) -> Result<Valid, FieldError> {
             };
             return Err(FieldError {
                 index: Some(index),
-                event_id,
+                event_id: event_id_of(raw),
                 field,
                 reason: "invalid_json",
                 message,
@@ -315,7 +436,81 @@ mod tests {
         let big = format!("[{}]", [EVENT; 3].join(","));
         assert_eq!(
             parse(big.as_bytes(), 2).unwrap_err(),
-            BodyError::TooManyEvents { count: 3, max: 2 }
+            BodyError::TooManyEvents { max: 2 }
         );
+        // Exactly the limit is fine.
+        assert_eq!(parse(big.as_bytes(), 3).unwrap().events.len(), 3);
+    }
+
+    #[test]
+    fn a_huge_array_is_refused_after_counting_past_the_limit() {
+        // A 1 MiB array of numbers: refused at element 501, nothing decoded.
+        let mut body = String::from("[1");
+        while body.len() < 1024 * 1024 {
+            body.push_str(",1");
+        }
+        body.push(']');
+        let started = std::time::Instant::now();
+        assert_eq!(
+            parse(body.as_bytes(), 500).unwrap_err(),
+            BodyError::TooManyEvents { max: 500 }
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Within the limit, numbers are refused one by one.
+        let errors = errors("[1, 2, 3]");
+        assert_eq!(errors.len(), 3);
+        assert!(errors.iter().all(|e| e.reason == "invalid_json"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_and_never_overflows_the_stack() {
+        let deep_array = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let deep_object = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        // Also inside an otherwise valid event, as an unknown field (which serde skips without
+        // its recursion limit), and unbalanced.
+        let hidden = EVENT.replacen(
+            '{',
+            &format!(
+                r#"{{"x":{}1{},"#,
+                r#"{"a":"#.repeat(10_000),
+                "}".repeat(10_000)
+            ),
+            1,
+        );
+        let unbalanced = "[".repeat(10_000);
+        for body in [&deep_array, &deep_object, &hidden, &unbalanced] {
+            let started = std::time::Instant::now();
+            match parse(body.as_bytes(), 500) {
+                Err(BodyError::Invalid(e)) => {
+                    assert_eq!(e.reason, "invalid_json");
+                    assert!(e.message.contains("nested deeper than 32"), "{}", e.message);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        }
+        // Brackets inside strings do not count.
+        let quoted = EVENT.replace("R-1", &"[".repeat(60));
+        assert!(!nested_deeper_than(quoted.as_bytes(), MAX_DEPTH));
+        assert!(!nested_deeper_than(br#"{"a":"\"[[[["}"#, 2));
+        // 32 levels is allowed, 33 is not.
+        let at_limit = format!("{}{}", "[".repeat(32), "]".repeat(32));
+        assert!(!nested_deeper_than(at_limit.as_bytes(), MAX_DEPTH));
+        assert!(nested_deeper_than(
+            format!("[{at_limit}]").as_bytes(),
+            MAX_DEPTH
+        ));
+    }
+
+    #[test]
+    fn serde_json_without_the_depth_check_keeps_deep_values_raw_and_limits_recursion() {
+        // What the depth check is for, shown on serde_json itself: raw values and skipped
+        // fields are read without the recursion limit ...
+        let deep = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        assert!(serde_json::from_str::<&RawValue>(&deep).is_ok());
+        assert!(serde_json::from_str::<serde::de::IgnoredAny>(&deep).is_ok());
+        // ... while building values stops at its limit of 128 with an error, not a crash.
+        let err = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err();
+        assert!(err.to_string().contains("recursion limit"), "{err}");
     }
 }

@@ -1,10 +1,16 @@
 //! The intake gateway: force systems that cannot write to Kafka `POST /v1/events`.
 //!
 //! # Contract (docs/intake.md, `openapi.json`)
+//! - **Served by the hardened listener** of `safeclock_common::server`: header-read timeout,
+//!   connection and request limits, optional TLS (`[intake.server]`). Loopback by default.
 //! - **Auth**: `Authorization: Bearer <token>`; tokens per client in `[intake.tokens]`, compared
-//!   in constant time. 401 otherwise.
+//!   in constant time. 401 otherwise, and 429 with `Retry-After` for a peer that failed too often
+//!   (`safeclock_common::auth`); every failure is counted by reason.
 //! - **Shape**: one event (a JSON object) or a batch (an array), proto3 JSON per
-//!   `proto/safeclock/v1/referral.proto`. Bodies over `intake.max_body_bytes` get 413 unread.
+//!   `proto/safeclock/v1/referral.proto`. Bodies over `intake.max_body_bytes` get 413 unread; a
+//!   body that does not arrive within `intake.request_timeout_ms` gets 408. A batch is counted
+//!   while it is split, before any event is decoded, and nesting is bounded (`body.rs`), so a
+//!   request costs at most a small multiple of `max_body_bytes`.
 //! - **Validation is all-or-nothing per request**: every event is decoded and validated by the
 //!   same code the consumers use (`safeclock_common::event`) plus the `[validation]`
 //!   plausibility checks; if any event is refused the answer is 400 with one error per refused
@@ -16,42 +22,44 @@
 //!   `intake.delivery_timeout_ms` (librdkafka `message.timeout.ms`), the answer is 503 with
 //!   `Retry-After`. Some events of such a request may be stored anyway; sending the request again
 //!   is safe because of the next point.
-//! - **Idempotent on event id**: ids acknowledged recently (the last `intake.dedup_window`) are
-//!   answered `duplicate` without producing again, and every consumer de-duplicates by event id
-//!   regardless, so a retried request never counts twice. The first version of an event wins.
+//! - **Idempotent on (client, event id)**: pairs acknowledged recently (the last
+//!   `intake.dedup_window`) are answered `duplicate` without producing again, and every consumer
+//!   de-duplicates by event id regardless, so a retried request never counts twice. The first
+//!   version of an event wins. Keyed by client too, so one client cannot make another's next
+//!   event a "duplicate" by posting its id first.
 //!
 //! Nothing is ever answered 202 and then dropped: the only path to 202 is through the broker's
 //! acknowledgement.
 
-pub mod auth;
 pub mod body;
 pub mod metrics;
 mod window;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use http_body_util::BodyExt;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use safeclock_common::auth::{AuthFailure, BearerAuth};
 use safeclock_common::config::Settings;
 use safeclock_common::event::Plausibility;
 use safeclock_common::kafka::{self, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::{Readiness, ReadinessHandle};
+use safeclock_common::server::{self, BodyReadError, HttpServer};
 use safeclock_common::service::ServiceDeps;
 use safeclock_common::time::SharedTime;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
 use crate::body::{BodyError, FieldError};
 use crate::metrics::IntakeMetrics;
 use crate::window::RecentIds;
@@ -75,9 +83,11 @@ struct Intake {
     renewed: Mutex<Instant>,
     settings: Arc<Settings>,
     topic: String,
-    tokens: Tokens,
+    /// Client tokens, and the limit on failed attempts per peer.
+    auth: BearerAuth,
     plausibility: Plausibility,
-    /// Event ids acknowledged recently: answered `duplicate` without producing again.
+    /// (client, event id) pairs acknowledged recently: answered `duplicate` without producing
+    /// again.
     recent: Mutex<RecentIds>,
     metrics: IntakeMetrics,
     consumer_metrics: ConsumerMetrics,
@@ -100,8 +110,8 @@ fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
 /// Runs intake on `intake.listen` until `shutdown`.
 ///
 /// # Errors
-/// When no client token is configured, the address cannot be bound, or the producer cannot be
-/// created.
+/// When no client token is configured, the address cannot be bound, the listener's settings
+/// are unusable, or the producer cannot be created.
 pub async fn run(
     deps: ServiceDeps,
     consumer_metrics: ConsumerMetrics,
@@ -125,19 +135,30 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = deps.settings.clone();
-    let tokens = Tokens::new(&settings.intake.tokens);
+    let auth = BearerAuth::new(
+        &settings.intake.tokens,
+        settings.intake.auth_failure_burst,
+        settings.intake.auth_failures_per_minute,
+    );
     anyhow::ensure!(
-        !tokens.is_empty(),
+        !auth.is_empty(),
         "invalid configuration: `intake.tokens` is empty; give each client a token \
          (e.g. SAFECLOCK__INTAKE__TOKENS__NICHE-RMS=<at least 16 characters>)"
     );
+    let http = HttpServer::from_listener(
+        SERVICE,
+        listener,
+        &settings.intake.server,
+        "intake.server",
+        &deps.registry,
+    )?;
     let metrics = IntakeMetrics::register(&deps.registry)?;
     let ready = deps.readiness.component(SERVICE);
     let intake = Arc::new(Intake {
         producer: RwLock::new(producer(&settings)?),
         renewed: Mutex::new(Instant::now()),
         topic: settings.topic(Topic::ReferralEvents),
-        tokens,
+        auth,
         plausibility: Plausibility::new(&settings),
         recent: Mutex::new(RecentIds::new(settings.intake.dedup_window)),
         metrics,
@@ -147,10 +168,11 @@ pub async fn serve(
         settings,
     });
     let probe = tokio::spawn(probe_broker(intake.clone(), ready, shutdown.clone()));
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, clients = intake.tokens_len(), "intake listening (POST /v1/events)");
-    let served = axum::serve(listener, router_for(intake.clone()))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    let addr = http.local_addr();
+    let scheme = http.scheme();
+    tracing::info!(%addr, scheme, clients = intake.auth.len(), "intake listening (POST /v1/events)");
+    let served = http
+        .serve(router_for(intake.clone()), shutdown)
         .await
         .map_err(|e| anyhow::anyhow!("intake HTTP server failed: {e}"));
     probe.abort();
@@ -161,10 +183,6 @@ pub async fn serve(
 }
 
 impl Intake {
-    fn tokens_len(&self) -> usize {
-        self.settings.intake.tokens.len()
-    }
-
     /// Replaces the producer after a failed delivery (at most once a second). The old one is
     /// dropped (its queue purged) once the requests holding it have answered 503, so nothing it
     /// still holds is sent after the outage under its old producer id; the new one starts a
@@ -290,13 +308,11 @@ struct Accepted {
     events: Vec<EventResult>,
 }
 
-async fn post_events(
-    State(intake): State<Arc<Intake>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn post_events(State(intake): State<Arc<Intake>>, request: Request) -> Response {
     let started = Instant::now();
-    let response = intake.handle(&headers, body).await;
+    let peer = server::peer_of(&request);
+    let (parts, body) = request.into_parts();
+    let response = intake.handle(peer, &parts.headers, body).await;
     let code = response.status().as_str().to_string();
     intake.metrics.requests.with_label_values(&[&code]).inc();
     intake
@@ -308,23 +324,14 @@ async fn post_events(
 }
 
 impl Intake {
-    async fn handle(&self, headers: &HeaderMap, body: Body) -> Response {
+    async fn handle(&self, peer: Option<SocketAddr>, headers: &HeaderMap, body: Body) -> Response {
         let limits = &self.settings.intake;
-        let Some(client) = self.tokens.client(
-            headers
-                .get(header::AUTHORIZATION)
-                .map(HeaderValue::as_bytes),
-        ) else {
-            let mut r = problem(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send `Authorization: Bearer <token>` with a token configured for your system",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"safeclock-intake\""),
-            );
-            return r;
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let client = match self.auth.check(peer, authorization) {
+            Ok(client) => client,
+            Err(failure) => return self.unauthenticated(failure),
         };
         let json = headers
             .get(header::CONTENT_TYPE)
@@ -338,49 +345,46 @@ impl Intake {
                 "send the events as `Content-Type: application/json`",
             );
         }
-        let too_large = || {
-            problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "the body is over the {}-byte limit: send fewer events per request",
-                    limits.max_body_bytes
-                ),
-            )
-        };
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-            return too_large();
-        }
-        let limited = http_body_util::Limited::new(body, limits.max_body_bytes);
-        let bytes = match tokio::time::timeout(limits.request_timeout(), limited.collect()).await {
-            Err(_) => {
+        let content_length = headers.get(header::CONTENT_LENGTH);
+        let read = server::read_body(
+            body,
+            content_length,
+            limits.max_body_bytes,
+            limits.request_timeout(),
+        );
+        let bytes = match read.await {
+            Ok(bytes) => bytes,
+            Err(BodyReadError::TooLarge(max)) => {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body is over the {max}-byte limit: send fewer events per request"),
+                )
+            }
+            Err(BodyReadError::Timeout) => {
                 return problem(
                     StatusCode::REQUEST_TIMEOUT,
                     "request_timeout",
                     "the body did not arrive in time",
                 )
             }
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-            Ok(Err(_)) => {
+            Err(BodyReadError::Unreadable) => {
                 return problem(
                     StatusCode::BAD_REQUEST,
                     "unreadable_body",
                     "the body could not be read",
                 )
             }
-            Ok(Ok(collected)) => collected.to_bytes(),
         };
         let parsed = match body::parse(&bytes, limits.max_batch_events) {
             Ok(p) => p,
-            Err(BodyError::TooManyEvents { count, max }) => {
+            Err(BodyError::TooManyEvents { max }) => {
                 return problem(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_many_events",
-                    format!("the batch has {count} events; at most {max} are accepted per request"),
+                    format!(
+                    "the batch has more than {max} events; at most {max} are accepted per request"
+                ),
                 )
             }
             Err(BodyError::Invalid(e)) => {
@@ -429,6 +433,34 @@ impl Intake {
         self.produce(client, valid).await
     }
 
+    /// 401, or 429 with `Retry-After` for a peer that failed too often; counted by reason.
+    fn unauthenticated(&self, failure: AuthFailure) -> Response {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[failure.reason()])
+            .inc();
+        if let Some(secs) = failure.retry_after_secs() {
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_auth_failures",
+                format!("too many failed authentications from your address; try again in {secs} s"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return r;
+        }
+        let mut r = problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer <token>` with a token configured for your system",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"safeclock-intake\""),
+        );
+        r
+    }
+
     fn count_refused(&self, errors: &[FieldError]) {
         for e in errors {
             self.consumer_metrics
@@ -452,7 +484,7 @@ impl Intake {
             let mut in_request = std::collections::HashSet::new();
             for (index, v) in valid {
                 let id = v.event.event_id.clone();
-                let duplicate = recent.contains(&id) || !in_request.insert(id.clone());
+                let duplicate = recent.contains(client, &id) || !in_request.insert(id.clone());
                 results.push(EventResult {
                     index,
                     event_id: id,
@@ -511,7 +543,7 @@ impl Intake {
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             for v in &to_send {
-                recent.insert(&v.event.event_id);
+                recent.insert(client, &v.event.event_id);
             }
         }
         let accepted = to_send.len();

@@ -14,6 +14,10 @@ pub struct IntakeMetrics {
     pub events: IntCounterVec,
     /// `safeclock_intake_request_seconds{code}`: from request to answer.
     pub seconds: HistogramVec,
+    /// `safeclock_intake_auth_failures_total{reason}`: requests refused before their body was
+    /// read: `missing` (no bearer token), `invalid` (not a configured token), `rate_limited`
+    /// (the peer failed too often and was refused without a check).
+    pub auth_failures: IntCounterVec,
 }
 
 impl IntakeMetrics {
@@ -44,6 +48,17 @@ impl IntakeMetrics {
             ]),
             &["code"],
         )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "safeclock_intake_auth_failures_total",
+                "Intake requests refused for authentication, by reason: missing, invalid, rate_limited.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        for reason in safeclock_common::auth::AuthFailure::REASONS {
+            auth_failures.with_label_values(&[reason]);
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
@@ -54,6 +69,7 @@ impl IntakeMetrics {
             requests,
             events,
             seconds,
+            auth_failures,
         })
     }
 }

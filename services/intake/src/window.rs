@@ -1,16 +1,23 @@
-//! The event ids intake acknowledged recently, oldest forgotten first.
+//! The (client, event id) pairs intake acknowledged recently, oldest forgotten first.
 //!
-//! An id is remembered only once the broker has acknowledged its event, so a request answered
+//! Keyed by client as well as id: an event id is unique within the system that made it, and
+//! nothing stops one client from posting an id another client is about to use. Keyed by id
+//! alone, the real event would then be answered `duplicate` and never stored.
+//!
+//! A pair is remembered only once the broker has acknowledged its event, so a request answered
 //! 503 and sent again is produced again (its events may or may not be stored) rather than
 //! wrongly answered `duplicate`. Bounded: past the window a repeat is produced again, and the
 //! consumers' own de-duplication by event id catches it.
 
 use std::collections::{HashSet, VecDeque};
 
+/// A client's name and an event id it posted.
+type Key = (String, String);
+
 #[derive(Debug)]
 pub struct RecentIds {
-    seen: HashSet<String>,
-    order: VecDeque<String>,
+    seen: HashSet<Key>,
+    order: VecDeque<Key>,
     capacity: usize,
 }
 
@@ -23,12 +30,13 @@ impl RecentIds {
         }
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.seen.contains(id)
+    pub fn contains(&self, client: &str, id: &str) -> bool {
+        self.seen.contains(&(client.to_string(), id.to_string()))
     }
 
-    pub fn insert(&mut self, id: &str) {
-        if self.capacity == 0 || self.seen.contains(id) {
+    pub fn insert(&mut self, client: &str, id: &str) {
+        let key = (client.to_string(), id.to_string());
+        if self.capacity == 0 || self.seen.contains(&key) {
             return;
         }
         if self.order.len() >= self.capacity {
@@ -36,8 +44,8 @@ impl RecentIds {
                 self.seen.remove(&old);
             }
         }
-        self.seen.insert(id.to_string());
-        self.order.push_back(id.to_string());
+        self.seen.insert(key.clone());
+        self.order.push_back(key);
     }
 }
 
@@ -48,14 +56,24 @@ mod tests {
     #[test]
     fn bounded_and_oldest_first() {
         let mut r = RecentIds::new(2);
-        r.insert("a");
-        r.insert("b");
-        assert!(r.contains("a") && r.contains("b"));
-        r.insert("c");
-        assert!(!r.contains("a"));
-        assert!(r.contains("c"));
+        r.insert("rms", "a");
+        r.insert("rms", "b");
+        assert!(r.contains("rms", "a") && r.contains("rms", "b"));
+        r.insert("rms", "c");
+        assert!(!r.contains("rms", "a"));
+        assert!(r.contains("rms", "c"));
         let mut off = RecentIds::new(0);
-        off.insert("a");
-        assert!(!off.contains("a"));
+        off.insert("rms", "a");
+        assert!(!off.contains("rms", "a"));
+    }
+
+    #[test]
+    fn one_clients_id_is_not_another_clients() {
+        let mut r = RecentIds::new(10);
+        r.insert("squatter", "evt-1");
+        assert!(r.contains("squatter", "evt-1"));
+        assert!(!r.contains("mash", "evt-1"));
+        r.insert("mash", "evt-1");
+        assert!(r.contains("mash", "evt-1"));
     }
 }

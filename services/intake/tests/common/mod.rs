@@ -29,6 +29,7 @@ pub fn settings(brokers: &str) -> Settings {
 /// A running intake.
 pub struct Running {
     pub url: String,
+    pub addr: SocketAddr,
     pub registry: Registry,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -65,6 +66,12 @@ pub async fn start(settings: Settings, create: bool) -> Running {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
+    // A certificate made for the test names `localhost`.
+    let url = if settings.intake.server.tls() {
+        format!("https://localhost:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    };
     let registry = Registry::new();
     let consumer_metrics = ConsumerMetrics::register(&registry).unwrap();
     let deps = ServiceDeps {
@@ -81,7 +88,8 @@ pub async fn start(settings: Settings, create: bool) -> Running {
         shutdown.clone(),
     ));
     Running {
-        url: format!("http://{addr}"),
+        url,
+        addr,
         registry,
         shutdown,
         task,
