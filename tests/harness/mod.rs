@@ -179,6 +179,22 @@ pub async fn read_until(
     got
 }
 
+/// Every record of `topic` from the beginning, read until none has come for `quiet` (at most
+/// a minute in all).
+pub async fn read_all(brokers: &str, topic: &str, quiet: Duration) -> Vec<OwnedMessage> {
+    let consumer = reader(brokers, &[topic]);
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(quiet, consumer.recv()).await {
+            Ok(Ok(m)) => got.push(m.detach()),
+            Ok(Err(e)) => eprintln!("reader error: {e}"),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
 /// A header's value as text.
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     m.headers()?

@@ -17,6 +17,8 @@ pub struct ReceivedPage {
     pub referral_id: String,
     /// What the pager answered.
     pub status: u16,
+    /// When it arrived, on the tests' clock (`crate::now`).
+    pub received_at: jiff::Timestamp,
 }
 
 #[derive(Clone, Default)]
@@ -68,6 +70,7 @@ impl TestPager {
                             delivery_id,
                             referral_id,
                             status,
+                            received_at: crate::now(),
                         });
                         tokio::time::sleep(pager.delay).await;
                         StatusCode::from_u16(status).unwrap()

@@ -543,6 +543,11 @@ struct KindRules {
     /// The kind's field name in the event's JSON form, where its attributes sit.
     json_name: String,
     rules: Vec<Reacting>,
+    /// How many of `rules` can start a clock on this kind: the most clocks one event of it
+    /// can open.
+    starts: usize,
+    /// Whether any of `rules` can pause a clock on this kind.
+    pauses: bool,
 }
 
 /// One rule reacting to one event kind: for each role (start, stop, pause, resume, reset,
@@ -658,16 +663,22 @@ impl Engine {
                     .or_insert_with(|| KindRules {
                         json_name: camel(kind),
                         rules: Vec::new(),
+                        starts: 0,
+                        pauses: false,
                     });
                 if entry.rules.iter().any(|r| r.rule == i) {
                     continue;
                 }
-                let roles = lists.map(|conds| {
+                let roles: [Vec<u16>; 6] = lists.map(|conds| {
                     (0..conds.len())
                         .filter(|&c| conds[c].event == kind)
                         .map(|c| u16::try_from(c).unwrap_or(u16::MAX))
                         .collect()
                 });
+                // A repeating rule also starts its next clock on its stop events.
+                let starts = !roles[0].is_empty() || (rule.repeat && !roles[1].is_empty());
+                entry.starts += usize::from(starts);
+                entry.pauses |= !roles[2].is_empty();
                 entry.rules.push(Reacting { rule: i, roles });
             }
         }
@@ -1048,9 +1059,24 @@ impl Engine {
         let kind_name = kind_name(kind);
         let reacting = policy.by_kind.get(kind_name);
         // Every check before any change: a refused event leaves no trace.
-        let admitted = state
-            .admit(policy, slot, event, kind, at, reacting)
-            .inspect_err(|_| state.release_if_empty(slot, &event.referral_id))?;
+        let labels = match state.admit_labels(policy, slot, event, kind, at) {
+            Ok(labels) => labels,
+            Err(e) => {
+                state.release_if_empty(slot, &event.referral_id);
+                return Err(e);
+            }
+        };
+        // Far from every limit (the usual case), no event of this kind can reach one. Near a
+        // limit, the rules are matched once more first, and the event is admitted or refused
+        // before anything changes.
+        if let Some(reacting) = reacting {
+            if state.near_limit(policy, slot, reacting) {
+                if let Err(e) = state.admit_clocks(policy, slot, event, &labels, reacting) {
+                    state.release_if_empty(slot, &event.referral_id);
+                    return Err(e);
+                }
+            }
+        }
         let referral = &mut state.slab[slot as usize];
         referral.remember(
             hash,
@@ -1059,8 +1085,8 @@ impl Engine {
         );
         referral.collect_strings();
         state.dirty.insert(slot);
-        let regraded = admitted.labels.risk != referral.labels.risk;
-        referral.labels = admitted.labels;
+        let regraded = labels.risk != referral.labels.risk;
+        referral.labels = labels;
 
         let ctx = Ctx {
             slot,
@@ -1069,7 +1095,10 @@ impl Engine {
             now: nanos(now),
         };
         if let Some(reacting) = reacting {
-            for (reaction, (m, instance)) in reacting.rules.iter().zip(admitted.matched) {
+            for reaction in &reacting.rules {
+                let rule = &policy.rules[usize::from(reaction.rule)];
+                let m = reaction.matched(rule, event, &reacting.json_name);
+                let instance = instance_of(rule, event, &reacting.json_name);
                 state.apply(policy, reaction.rule, m, &instance, &ctx, out);
             }
         }
@@ -1225,15 +1254,6 @@ impl From<LimitExceeded> for Rejection {
     }
 }
 
-/// What [`State::admit`] worked out for an admitted event, so it is not worked out twice.
-struct Admitted {
-    /// The referral's labels after the event.
-    labels: Labels,
-    /// Per reacting rule (in the order of [`KindRules::rules`]): what the event does to it, and
-    /// the instance it names.
-    matched: Vec<(Matched, String)>,
-}
-
 /// The id of a clock's `breached` record: derived, so the engine keeps only a flag.
 fn breach_id(referral_id: &str, rule_id: &str, clock_id: &str) -> String {
     derive_id(&[
@@ -1242,6 +1262,18 @@ fn breach_id(referral_id: &str, rule_id: &str, clock_id: &str) -> String {
         clock_id,
         SlaTransition::Breached.as_str_name(),
     ])
+}
+
+/// The instance an event names for `rule` (the value of its `instance` attribute), or "".
+fn instance_of(rule: &Rule, event: &ReferralEvent, json_name: &str) -> String {
+    rule.instance
+        .as_deref()
+        .and_then(|a| attribute(event, json_name, a))
+        .and_then(|v| match v {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 fn matches(event: &ReferralEvent, json_name: &str, condition: &Condition) -> bool {
@@ -1302,25 +1334,17 @@ impl State {
         }
     }
 
-    /// Checks that applying `event` keeps the referral within `policy.limits`, without changing
-    /// anything but the label table.
-    ///
-    /// Counted conservatively: a start counts as a new clock when the rule applies to the
-    /// referral's labels after the event and no clock of that rule and instance is open (a
-    /// start that a stop in the same event frees a slot for, or that an early stop completes at
-    /// once, may be counted although it ends up adding nothing). Only events that would add a
-    /// clock are held to the counts, so a referral already past a lowered limit can still stop
-    /// and cancel its clocks.
-    fn admit(
+    /// The first half of admitting `event`: its time against the referral's dedup horizon, and
+    /// its label values against the engine's table. Returns the referral's labels after the
+    /// event (interning the values it brings, nothing else).
+    fn admit_labels(
         &mut self,
         policy: &Policy,
         slot: u32,
         event: &ReferralEvent,
         kind: &Kind,
         at: Timestamp,
-        reacting: Option<&KindRules>,
-    ) -> Result<Admitted, LimitExceeded> {
-        let limits = &policy.limits;
+    ) -> Result<Labels, LimitExceeded> {
         let referral = &self.slab[slot as usize];
         if referral.horizon != NO_HORIZON && seen_seconds(at.as_second()) <= referral.horizon {
             return Err(LimitExceeded::BeforeDedupHorizon {
@@ -1334,38 +1358,63 @@ impl State {
             &mut labels,
             &event.force_id,
             kind,
-            limits.max_label_values,
+            policy.limits.max_label_values,
         )?;
+        Ok(labels)
+    }
+
+    /// Whether an event of `kind` could take the referral past a limit on clocks: it opens at
+    /// most `kind.starts` clocks (each with at most one new reference), and pauses a clock at
+    /// most once. If not, [`State::admit_clocks`] need not run.
+    fn near_limit(&self, policy: &Policy, slot: u32, kind: &KindRules) -> bool {
+        let limits = &policy.limits;
+        let clocks = &self.slab[slot as usize].clocks;
+        let open = clocks.len();
+        (kind.starts > 0
+            && (open + kind.starts > limits.max_open_clocks
+                || open + kind.starts > limits.max_references
+                || open + 1 > limits.max_instances_per_rule))
+            || (kind.pauses
+                && clocks
+                    .iter()
+                    .any(|c| u32::from(c.pauses) >= limits.max_pauses_per_clock))
+    }
+
+    /// The second half of admitting `event`, near a limit: checks that applying it keeps the
+    /// referral within `policy.limits`, without changing anything.
+    ///
+    /// Counted conservatively: a start counts as a new clock when the rule applies to the
+    /// referral's labels after the event and no clock of that rule and instance is open (a
+    /// start that a stop in the same event frees a slot for, or that an early stop completes at
+    /// once, may be counted although it ends up adding nothing). Only events that would add a
+    /// clock are held to the counts, so a referral already past a lowered limit can still stop
+    /// and cancel its clocks.
+    fn admit_clocks(
+        &self,
+        policy: &Policy,
+        slot: u32,
+        event: &ReferralEvent,
+        labels: &Labels,
+        reacting: &KindRules,
+    ) -> Result<(), LimitExceeded> {
+        let limits = &policy.limits;
         let referral = &self.slab[slot as usize];
-        let Some(reacting) = reacting else {
-            return Ok(Admitted {
-                labels,
-                matched: Vec::new(),
-            });
-        };
-        let mut matched = Vec::with_capacity(reacting.rules.len());
-        // Indices into `matched` of the reactions that would open a clock.
-        let mut adding: Vec<usize> = Vec::new();
+        // Per reacting rule: whether the event opens a clock of it, and the instance it names.
+        let mut matched: Vec<(bool, String)> = Vec::with_capacity(reacting.rules.len());
+        let mut opening = 0usize;
         for reaction in &reacting.rules {
             let rule_idx = reaction.rule;
             let rule = &policy.rules[usize::from(rule_idx)];
             let m = reaction.matched(rule, event, &reacting.json_name);
-            let instance = rule
-                .instance
-                .as_deref()
-                .and_then(|a| attribute(event, &reacting.json_name, a))
-                .and_then(|v| match v {
-                    serde_json::Value::String(s) => Some(s),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            let affected = |c: &Clock| {
-                c.rule == rule_idx && (instance.is_empty() || referral.instance(c) == instance)
-            };
+            let instance = instance_of(rule, event, &reacting.json_name);
             if m.pause && !m.cancel && !m.reset {
                 let max = limits.max_pauses_per_clock;
                 let over = referral.clocks.iter().any(|c| {
-                    affected(c) && !c.paused() && !c.breached && u32::from(c.pauses) >= max
+                    c.rule == rule_idx
+                        && (instance.is_empty() || referral.instance(c) == instance)
+                        && !c.paused()
+                        && !c.breached
+                        && u32::from(c.pauses) >= max
                 });
                 if over {
                     return Err(LimitExceeded::Pauses {
@@ -1377,60 +1426,57 @@ impl State {
             let opens = m.start
                 && !m.cancel
                 && !m.reset
-                && policy.applies(rule_idx, &labels)
+                && policy.applies(rule_idx, labels)
                 && !referral
                     .clocks
                     .iter()
                     .any(|c| c.rule == rule_idx && referral.instance(c) == instance);
-            if opens {
-                adding.push(matched.len());
-            }
-            matched.push((m, instance));
+            opening += usize::from(opens);
+            matched.push((opens, instance));
         }
-        if !adding.is_empty() {
-            let added: Vec<(u16, &str)> = adding
-                .iter()
-                .map(|&i| (reacting.rules[i].rule, matched[i].1.as_str()))
-                .collect();
-            let open = referral.clocks.len();
-            if open + added.len() > limits.max_open_clocks {
+        if opening > 0 {
+            let clocks = &referral.clocks;
+            if clocks.len() + opening > limits.max_open_clocks {
                 return Err(LimitExceeded::OpenClocks {
                     max: limits.max_open_clocks,
                 });
             }
-            for (rule_idx, _) in &added {
-                let of_rule = referral
-                    .clocks
-                    .iter()
-                    .filter(|c| c.rule == *rule_idx)
-                    .count()
-                    + added.iter().filter(|(r, _)| r == rule_idx).count();
+            let opened = reacting
+                .rules
+                .iter()
+                .zip(matched.iter())
+                .filter(|(_, (opens, _))| *opens);
+            // A rule reacts to a kind once, so each opens one clock at most.
+            for (reaction, _) in opened.clone() {
+                let of_rule = 1 + clocks.iter().filter(|c| c.rule == reaction.rule).count();
                 if of_rule > limits.max_instances_per_rule {
                     return Err(LimitExceeded::InstancesPerRule {
-                        rule: policy.rules[usize::from(*rule_idx)].id.clone(),
+                        rule: policy.rules[usize::from(reaction.rule)].id.clone(),
                         max: limits.max_instances_per_rule,
                     });
                 }
             }
-            let mut references: Vec<&str> = referral
-                .clocks
-                .iter()
-                .map(|c| referral.instance(c))
-                .filter(|i| !i.is_empty())
-                .collect();
-            let before = references.len();
-            references.extend(added.iter().map(|(_, i)| *i).filter(|i| !i.is_empty()));
-            if references.len() > before {
-                references.sort_unstable();
-                references.dedup();
-                if references.len() > limits.max_references {
+            let open_refs = || {
+                clocks
+                    .iter()
+                    .map(|c| referral.instance(c))
+                    .filter(|i| !i.is_empty())
+            };
+            let new_refs = opened
+                .map(|(_, (_, i))| i.as_str())
+                .filter(|i| !i.is_empty() && !open_refs().any(|o| o == *i));
+            if new_refs.clone().next().is_some() {
+                let mut all: Vec<&str> = open_refs().chain(new_refs).collect();
+                all.sort_unstable();
+                all.dedup();
+                if all.len() > limits.max_references {
                     return Err(LimitExceeded::References {
                         max: limits.max_references,
                     });
                 }
             }
         }
-        Ok(Admitted { labels, matched })
+        Ok(())
     }
 
     fn apply(
