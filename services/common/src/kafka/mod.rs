@@ -1,0 +1,32 @@
+//! Kafka plumbing shared by every service.
+//!
+//! # Delivery contract
+//! Consumers run with `enable.auto.offset.store=false`: a record's offset is stored (and later
+//! committed by librdkafka's auto-commit, or synchronously on shutdown) only after every effect it
+//! caused is durable: output records acknowledged by the broker (producers use `acks=all` and
+//! idempotence), notifications delivered, or the record itself written to the dead-letter topic.
+//! A crash therefore re-delivers records whose effects may already exist; every output carries a
+//! deterministic id so consumers de-duplicate. Nothing is ever acknowledged and then dropped.
+//!
+//! Invalid input never stops a partition: it goes to the dead-letter topic with the original key,
+
+mod client;
+mod compacted;
+mod consumer;
+mod dead_letters;
+mod delivery;
+mod handover;
+mod offsets;
+mod topics;
+
+pub use client::{client_config, producer, producer_with};
+pub use compacted::{read_compacted_partition, LatestByKey};
+pub use consumer::{
+    commit_stored, consumer, consumer_with, current_assignment, next_batch, or_shutdown,
+    reconcile, OffsetCommits, ServiceConsumer, ServiceConsumerContext,
+};
+pub use dead_letters::{dlq_headers, DeadLetters};
+pub use delivery::{await_deliveries, enqueue};
+pub use handover::Handover;
+pub use offsets::OffsetBook;
+pub use topics::{check_copartitioned, ensure_topics, Topic};
