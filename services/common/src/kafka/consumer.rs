@@ -312,6 +312,37 @@ pub fn consumer_with(
     ready: ReadinessHandle,
     commits: OffsetCommits,
 ) -> anyhow::Result<ServiceConsumer> {
+    let mut cfg = consumer_config(settings, service, group_id, commits);
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    let consumer: ServiceConsumer = cfg
+        .create_with_context(ServiceConsumerContext::new(service, ready))
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
+    consumer
+        .subscribe(topics)
+        .map_err(|e| anyhow::anyhow!("cannot subscribe {service} to {topics:?}: {e}"))?;
+    Ok(consumer)
+}
+
+/// The largest fetch response a service consumer asks for, and so (with librdkafka's
+/// `receive.message.max.bytes`, adjusted to it plus protocol overhead) the largest record batch
+/// it can receive: librdkafka's own default, set here so that an input record of any size the
+/// broker accepts (Apache Kafka: 1 MiB by default, more where a topic's `max.message.bytes` is
+/// raised) is consumed, and then refused as oversized and dead-lettered (bounded) rather than
+/// stopping its partition. A broker or topic that accepts records over this needs it raised
+/// (`kafka.consumer_properties."fetch.max.bytes"`).
+pub const FETCH_MAX_BYTES: usize = 52_428_800;
+
+/// The first fetch size per partition; librdkafka grows it by itself when a record batch is
+/// larger, up to [`FETCH_MAX_BYTES`].
+pub const PARTITION_FETCH_BYTES: usize = 1_048_576;
+
+/// The configuration of a service consumer (see [`consumer_with`]).
+fn consumer_config(
+    settings: &Settings,
+    service: &'static str,
+    group_id: &str,
+    commits: OffsetCommits,
+) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("client.id", format!("safeclock-{service}"))
         .set("auto.offset.reset", "earliest")
@@ -323,7 +354,10 @@ pub fn consumer_with(
         // whole group up this long (librdkafka's default, 5 minutes, is too long for pages).
         // The loops poll continually; a hand-over or a restore takes seconds.
         .set("max.poll.interval.ms", "60000")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // No record the broker takes may stop a partition (see FETCH_MAX_BYTES).
+        .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
+        .set("max.partition.fetch.bytes", PARTITION_FETCH_BYTES.to_string());
     let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
     for (k, v) in base.config_map() {
         cfg.set(k, v);
@@ -334,14 +368,7 @@ pub fn consumer_with(
         cfg.set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed");
     }
-    cfg.set_log_level(RDKafkaLogLevel::Warning);
-    let consumer: ServiceConsumer = cfg
-        .create_with_context(ServiceConsumerContext::new(service, ready))
-        .map_err(|e| anyhow::anyhow!("cannot create Kafka consumer for {service}: {e}"))?;
-    consumer
-        .subscribe(topics)
-        .map_err(|e| anyhow::anyhow!("cannot subscribe {service} to {topics:?}: {e}"))?;
-    Ok(consumer)
+    cfg
 }
 
 /// Receives up to `max` records: waits for the first, then takes whatever is already buffered.
@@ -432,6 +459,23 @@ pub async fn or_shutdown<F: Future>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumers_fetch_records_up_to_the_brokers_limit() {
+        let settings = Settings::defaults().unwrap();
+        let cfg = consumer_config(&settings, "clock", "g", OffsetCommits::Auto);
+        let get = |k: &str| cfg.get(k).and_then(|v| v.parse::<usize>().ok());
+        // Apache Kafka's default broker limit is 1 MiB + 12 bytes of batch overhead; a 1,040,000
+        // byte record is well within what a consumer fetches (larger partitions' first fetch
+        // grows by itself).
+        assert!(get("fetch.max.bytes").unwrap() >= 1_048_588);
+        assert!(get("max.partition.fetch.bytes").unwrap() >= 1_000_000);
+        // receive.message.max.bytes is left for librdkafka to adjust to fetch.max.bytes + 512.
+        assert_eq!(cfg.get("receive.message.max.bytes"), None);
+        // The consumer can be created with it (librdkafka checks the three together).
+        let created: Result<BaseConsumer, _> = cfg.create();
+        assert!(created.is_ok(), "{:?}", created.err());
+    }
 
     #[test]
     fn reconcile_drops_lost_partitions_and_names_the_ones_to_restore() {

@@ -25,8 +25,14 @@ pub use consumer::{
     commit_stored, consumer, consumer_with, current_assignment, next_batch, or_shutdown,
     reconcile, OffsetCommits, ServiceConsumer, ServiceConsumerContext,
 };
-pub use dead_letters::{dlq_headers, DeadLetters};
-pub use delivery::{await_deliveries, enqueue};
+pub use dead_letters::{
+    build_letter, dlq_headers, output_reason, output_reasons, sha256_hex, DeadLetters,
+    LetterBounds, Original,
+};
+pub use delivery::{
+    await_deliveries, classify, deliver, enqueue, settle, try_enqueue, BrokerWait, Failure,
+    Interrupted, Output, ProduceError, Refusal,
+};
 pub use handover::Handover;
 pub use offsets::OffsetBook;
 pub use topics::{check_copartitioned, ensure_topics, Topic};
