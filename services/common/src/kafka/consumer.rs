@@ -357,7 +357,10 @@ fn consumer_config(
         .set("statistics.interval.ms", "5000")
         // No record the broker takes may stop a partition (see FETCH_MAX_BYTES).
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
-        .set("max.partition.fetch.bytes", PARTITION_FETCH_BYTES.to_string());
+        .set(
+            "max.partition.fetch.bytes",
+            PARTITION_FETCH_BYTES.to_string(),
+        );
     let base = client_config(&settings.kafka, &settings.kafka.consumer_properties);
     for (k, v) in base.config_map() {
         cfg.set(k, v);

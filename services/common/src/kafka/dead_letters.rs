@@ -16,7 +16,7 @@
 //!   (`safeclock.dlq.headers.dropped`). Otherwise a record too large to copy would make its own
 //!   dead letter fail, and the partition would stop at it.
 
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sha2::{Digest, Sha256};
 
@@ -66,12 +66,10 @@ pub mod output_reasons {
 
 /// The reason code for an output refused with `error`.
 pub fn output_reason(error: &ProduceError) -> &'static str {
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
-    match error.source {
-        KafkaError::MessageProduction(
-            C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize,
-        ) => output_reasons::TOO_LARGE,
-        _ => output_reasons::REFUSED,
+    if error.is_too_large() {
+        output_reasons::TOO_LARGE
+    } else {
+        output_reasons::REFUSED
     }
 }
 
@@ -186,10 +184,7 @@ pub fn build_letter(
             continue;
         }
         kept_bytes += size;
-        headers = headers.insert(Header {
-            key: *key,
-            value: *value,
-        });
+        headers = headers.insert(Header { key, value: *value });
     }
     let mut extra: Vec<(&str, String)> = Vec::new();
     let payload = original.payload.map(|p| {
@@ -223,13 +218,13 @@ pub fn build_letter(
             value
         };
         headers = headers.insert(Header {
-            key: *name,
+            key: name,
             value: Some(value),
         });
     }
     for (name, value) in &extra {
         headers = headers.insert(Header {
-            key: *name,
+            key: name,
             value: Some(value.as_str()),
         });
     }
@@ -272,12 +267,12 @@ impl DeadLetters {
     /// message `error`: the original key, value and headers (bounded, `safeclock.dlq.*` stripped)
     /// plus the reason, the service and where it was read. Counts it (invalid records by reason,
     /// dead letters) and logs it; the caller writes it.
-    pub fn letter_for(&self, message: &BorrowedMessage<'_>, reason: &str, error: &str) -> Output {
+    pub fn letter_for(&self, message: &impl Message, reason: &str, error: &str) -> Output {
         self.input_letter(message, reason, error, &[])
     }
 
     /// [`DeadLetters::letter_for`] a record refused as invalid.
-    pub fn letter(&self, message: &BorrowedMessage<'_>, rejection: &Rejection) -> Output {
+    pub fn letter(&self, message: &impl Message, rejection: &Rejection) -> Output {
         self.letter_for(message, rejection.reason(), &rejection.to_string())
     }
 
@@ -285,7 +280,7 @@ impl DeadLetters {
     /// (`error`, for an output to `error.topic`): reason `output_too_large` or `output_refused`.
     pub fn letter_for_refused_output(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         error: &ProduceError,
         detail: &str,
     ) -> Output {
@@ -308,7 +303,7 @@ impl DeadLetters {
 
     fn input_letter(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         reason: &str,
         error: &str,
         more: &[(&str, &str)],
@@ -387,7 +382,7 @@ impl DeadLetters {
     /// When the record cannot be enqueued (a [`ProduceError`] inside).
     pub async fn send(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         rejection: &Rejection,
     ) -> anyhow::Result<DeliveryFuture> {
         let letter = self.letter(message, rejection);
@@ -457,8 +452,7 @@ impl DeadLetters {
     /// below even a bounded letter): write the letter again without value, key or original
     /// headers, which is as small as a letter gets. Returns `None` when `letter` is that already.
     pub fn stripped_down(&self, letter: &Output, error: &ProduceError) -> Option<Output> {
-        if error.failure != Failure::Refused || letter.payload.is_none() && letter.key.is_none()
-        {
+        if error.failure != Failure::Refused || letter.payload.is_none() && letter.key.is_none() {
             return None;
         }
         let mut ours: Vec<(String, String)> = Vec::new();
@@ -473,19 +467,13 @@ impl DeadLetters {
             }
         }
         if let Some(p) = &letter.payload {
-            if !ours
-                .iter()
-                .any(|(k, _)| k == dlq_headers::PAYLOAD_LENGTH)
-            {
+            if !ours.iter().any(|(k, _)| k == dlq_headers::PAYLOAD_LENGTH) {
                 ours.push((dlq_headers::PAYLOAD_TRUNCATED.into(), "true".into()));
                 ours.push((dlq_headers::PAYLOAD_LENGTH.into(), p.len().to_string()));
                 ours.push((dlq_headers::PAYLOAD_SHA256.into(), sha256_hex(p)));
             }
         }
-        let ours: Vec<(&str, &str)> = ours
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Some(build_letter(
             LetterBounds {
                 max_payload_bytes: 0,
@@ -545,7 +533,10 @@ mod tests {
             headers: vec![
                 ("traceparent", Some(b"00-abc".as_slice())),
                 (dlq_headers::REASON, Some(b"unknown_force".as_slice())),
-                (dlq_headers::SOURCE_TOPIC, Some(b"safeclock.clock-state.v1".as_slice())),
+                (
+                    dlq_headers::SOURCE_TOPIC,
+                    Some(b"safeclock.clock-state.v1".as_slice()),
+                ),
                 ("SafeClock.DLQ.Error", Some(b"forged".as_slice())),
                 ("safeclock.intake.client", Some(b"rms".as_slice())),
             ],
@@ -651,6 +642,9 @@ mod tests {
             &[(dlq_headers::ERROR, &long)],
         );
         let h = headers(&letter);
-        assert_eq!(get(&h, dlq_headers::ERROR)[0].chars().count(), MAX_ERROR_CHARS);
+        assert_eq!(
+            get(&h, dlq_headers::ERROR)[0].chars().count(),
+            MAX_ERROR_CHARS
+        );
     }
 }

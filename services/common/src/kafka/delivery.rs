@@ -65,9 +65,7 @@ pub fn classify(error: &KafkaError) -> Failure {
             | C::InvalidMessageSize
             | C::InvalidRecord
             | C::UnsupportedForMessageFormat => Failure::Refused,
-            C::Fatal | C::Fenced | C::InvalidProducerEpoch | C::ProducerFenced => {
-                Failure::Fatal
-            }
+            C::Fatal | C::Fenced | C::InvalidProducerEpoch | C::ProducerFenced => Failure::Fatal,
             // Everything else (transport failures, timeouts, leaders, replicas, a record that
             // failed only because another one in its batch was invalid, codes not known here).
             _ => Failure::Unavailable,
@@ -97,6 +95,27 @@ fn describe(failure: Failure) -> &'static str {
 }
 
 impl ProduceError {
+    /// The error librdkafka gives a record over `message.max.bytes`, for a service that checks
+    /// sizes before producing (so that nothing of a set is written when one record cannot be).
+    pub fn too_large(topic: impl Into<String>) -> Self {
+        Self::new(
+            topic,
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+        )
+    }
+
+    /// Whether the broker refuses the record because of its size.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self.source,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::MessageBatchTooLarge
+                    | RDKafkaErrorCode::InvalidMessageSize
+            )
+        )
+    }
+
     fn new(topic: impl Into<String>, source: KafkaError) -> Self {
         Self {
             topic: topic.into(),
@@ -178,7 +197,11 @@ pub struct Output {
 
 impl Output {
     /// A record for `topic` under `key`.
-    pub fn new(topic: impl Into<String>, key: impl Into<Vec<u8>>, payload: Option<Vec<u8>>) -> Self {
+    pub fn new(
+        topic: impl Into<String>,
+        key: impl Into<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+    ) -> Self {
         Self {
             topic: topic.into(),
             partition: None,
@@ -285,6 +308,79 @@ impl BrokerWait {
     }
 }
 
+impl BrokerWait {
+    /// After failed attempt `attempt` (1-based), for `error`: not ready, counted, logged, then a
+    /// pause of [`BrokerWait::backoff`].
+    ///
+    /// # Errors
+    /// [`Interrupted::Shutdown`] when the service is told to stop meanwhile.
+    pub async fn pause(
+        &self,
+        attempt: u32,
+        records: usize,
+        error: &(dyn std::fmt::Display + Send + Sync),
+    ) -> Result<(), Interrupted> {
+        self.ready.set(false);
+        self.waits.inc();
+        let pause = Self::backoff(attempt);
+        tracing::warn!(
+            service = self.service,
+            attempt,
+            records,
+            pause_secs = pause.as_secs_f64(),
+            error.message = %error,
+            "the broker is unavailable: nothing is skipped or committed; writing every record again after a pause"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(pause) => Ok(()),
+            () = self.shutdown.cancelled() => Err(Interrupted::Shutdown),
+        }
+    }
+
+    /// The writes succeeded (after `attempts` attempts): ready again.
+    pub fn recovered(&self, attempts: u32) {
+        if attempts > 1 {
+            tracing::info!(
+                service = self.service,
+                attempts,
+                "the broker takes records again"
+            );
+        }
+        self.ready.set(true);
+    }
+}
+
+/// Writes every output once, in order, and waits for the broker's answer to each. Returns the
+/// outputs the broker refuses for good; every other output is acknowledged.
+///
+/// # Errors
+/// The first failure that is not a refusal (the broker unavailable, or the producer unusable):
+/// then nothing is known to be written.
+pub async fn deliver_once(
+    producer: &FutureProducer,
+    outputs: &[Output],
+) -> Result<Vec<Refusal>, ProduceError> {
+    let mut refused = Vec::new();
+    let mut failed: Option<ProduceError> = None;
+    for (index, result) in write_all(producer, outputs).await.into_iter().enumerate() {
+        let Err(error) = result else { continue };
+        match error.failure {
+            Failure::Refused => refused.push(Refusal { index, error }),
+            // A fatal failure outranks an unavailable broker.
+            Failure::Fatal => failed = Some(error),
+            Failure::Unavailable => {
+                if failed.is_none() {
+                    failed = Some(error);
+                }
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(refused),
+    }
+}
+
 /// Writes every output in order and waits for the broker's answer to each. Returns the outputs
 /// the broker refuses for good (the caller dead-letters what caused them); every other output is
 /// acknowledged when this returns.
@@ -304,53 +400,21 @@ pub async fn deliver(
 ) -> Result<Vec<Refusal>, Interrupted> {
     let mut attempt = 0u32;
     loop {
+        attempt += 1;
         let outcome = tokio::select! {
-            outcome = write_all(producer, outputs) => outcome,
+            outcome = deliver_once(producer, outputs) => outcome,
             () = async {
                 wait.shutdown.cancelled().await;
                 tokio::time::sleep(STOP_GRACE).await;
             } => return Err(Interrupted::Shutdown),
         };
-        let mut refused = Vec::new();
-        let mut unavailable = None;
-        for (index, result) in outcome.into_iter().enumerate() {
-            match result {
-                Ok(()) => {}
-                Err(error) => match error.failure {
-                    Failure::Refused => refused.push(Refusal { index, error }),
-                    Failure::Unavailable => {
-                        unavailable.get_or_insert(error);
-                    }
-                    Failure::Fatal => return Err(Interrupted::Fatal(error)),
-                },
+        match outcome {
+            Ok(refused) => {
+                wait.recovered(attempt);
+                return Ok(refused);
             }
-        }
-        let Some(error) = unavailable else {
-            if attempt > 0 {
-                tracing::info!(
-                    service = wait.service,
-                    attempts = attempt + 1,
-                    "the broker takes records again"
-                );
-            }
-            wait.ready.set(true);
-            return Ok(refused);
-        };
-        attempt += 1;
-        wait.ready.set(false);
-        wait.waits.inc();
-        let pause = BrokerWait::backoff(attempt);
-        tracing::warn!(
-            service = wait.service,
-            attempt,
-            records = outputs.len(),
-            pause_secs = pause.as_secs_f64(),
-            error.message = %error,
-            "the broker is unavailable: nothing is skipped or committed; writing every record again after a pause"
-        );
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = wait.shutdown.cancelled() => return Err(Interrupted::Shutdown),
+            Err(e) if e.failure == Failure::Fatal => return Err(Interrupted::Fatal(e)),
+            Err(e) => wait.pause(attempt, outputs.len(), &e).await?,
         }
     }
 }
@@ -421,7 +485,9 @@ mod tests {
             );
         }
         assert_eq!(
-            classify(&KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure)),
+            classify(&KafkaError::MetadataFetch(
+                RDKafkaErrorCode::BrokerTransportFailure
+            )),
             Failure::Unavailable
         );
     }

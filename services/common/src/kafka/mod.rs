@@ -22,16 +22,16 @@ mod topics;
 pub use client::{client_config, producer, producer_with};
 pub use compacted::{read_compacted_partition, LatestByKey};
 pub use consumer::{
-    commit_stored, consumer, consumer_with, current_assignment, next_batch, or_shutdown,
-    reconcile, OffsetCommits, ServiceConsumer, ServiceConsumerContext,
+    commit_stored, consumer, consumer_with, current_assignment, next_batch, or_shutdown, reconcile,
+    OffsetCommits, ServiceConsumer, ServiceConsumerContext,
 };
 pub use dead_letters::{
     build_letter, dlq_headers, output_reason, output_reasons, sha256_hex, DeadLetters,
     LetterBounds, Original,
 };
 pub use delivery::{
-    await_deliveries, classify, deliver, enqueue, settle, try_enqueue, BrokerWait, Failure,
-    Interrupted, Output, ProduceError, Refusal,
+    await_deliveries, classify, deliver, deliver_once, enqueue, settle, try_enqueue, BrokerWait,
+    Failure, Interrupted, Output, ProduceError, Refusal,
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
