@@ -20,7 +20,9 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sha2::{Digest, Sha256};
 
-use super::delivery::{try_enqueue, Failure, Output, ProduceError};
+use super::delivery::{
+    deliver, try_enqueue, BrokerWait, Failure, Interrupted, Output, ProduceError,
+};
 use super::topics::Topic;
 use crate::config::{DeadLetterSettings, Settings};
 use crate::event::Rejection;
@@ -484,6 +486,56 @@ impl DeadLetters {
             &Original::default(),
             &ours,
         ))
+    }
+
+    /// Writes `outputs` in order ([`deliver`]: an unavailable broker is waited out), and for each
+    /// one the broker refuses for good writes its dead letter instead ([`DeadLetters::
+    /// letter_for_output`]; a dead letter refused is written again stripped down, and given up
+    /// with an error in the log if even that is refused). Returns the indices of the refused
+    /// outputs.
+    ///
+    /// # Errors
+    /// As [`deliver`].
+    pub async fn write_or_dead_letter(
+        &self,
+        outputs: &[Output],
+        wait: &BrokerWait,
+    ) -> Result<Vec<usize>, Interrupted> {
+        let refusals = deliver(&self.producer, outputs, wait).await?;
+        let refused: Vec<usize> = refusals.iter().map(|r| r.index).collect();
+        let mut letters: Vec<Output> = refusals
+            .iter()
+            .filter_map(|r| {
+                let o = &outputs[r.index];
+                if o.topic == self.topic {
+                    self.bare_or_give_up(o, &r.error)
+                } else {
+                    Some(self.letter_for_output(o, &r.error))
+                }
+            })
+            .collect();
+        while !letters.is_empty() {
+            let refusals = deliver(&self.producer, &letters, wait).await?;
+            letters = refusals
+                .iter()
+                .filter_map(|r| self.bare_or_give_up(&letters[r.index], &r.error))
+                .collect();
+        }
+        Ok(refused)
+    }
+
+    /// [`DeadLetters::stripped_down`], or `None` with an error in the log when `letter` is bare
+    /// already.
+    fn bare_or_give_up(&self, letter: &Output, error: &ProduceError) -> Option<Output> {
+        let bare = self.stripped_down(letter, error);
+        if bare.is_none() {
+            tracing::error!(
+                service = self.service,
+                error.message = %error,
+                "the broker refuses even a bare dead letter (no value, key or original headers): given up; raise the dead-letter topic's max.message.bytes"
+            );
+        }
+        bare
     }
 
     /// The dead-letter topic.

@@ -260,6 +260,15 @@ pub enum Interrupted {
     Fatal(ProduceError),
 }
 
+/// Whether `error` is [`Interrupted::Shutdown`]: the service was told to stop while the broker
+/// was away, which is a stop, not a failure.
+pub fn is_shutdown(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<Interrupted>(),
+        Some(Interrupted::Shutdown)
+    )
+}
+
 /// How a service waits out a broker that is away: not ready meanwhile, backing off, counting the
 /// waits, and giving up only when the service is told to stop.
 #[derive(Debug, Clone)]

@@ -35,6 +35,12 @@ impl OffsetBook {
         }
     }
 
+    /// Drops what was noted for `topic`/`partition` (its effects could not be made durable, so
+    /// its offset must not be stored).
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        self.next.remove(&(topic.to_string(), partition));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.next.is_empty()
     }
