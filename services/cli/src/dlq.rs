@@ -264,8 +264,15 @@ pub fn read(settings: &Settings, filter: &Filter) -> anyhow::Result<Vec<DeadLett
     Ok(out)
 }
 
-/// Prints the selected dead letters, every text escaped ([`escape`]).
+/// Prints the selected dead letters ([`render`]).
 pub fn print(letters: &[DeadLetter], show_payload: bool, json: bool) {
+    print!("{}", render(letters, show_payload, json));
+}
+
+/// The listing of the selected dead letters, every text escaped ([`escape`]).
+pub fn render(letters: &[DeadLetter], show_payload: bool, json: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let payload = |d: &DeadLetter| {
         escape(&String::from_utf8_lossy(
             d.message.payload().unwrap_or_default(),
@@ -291,16 +298,18 @@ pub fn print(letters: &[DeadLetter], show_payload: bool, json: bool) {
             if show_payload {
                 v["payload"] = payload(d).into();
             }
-            println!("{v}");
+            let _ = writeln!(out, "{v}");
         }
-        return;
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:<20} {:<10} {:<50} {:<24} error",
         "dlq", "reason", "service", "source", "key"
     );
     for d in letters {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<10} {:<20} {:<10} {:<50} {:<24} {}",
             format!("{}@{}", d.partition, d.offset),
             escape(&d.reason),
@@ -310,17 +319,19 @@ pub fn print(letters: &[DeadLetter], show_payload: bool, json: bool) {
             escape(&d.error)
         );
         if let Some((length, sha256)) = &d.payload_truncated {
-            println!(
+            let _ = writeln!(
+                out,
                 "           value cut to a prefix: {} bytes, sha256 {}",
                 escape(length),
                 escape(sha256)
             );
         }
         if show_payload {
-            println!("           payload: {}", payload(d));
+            let _ = writeln!(out, "           payload: {}", payload(d));
         }
     }
-    println!("{} dead letter(s)", letters.len());
+    let _ = writeln!(out, "{} dead letter(s)", letters.len());
+    out
 }
 
 /// Why `letter` cannot be replayed to `input` (the `referral-events` topic), if it cannot.
