@@ -267,7 +267,12 @@ impl Core {
         );
         let flow = if !plan.tick.is_empty() || self.engines.values().any(Engine::has_dirty) {
             self.writer
-                .make_durable(&mut plan, &mut self.engines, &[], None)
+                .make_durable(
+                    &mut plan,
+                    &mut self.engines,
+                    &[] as &[BorrowedMessage<'_>],
+                    None,
+                )
                 .await?
         } else {
             Flow::Continue
@@ -456,7 +461,7 @@ impl Writer {
         &mut self,
         plan: &mut Plan,
         engines: &mut BTreeMap<i32, Engine>,
-        batch: &[BorrowedMessage<'_>],
+        batch: &[impl Message],
         offsets: Option<(&OffsetBook, &ServiceConsumer)>,
     ) -> anyhow::Result<Flow> {
         let mut attempt = 0u32;
@@ -538,7 +543,7 @@ impl Writer {
         &self,
         plan: &mut Plan,
         engines: &mut BTreeMap<i32, Engine>,
-        batch: &[BorrowedMessage<'_>],
+        batch: &[impl Message],
     ) -> Vec<(Output, ReferralKey)> {
         let changelog = self.topics.changelog.clone();
         let limit = self.limit(&changelog);
@@ -591,7 +596,7 @@ impl Writer {
         &mut self,
         plan: &mut Plan,
         engines: &mut BTreeMap<i32, Engine>,
-        batch: &[BorrowedMessage<'_>],
+        batch: &[impl Message],
         output: &Output,
         cause: Cause,
         error: ProduceError,
@@ -639,7 +644,7 @@ impl Writer {
         &mut self,
         plan: &mut Plan,
         engines: &mut BTreeMap<i32, Engine>,
-        batch: &[BorrowedMessage<'_>],
+        batch: &[impl Message],
         output: &Output,
         key: &ReferralKey,
         error: &ProduceError,
@@ -840,3 +845,106 @@ fn update_census(
 
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::OwnedMessage;
+    use safeclock_common::config::Settings;
+    use safeclock_common::kafka::dlq_headers;
+
+    fn writer(limit: usize) -> (Writer, Engine) {
+        let settings = Settings::defaults().unwrap();
+        let policy = Policy::load(&settings).unwrap();
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        let registry = prometheus::Registry::new();
+        let consumer_metrics = ConsumerMetrics::register(&registry).unwrap();
+        let readiness = safeclock_common::ops::Readiness::default();
+        let writer = Writer {
+            producer: producer.clone(),
+            topics: OutputTopics {
+                sla: "sla".into(),
+                outcomes: "outcomes".into(),
+                changelog: "clock-state".into(),
+                policy: policy.clone(),
+            },
+            dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+            wait: BrokerWait::new(
+                SERVICE,
+                readiness.component("clock-outputs"),
+                CancellationToken::new(),
+                consumer_metrics.broker_waits.with_label_values(&[SERVICE]),
+            ),
+            transactional: false,
+            metrics: ClockMetrics::register(&registry).unwrap(),
+            limit,
+            learned: HashMap::new(),
+        };
+        (writer, Engine::new(policy.rules, policy.calendars))
+    }
+
+    fn event(id: &str, kind: &str) -> safeclock_common::schema::v1::ReferralEvent {
+        safeclock_common::event::decode_referral_event(
+            format!(
+                r#"{{"eventId":"{id}","referralId":"R-1","forceId":"nottinghamshire","occurredAt":"2025-03-03T09:00:00Z",{kind}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_state_over_the_limit_with_no_record_to_refuse_is_dead_lettered_not_written() {
+        let (mut writer, mut engine) = writer(20_000);
+        let now: jiff::Timestamp = "2025-03-03T09:00:00Z".parse().unwrap();
+        for i in 0..3 {
+            let device = format!("DEV-{i}-{}", "x".repeat(10_000));
+            engine.on_event(
+                &event(
+                    &format!("e-{i}"),
+                    &format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#),
+                ),
+                now,
+            );
+        }
+        let mut engines = BTreeMap::from([(0, engine)]);
+        // A tick's plan: the referral changed, with no record of this plan behind it.
+        let mut plan = Plan::of_tick(Vec::new());
+        for r in engines.get_mut(&0).unwrap().take_dirty() {
+            plan.changed.insert((0, r));
+        }
+        let states = writer.fit_states(&mut plan, &mut engines, &[] as &[OwnedMessage]);
+        assert!(states.is_empty(), "not written");
+        assert!(plan.unwritable.contains(&(0, "R-1".to_string())));
+        let letter = plan.letters[0].as_ref().unwrap();
+        let header = |name: &str| {
+            letter.headers.as_ref().and_then(|h| {
+                rdkafka::message::Headers::iter(h)
+                    .find(|h| h.key == name)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+            })
+        };
+        assert_eq!(
+            header(dlq_headers::REASON).as_deref(),
+            Some("output_too_large")
+        );
+        assert_eq!(
+            header(dlq_headers::OUTPUT_TOPIC).as_deref(),
+            Some("clock-state")
+        );
+        assert_eq!(
+            header(dlq_headers::SOURCE_TOPIC),
+            None,
+            "no source: not replayable"
+        );
+        // The state itself stays in memory: its clocks keep running here.
+        assert_eq!(engines[&0].stats().open_clocks, 3);
+        // A lower limit learned from the broker applies from then on.
+        writer.learn("clock-state", 15_000);
+        assert_eq!(writer.limit("clock-state"), 14_999);
+        assert_eq!(writer.limit("sla"), 20_000);
+    }
+}
