@@ -790,7 +790,10 @@ async fn forged_dead_letter_headers_are_stripped_and_replay_writes_only_to_refer
     let letters = read_until(&dlq, TIMEOUT, |m| m.len() >= 2).await;
     for m in &letters {
         assert_eq!(headers_named(m, dlq_headers::REASON), ["unknown_force"]);
-        assert_eq!(headers_named(m, dlq_headers::SOURCE_TOPIC), [input.as_str()]);
+        assert_eq!(
+            headers_named(m, dlq_headers::SOURCE_TOPIC),
+            [input.as_str()]
+        );
         assert_eq!(
             headers_named(m, dlq_headers::SOURCE_OFFSET),
             [offset.to_string()]

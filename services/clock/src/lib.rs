@@ -30,7 +30,7 @@
 //! - An invalid record is dead-lettered with its reason (bounded: a value over
 //!   `dead_letters.max_payload_bytes` keeps its length, SHA-256 and a prefix).
 //! - A valid record whose effects the broker would refuse for good is **refused after all**
-//!   ([`batch`]): dead-lettered with reason `output_too_large` (or `output_refused`), its
+//!   (`batch.rs`): dead-lettered with reason `output_too_large` (or `output_refused`), its
 //!   referral put back to its state before the batch and the batch's other records of that
 //!   referral applied again without it. Sizes are checked before anything is produced: an SLA
 //!   event or outcome over the producer's `message.max.bytes`, or a referral state over that less
@@ -464,9 +464,10 @@ impl Writer {
         batch: &[impl Message],
         offsets: Option<(&OffsetBook, &ServiceConsumer)>,
     ) -> anyhow::Result<Flow> {
-        let mut attempt = 0u32;
+        // Pauses for a broker that was away (in a transaction; outside one, `deliver` waits
+        // by itself): the next pause is longer.
+        let mut pauses = 0u32;
         loop {
-            attempt += 1;
             for (p, engine) in engines.iter_mut() {
                 for referral in engine.take_dirty() {
                     plan.changed.insert((*p, referral));
@@ -486,9 +487,12 @@ impl Writer {
             }
             self.begin()?;
             let records: Vec<Output> = outputs.iter().map(|(o, _)| o.clone()).collect();
-            let refusals = match self.write(&records, attempt).await {
+            let refusals = match self.write(&records, pauses + 1).await {
                 Written::Done(refusals) => refusals,
-                Written::Retry => continue,
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
                 Written::Stop => return Ok(Flow::Stop),
                 Written::Fatal(e) => return Err(e),
             };
@@ -502,9 +506,12 @@ impl Writer {
             }
             // Outputs first: state must never claim effects the broker does not hold.
             let state_records: Vec<Output> = states.iter().map(|(o, _)| o.clone()).collect();
-            let refusals = match self.write(&state_records, attempt).await {
+            let refusals = match self.write(&state_records, pauses + 1).await {
                 Written::Done(refusals) => refusals,
-                Written::Retry => continue,
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
                 Written::Stop => return Ok(Flow::Stop),
                 Written::Fatal(e) => return Err(e),
             };
@@ -516,13 +523,18 @@ impl Writer {
                 }
                 continue;
             }
-            match self.commit(offsets, attempt).await {
+            match self.commit(offsets, pauses + 1).await {
                 Written::Done(_) => {}
-                Written::Retry => continue,
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
                 Written::Stop => return Ok(Flow::Stop),
                 Written::Fatal(e) => return Err(e),
             }
-            self.wait.recovered(attempt);
+            if self.transactional {
+                self.wait.recovered(pauses + 1);
+            }
             for e in plan.events() {
                 self.metrics
                     .emitted

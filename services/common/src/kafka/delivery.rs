@@ -394,7 +394,7 @@ pub async fn deliver_once(
 /// the broker refuses for good (the caller dead-letters what caused them); every other output is
 /// acknowledged when this returns.
 ///
-/// When the broker is unavailable for any of them, waits (backing off up to [`MAX_BACKOFF`], the
+/// When the broker is unavailable for any of them, waits (backing off up to 30 s, the
 /// service not ready meanwhile) and then writes **all** of them again, in order: a record
 /// acknowledged before the failure may be written twice, under the same deterministic id (the
 /// readers de-duplicate), but a later record never overtakes an earlier one that failed.

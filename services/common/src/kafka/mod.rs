@@ -8,7 +8,18 @@
 //! A crash therefore re-delivers records whose effects may already exist; every output carries a
 //! deterministic id so consumers de-duplicate. Nothing is ever acknowledged and then dropped.
 //!
-//! Invalid input never stops a partition: it goes to the dead-letter topic with the original key,
+//! No record stops a partition. Invalid input goes to the dead-letter topic with the original
+//! key, value and headers (bounded, so that a record of any size the broker takes has a dead
+//! letter that fits; incoming `safeclock.dlq.*` headers stripped, `dead_letters.rs`) plus headers
+//! saying why, and processing continues with the next record. A write the broker refuses for good
+//! (too large, invalid) is dead-lettered in place of what caused it; a broker that is away is
+//! waited out, nothing stored meanwhile (`delivery.rs`).
+//!
+//! The module is split along its seams: `topics.rs` (names, creation, co-partitioning),
+//! `client.rs` (client configuration and producers), `consumer.rs` (the service consumer, its
+//! context and readiness, batches, the assignment), `handover.rs` (revoked partitions held until
+//! handed over), `delivery.rs` (enqueue, await, classify failures, wait out a broker),
+//! `dead_letters.rs`, `offsets.rs`, and `compacted.rs` (reading a compacted partition for restores).
 
 mod client;
 mod compacted;
