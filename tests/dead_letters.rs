@@ -3,6 +3,12 @@
 //! the invalid-records counter goes up by reason, and the good records around it are processed;
 //! likewise each kind of bad SLA event fed to the escalator.
 //! Then `safeclock dlq` lists those dead letters and replays selected ones to the source topic.
+//!
+//! No poison pill: a record over a megabyte is dead-lettered with its length, hash and a prefix
+//! and its partition moves on; a record whose effects are too large to write is dead-lettered
+//! and the clock keeps running (across a restart too); forged dead-letter headers are stripped
+//! and `dlq replay` writes only to `referral-events`; a broker stopped for a while stops no
+//! service.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -17,7 +23,10 @@ use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::{dlq_headers, Topic};
 use safeclock_common::shutdown::CancellationToken;
 use safeclock_tests::scenario::received;
-use safeclock_tests::{header, isolated_settings, produce, read_until, reader, real_broker};
+use safeclock_tests::{
+    counter, header, headers_named, isolated_settings, produce, produce_raw, read_until, reader,
+    real_broker,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -399,4 +408,653 @@ async fn each_kind_of_bad_sla_record_is_dead_lettered_by_the_escalator_and_good_
 
     shutdown.cancel();
     running.wait().await.unwrap();
+}
+
+/// The referrals `messages` (SLA events) are about.
+fn sla_referrals(
+    messages: &[rdkafka::message::OwnedMessage],
+) -> std::collections::BTreeSet<String> {
+    messages
+        .iter()
+        .filter_map(|r| decode_sla_event(r.payload().unwrap_or_default()).ok())
+        .map(|e| e.referral_id)
+        .collect()
+}
+
+/// Starts `services` in this process on `settings`, one `Running` each.
+async fn start(
+    settings: &Arc<safeclock_common::config::Settings>,
+    services: &[Service],
+    shutdown: &CancellationToken,
+) -> Vec<app::Running> {
+    let mut running = Vec::new();
+    for service in services {
+        running.push(
+            app::start(
+                settings.clone(),
+                *service,
+                safeclock_tests::test_time(),
+                "127.0.0.1:0".parse().unwrap(),
+                shutdown.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    running
+}
+
+#[tokio::test]
+async fn a_record_over_a_megabyte_is_dead_lettered_with_its_length_hash_and_prefix_and_its_partition_moves_on(
+) {
+    let brokers = real_broker();
+    let settings = Arc::new(isolated_settings(&brokers));
+    let input = settings.topic(Topic::ReferralEvents);
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &[Service::Clock, Service::Exporter], &shutdown).await;
+
+    // One partition, in this order: good, 1,040,000 bytes (between librdkafka's 1,000,000-byte
+    // default and the broker's limit), good.
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let mut big = received("big-1", "R-BIG", "nottinghamshire", now);
+    big.truncate(big.len() - 1);
+    big.extend(format!(r#","pad":"{}"}}"#, "x".repeat(1_040_000 - big.len() - 10)).into_bytes());
+    assert_eq!(big.len(), 1_040_000);
+    let partition = Some(0);
+    let good = |id: &str, referral: &str| received(id, referral, "nottinghamshire", now);
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-BIG",
+        &good("g-1", "R-BIG1"),
+        &[],
+        partition,
+    )
+    .await;
+    let (_, big_offset) = produce_raw(&brokers, &input, b"R-BIG", &big, &[], partition).await;
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-BIG",
+        &good("g-2", "R-BIG2"),
+        &[],
+        partition,
+    )
+    .await;
+
+    // Each consumer dead-letters it: the length, the SHA-256 and a 4 KiB prefix of the value.
+    let dlq = reader(&brokers, &[&settings.topic(Topic::DeadLetter)]);
+    let letters = read_until(&dlq, TIMEOUT, |m| m.len() >= 2).await;
+    let mut services = Vec::new();
+    for m in &letters {
+        services.push(header(m, dlq_headers::SERVICE).unwrap());
+        assert_eq!(header(m, dlq_headers::REASON).as_deref(), Some("oversized"));
+        assert_eq!(
+            header(m, dlq_headers::SOURCE_OFFSET),
+            Some(big_offset.to_string())
+        );
+        assert_eq!(
+            header(m, dlq_headers::PAYLOAD_TRUNCATED).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            header(m, dlq_headers::PAYLOAD_LENGTH).as_deref(),
+            Some("1040000")
+        );
+        assert_eq!(
+            header(m, dlq_headers::PAYLOAD_SHA256),
+            Some(safeclock_common::kafka::sha256_hex(&big))
+        );
+        assert_eq!(m.payload().unwrap(), &big[..4096]);
+        assert_eq!(m.key(), Some(&b"R-BIG"[..]));
+    }
+    services.sort();
+    assert_eq!(services, ["clock", "exporter"]);
+
+    // The record after it was processed by both.
+    let sla = reader(&brokers, &[&settings.topic(Topic::SlaEvents)]);
+    read_until(&sla, TIMEOUT, |m| {
+        let r = sla_referrals(m);
+        r.contains("R-BIG1") && r.contains("R-BIG2")
+    })
+    .await;
+    let exporter = &running[1].registry;
+    safeclock_tests::wait_for("the exporter to count both referrals", TIMEOUT, || {
+        counter(exporter, "safeclock_referrals_received_total", &[]) >= 2.0
+    })
+    .await;
+
+    // `dlq list` shows the cut; `dlq replay` refuses a letter that is not the whole record.
+    let s = (*settings).clone();
+    let listed = tokio::task::spawn_blocking(move || dlq::read(&s, &Filter::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = dlq::render(&listed, false, false);
+    assert!(
+        text.contains("value cut to a prefix: 1040000 bytes"),
+        "{text}"
+    );
+    let err = dlq::replay(&settings, &listed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keeps only part of its record"), "{err}");
+
+    shutdown.cancel();
+    for r in running {
+        r.wait().await.unwrap();
+    }
+}
+
+/// A referral event of `kind` (its JSON fields) for `referral`.
+fn event_of(id: &str, referral: &str, at: Timestamp, kind: &str) -> Vec<u8> {
+    format!(
+        r#"{{"eventId":"{id}","referralId":"{referral}","forceId":"nottinghamshire","occurredAt":"{at}",{kind}}}"#
+    )
+    .into_bytes()
+}
+
+/// The issue's case: devices seized on one referral, each with a 60 KB reference (each event
+/// valid, under the 64 KiB decoder limit), until its state record would be over the producer's
+/// 1,000,000 bytes. Before, the clock exited with `MessageSizeTooLarge` and exited again on every
+/// restart. Now the events that would make the state too large are dead-lettered
+/// (`output_too_large`), the referral keeps its other clocks, the partition moves on, and a
+/// restarted clock neither exits nor refuses them again.
+#[tokio::test]
+async fn an_output_too_large_to_write_is_dead_lettered_and_the_clock_keeps_running() {
+    let brokers = real_broker();
+    let settings = Arc::new(isolated_settings(&brokers));
+    let input = settings.topic(Topic::ReferralEvents);
+    let changelog = settings.topic(Topic::ClockState);
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &[Service::Clock], &shutdown).await;
+
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let at = now - SignedDuration::from_hours(1);
+    let p = Some(0);
+    let received_kind =
+        r#""referralReceived":{"category":"CATEGORY_GROOMING","risk":"RISK_GRADE_HIGH"}"#;
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-DEV",
+        &event_of("d-0", "R-DEV", at, received_kind),
+        &[],
+        p,
+    )
+    .await;
+    const DEVICES: usize = 20;
+    let mut offsets = Vec::new();
+    for i in 0..DEVICES {
+        let device = format!("DEV-{i:02}-{}", "x".repeat(60_000));
+        let kind = format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#);
+        let event = event_of(&format!("d-{}", i + 1), "R-DEV", at, &kind);
+        assert!(event.len() < 64 * 1024);
+        offsets.push(
+            produce_raw(&brokers, &input, b"R-DEV", &event, &[], p)
+                .await
+                .1,
+        );
+    }
+    // After them, on the same partition: the child is contacted (a small event of the same
+    // referral), and another referral arrives.
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-DEV",
+        &event_of("d-99", "R-DEV", at, r#""victimContacted":{}"#),
+        &[],
+        p,
+    )
+    .await;
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-NEXT",
+        &received("n-1", "R-NEXT", "nottinghamshire", at),
+        &[],
+        p,
+    )
+    .await;
+
+    // The later records are processed: victim-contact of R-DEV is met, R-NEXT's clocks start.
+    let sla = reader(&brokers, &[&settings.topic(Topic::SlaEvents)]);
+    let events = read_until(&sla, TIMEOUT, |m| {
+        let decoded: Vec<_> = m
+            .iter()
+            .filter_map(|r| decode_sla_event(r.payload().unwrap_or_default()).ok())
+            .collect();
+        decoded.iter().any(|e| e.referral_id == "R-NEXT")
+            && decoded.iter().any(|e| {
+                e.referral_id == "R-DEV"
+                    && e.rule_id == "victim-contact"
+                    && e.transition() == safeclock_common::schema::v1::SlaTransition::Met
+            })
+    })
+    .await;
+    let started_devices: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(|r| decode_sla_event(r.payload().unwrap_or_default()).ok())
+        .filter(|e| e.rule_id == "device-examination")
+        .map(|e| e.instance[..6].to_string())
+        .collect();
+
+    // The devices that would have made the state too large are dead-lettered, by the clock,
+    // with reason output_too_large, naming the changelog; each is one of the later ones.
+    let dlq = reader(&brokers, &[&settings.topic(Topic::DeadLetter)]);
+    let letters = read_until(&dlq, Duration::from_secs(10), |m| !m.is_empty()).await;
+    let mut refused = Vec::new();
+    for m in &letters {
+        assert_eq!(header(m, dlq_headers::SERVICE).as_deref(), Some("clock"));
+        assert_eq!(
+            header(m, dlq_headers::REASON).as_deref(),
+            Some("output_too_large")
+        );
+        assert_eq!(
+            header(m, dlq_headers::OUTPUT_TOPIC),
+            Some(changelog.clone())
+        );
+        let error = header(m, dlq_headers::ERROR).unwrap();
+        assert!(error.contains("state would be"), "{error}");
+        refused.push(
+            header(m, dlq_headers::SOURCE_OFFSET)
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
+    }
+    // Read on a little: all the letters of the batch are there by now.
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), dlq.recv()).await {
+        let m = m.detach();
+        assert_eq!(
+            header(&m, dlq_headers::REASON).as_deref(),
+            Some("output_too_large")
+        );
+        refused.push(
+            header(&m, dlq_headers::SOURCE_OFFSET)
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    }
+    refused.sort_unstable();
+    refused.dedup();
+    assert!(
+        !refused.is_empty() && refused.len() < DEVICES / 2,
+        "some, not most, devices refused: {refused:?}"
+    );
+    eprintln!(
+        "devices with a clock: {}, dead-lettered: {refused:?}",
+        started_devices.len()
+    );
+    assert!(refused.iter().all(|o| offsets.contains(o)));
+    assert_eq!(
+        started_devices.len() + refused.len(),
+        DEVICES,
+        "every device either has its clock or is dead-lettered: {started_devices:?} {refused:?}"
+    );
+    assert!(running[0].readiness.is_ready());
+    assert_eq!(
+        counter(
+            &running[0].registry,
+            "safeclock_outputs_refused_total",
+            &[("service", "clock"), ("reason", "output_too_large")]
+        ),
+        refused.len() as f64
+    );
+
+    // The referral's state on the changelog fits (the latest record of R-DEV).
+    let state = reader(&brokers, &[&changelog]);
+    let records = read_until(&state, TIMEOUT, |m| {
+        m.iter().any(|r| r.key() == Some(&b"R-DEV"[..]))
+    })
+    .await;
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), state.recv()).await {}
+    let latest = records
+        .iter()
+        .rev()
+        .find(|r| r.key() == Some(&b"R-DEV"[..]))
+        .unwrap();
+    assert!(latest.payload().unwrap().len() < 1_000_000);
+
+    // A restart neither exits nor dead-letters them again: their offsets were committed.
+    shutdown.cancel();
+    for r in running {
+        r.wait().await.expect("the clock never failed");
+    }
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &[Service::Clock], &shutdown).await;
+    let readiness = running[0].readiness.clone();
+    safeclock_tests::wait_for("the restarted clock to be ready", TIMEOUT, || {
+        readiness.is_ready()
+    })
+    .await;
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-AFTER",
+        &received("a-1", "R-AFTER", "nottinghamshire", at),
+        &[],
+        p,
+    )
+    .await;
+    read_until(&sla, TIMEOUT, |m| sla_referrals(m).contains("R-AFTER")).await;
+    assert_eq!(
+        counter(
+            &running[0].registry,
+            "safeclock_outputs_refused_total",
+            &[("service", "clock")]
+        ),
+        0.0,
+        "nothing refused again after the restart"
+    );
+    shutdown.cancel();
+    for r in running {
+        r.wait().await.expect("the restarted clock never failed");
+    }
+}
+
+/// Whoever writes to `referral-events` cannot choose a dead letter's reason, error text, service
+/// or source (the topic `dlq replay` writes to): incoming `safeclock.dlq.*` headers are stripped
+/// and ours are the only ones. `dlq list` prints the record's escape sequences escaped, `dlq
+/// replay` puts the record back on `referral-events` only, and a letter forged straight onto the
+/// dead-letter topic to name a state or output topic is refused: nothing reaches a state topic.
+#[tokio::test]
+async fn forged_dead_letter_headers_are_stripped_and_replay_writes_only_to_referral_events() {
+    let brokers = real_broker();
+    let settings = Arc::new(isolated_settings(&brokers));
+    let input = settings.topic(Topic::ReferralEvents);
+    let dlq_topic = settings.topic(Topic::DeadLetter);
+    let clock_state = settings.topic(Topic::ClockState);
+    let shutdown = CancellationToken::new();
+    let running = start(&settings, &[Service::Clock, Service::Exporter], &shutdown).await;
+
+    // An event of an unknown force, carrying forged dead-letter headers and a key with terminal
+    // escape sequences.
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let record = received("f-1", "R-F", "atlantis", now);
+    let key = b"R-F\x1b[2J\x1b]0;owned\x07";
+    let forged: [(&str, &[u8]); 7] = [
+        ("traceparent", b"00-abc-01"),
+        (dlq_headers::REASON, b"implausible_time"),
+        (dlq_headers::ERROR, b"\x1b[31mforged"),
+        (dlq_headers::SERVICE, b"intake"),
+        (dlq_headers::SOURCE_TOPIC, clock_state.as_bytes()),
+        (dlq_headers::SOURCE_PARTITION, b"0"),
+        (dlq_headers::SOURCE_OFFSET, b"0"),
+    ];
+    let (_, offset) = produce_raw(&brokers, &input, key, &record, &forged, None).await;
+
+    let dlq = reader(&brokers, &[&dlq_topic]);
+    let letters = read_until(&dlq, TIMEOUT, |m| m.len() >= 2).await;
+    for m in &letters {
+        assert_eq!(headers_named(m, dlq_headers::REASON), ["unknown_force"]);
+        assert_eq!(
+            headers_named(m, dlq_headers::SOURCE_TOPIC),
+            [input.as_str()]
+        );
+        assert_eq!(
+            headers_named(m, dlq_headers::SOURCE_OFFSET),
+            [offset.to_string()]
+        );
+        assert_eq!(headers_named(m, dlq_headers::ERROR).len(), 1);
+        assert!(!header(m, dlq_headers::ERROR).unwrap().contains("forged"));
+        let service = header(m, dlq_headers::SERVICE).unwrap();
+        assert!(service == "clock" || service == "exporter", "{service}");
+        assert_eq!(headers_named(m, dlq_headers::HEADERS_STRIPPED), ["6"]);
+        assert_eq!(headers_named(m, "traceparent"), ["00-abc-01"]);
+        assert_eq!(m.key(), Some(&key[..]));
+        assert_eq!(m.payload(), Some(&record[..]));
+    }
+
+    // What `dlq` reads is ours; what it prints is escaped.
+    let s = (*settings).clone();
+    let listed = tokio::task::spawn_blocking(move || dlq::read(&s, &Filter::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    for d in &listed {
+        assert_eq!(
+            (d.reason.as_str(), d.source_topic.as_str()),
+            ("unknown_force", input.as_str())
+        );
+    }
+    for json in [false, true] {
+        let text = dlq::render(&listed, true, json);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "no control character reaches the terminal: {text:?}"
+        );
+        // (In JSON, the escape's backslash is itself escaped.)
+        let shown = if json {
+            r"R-F\\u{1b}[2J\\u{1b}]0;owned\\u{7}"
+        } else {
+            r"R-F\u{1b}[2J\u{1b}]0;owned\u{7}"
+        };
+        assert!(text.contains(shown), "{text}");
+    }
+
+    // Replay puts the record back on referral-events, once, without any safeclock.dlq.* header
+    // but the replayed-from one.
+    assert_eq!(dlq::replay(&settings, &listed).await.unwrap(), 1);
+    let back = reader(&brokers, &[&input]);
+    let got = read_until(&back, TIMEOUT, |m| {
+        m.iter().any(|r| header(r, dlq::REPLAYED_FROM).is_some())
+    })
+    .await;
+    let replayed = got
+        .iter()
+        .find(|r| header(r, dlq::REPLAYED_FROM).is_some())
+        .unwrap();
+    assert_eq!(replayed.payload(), Some(&record[..]));
+    assert_eq!(replayed.key(), Some(&key[..]));
+    assert!(headers_named(replayed, dlq_headers::REASON).is_empty());
+    assert!(headers_named(replayed, dlq_headers::SOURCE_TOPIC).is_empty());
+    assert_eq!(headers_named(replayed, "traceparent"), ["00-abc-01"]);
+
+    // Letters forged straight onto the dead-letter topic, naming a state topic and the clock's
+    // output as their source: replay refuses them before producing anything.
+    for (i, target) in [clock_state.clone(), settings.topic(Topic::SlaEvents)]
+        .iter()
+        .enumerate()
+    {
+        let forged_letter: [(&str, &[u8]); 4] = [
+            (dlq_headers::REASON, b"unknown_force"),
+            (dlq_headers::SOURCE_TOPIC, target.as_bytes()),
+            (dlq_headers::SOURCE_PARTITION, b"0"),
+            (dlq_headers::SOURCE_OFFSET, b"7"),
+        ];
+        let payload = format!("forged-{i}");
+        produce_raw(
+            &brokers,
+            &dlq_topic,
+            b"R-F",
+            payload.as_bytes(),
+            &forged_letter,
+            None,
+        )
+        .await;
+        let s = (*settings).clone();
+        let filter = Filter {
+            reason: None,
+            service: None,
+            source_topic: Some(target.clone()),
+        };
+        let selected = tokio::task::spawn_blocking(move || dlq::read(&s, &filter))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(selected.len(), 1);
+        let err = dlq::replay(&settings, &selected)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only letters from"), "{err}");
+        assert!(err.contains(&input), "{err}");
+    }
+
+    // Nothing of it reached a state topic.
+    let states = reader(
+        &brokers,
+        &[
+            &clock_state,
+            &settings.topic(Topic::EscalationState),
+            &settings.topic(Topic::ExporterState),
+            &settings.topic(Topic::SlaEvents),
+        ],
+    );
+    let mut seen = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(3), states.recv()).await {
+        seen.push(m.detach());
+    }
+    for m in &seen {
+        assert_ne!(m.key(), Some(&key[..]), "{}", m.topic());
+        assert!(header(m, dlq::REPLAYED_FROM).is_none(), "{}", m.topic());
+        let payload = m.payload().unwrap_or_default();
+        assert!(!payload.starts_with(b"forged-"), "{}", m.topic());
+    }
+
+    shutdown.cancel();
+    for r in running {
+        r.wait().await.unwrap();
+    }
+}
+
+/// The broker stops answering for a while (SIGSTOP, as the fault suite does; longer than the
+/// producers' `message.timeout.ms`, so writes fail) while a breach falls due: no service exits.
+/// The clock waits the broker out, and once it answers again every breach is published and
+/// escalated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_for_a_while_stops_no_service() {
+    if std::env::var("SAFECLOCK_TEST_TRACE").is_ok() {
+        safeclock_common::telemetry::init(
+            safeclock_common::config::LogFormat::Text,
+            "info,librdkafka=warn",
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("safeclock-stall-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broker = safeclock_tests::TansuProcess::start(&dir, safeclock_tests::free_port());
+    let brokers = broker.brokers();
+    let mut s = isolated_settings(&brokers);
+    s.kafka
+        .producer_properties
+        .insert("message.timeout.ms".into(), "2000".into());
+    // As in the fault suite: tansu's sqlite storage panics on an idempotent producer's retry
+    // after a stall ("more or less than one row" in its idempotence check) and answers nothing
+    // after that; order per partition is kept with one request in flight, and retried records
+    // are de-duplicated downstream by id.
+    s.kafka
+        .producer_properties
+        .insert("enable.idempotence".into(), "false".into());
+    s.kafka
+        .producer_properties
+        .insert("max.in.flight.requests.per.connection".into(), "1".into());
+    // Longer than the stall: tansu does not rebalance a member whose session expired while it
+    // was stopped (see docs/reliability.md, "What the suite adapts to tansu").
+    s.kafka
+        .consumer_properties
+        .insert("session.timeout.ms".into(), "20000".into());
+    let settings = Arc::new(s);
+    let input = settings.topic(Topic::ReferralEvents);
+    let shutdown = CancellationToken::new();
+    let services = [Service::Clock, Service::Escalator, Service::Exporter];
+    let running = start(&settings, &services, &shutdown).await;
+    for r in &running {
+        let readiness = r.readiness.clone();
+        safeclock_tests::wait_for("every service to be ready", TIMEOUT, || {
+            readiness.is_ready()
+        })
+        .await;
+    }
+
+    // Ten referrals whose victim-contact deadline (24 h) falls 8 s from now: after their clocks
+    // have started, and while the broker is stopped.
+    let now = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let deadline = now + SignedDuration::from_secs(8);
+    let at = deadline - SignedDuration::from_hours(24);
+    let referrals: Vec<String> = (0..10).map(|i| format!("R-STALL-{i}")).collect();
+    for r in &referrals {
+        produce(
+            &brokers,
+            &input,
+            r,
+            &received(&format!("{r}-e"), r, "nottinghamshire", at),
+        )
+        .await;
+    }
+    let sla = reader(&brokers, &[&settings.topic(Topic::SlaEvents)]);
+    read_until(&sla, TIMEOUT, |m| {
+        let seen = sla_referrals(m);
+        referrals.iter().all(|r| seen.contains(r))
+    })
+    .await;
+    let log = reader(&brokers, &[&settings.topic(Topic::EscalationLog)]);
+
+    // Stop the broker until 6 s after the deadline: the breaches fall due meanwhile, and their
+    // writes time out (message.timeout.ms is 2 s).
+    let until_deadline = deadline.duration_since(safeclock_tests::now());
+    assert!(
+        until_deadline > SignedDuration::from_secs(1),
+        "the clocks started too late for the breaches to fall in the stall: {until_deadline}"
+    );
+    broker.pause();
+    tokio::time::sleep(until_deadline.unsigned_abs() + Duration::from_secs(6)).await;
+    broker.resume();
+
+    // Every breach is published, and escalated.
+    let breached = |m: &[rdkafka::message::OwnedMessage]| -> std::collections::BTreeSet<String> {
+        m.iter()
+            .filter_map(|r| decode_sla_event(r.payload().unwrap_or_default()).ok())
+            .filter(|e| e.transition() == safeclock_common::schema::v1::SlaTransition::Breached)
+            .map(|e| e.referral_id)
+            .collect()
+    };
+    read_until(&sla, Duration::from_secs(90), |m| {
+        let b = breached(m);
+        referrals.iter().all(|r| b.contains(r))
+    })
+    .await;
+    read_until(&log, Duration::from_secs(90), |m| {
+        let escalated: std::collections::BTreeSet<String> = m
+            .iter()
+            .filter_map(|r| {
+                serde_json::from_slice::<safeclock_common::schema::v1::EscalationRecord>(
+                    r.payload().unwrap_or_default(),
+                )
+                .ok()
+            })
+            .map(|r| r.referral_id)
+            .collect();
+        referrals.iter().all(|r| escalated.contains(r))
+    })
+    .await;
+    // The clock did wait the broker out (its breaches' first writes failed).
+    let waits = counter(
+        &running[0].registry,
+        "safeclock_broker_waits_total",
+        &[("service", "clock")],
+    );
+    assert!(
+        waits >= 1.0,
+        "the clock's writes failed and were written again: {waits}"
+    );
+    for r in &running {
+        let readiness = r.readiness.clone();
+        safeclock_tests::wait_for("every service to be ready again", TIMEOUT, || {
+            readiness.is_ready()
+        })
+        .await;
+    }
+
+    shutdown.cancel();
+    for r in running {
+        r.wait()
+            .await
+            .expect("no service failed while the broker was stopped");
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,10 +62,12 @@ async fn end_to_end_with_kafka_transactions_on_the_mock_cluster() {
     end_to_end(settings, true).await;
 }
 
-/// While the broker refuses to store the clock's outputs, the input offset is not committed; once
-/// it accepts them again, a restarted clock re-processes the record and publishes its output.
+/// While the broker refuses the clock's outputs (retriably: not enough in-sync replicas, for
+/// longer than `message.timeout.ms`), the clock waits it out: it keeps running, reports not
+/// ready, commits no offset and publishes nothing; once the broker takes records again, the same
+/// instance publishes the output and commits the offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offsets_are_not_committed_until_outputs_are_acknowledged() {
+async fn a_broker_refusing_outputs_for_a_while_is_waited_out_without_committing_or_exiting() {
     let mock = MockCluster::new(1).unwrap();
     let mut settings = mock_settings(&mock, 1);
     settings
@@ -76,39 +78,52 @@ async fn offsets_are_not_committed_until_outputs_are_acknowledged() {
     let input = settings.topic(Topic::ReferralEvents);
     let settings = Arc::new(settings);
 
-    // Every produce request fails (retriably) for a while.
-    let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500];
-    mock.request_errors(RDKafkaApiKey::Produce, &errors);
-    let event = br#"{"eventId":"e-1","referralId":"R-1","forceId":"nottinghamshire","occurredAt":"2026-11-29T10:00:00Z","referralReceived":{}}"#;
-    // The test's own record must get in first: produce it before injecting errors is not possible
-    // with a shared broker, so clear, produce, then inject.
-    mock.clear_request_errors(RDKafkaApiKey::Produce);
-    produce(&brokers, &input, "R-1", event).await;
+    // The test's own record gets in first; then every produce request fails (retriably).
+    let at = jiff::Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let event = safeclock_tests::scenario::received("e-1", "R-1", "nottinghamshire", at);
+    produce(&brokers, &input, "R-1", &event).await;
+    let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 100_000];
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
 
-    let (running, _shutdown) = start_clock(&settings).await;
-    let result = tokio::time::timeout(Duration::from_secs(60), running.wait())
-        .await
-        .expect("clock gives up when the broker refuses its outputs");
+    let (running, shutdown) = start_clock(&settings).await;
+    let waits = || -> f64 {
+        running
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "safeclock_broker_waits_total")
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    };
+    // Three rounds of message timeouts (1.5 s each) and pauses: far past message.timeout.ms.
+    safeclock_tests::wait_for(
+        "the clock to wait out the broker three times",
+        Duration::from_secs(60),
+        || waits() >= 3.0,
+    )
+    .await;
     assert!(
-        result.is_err(),
-        "the clock must fail, not skip, when outputs are refused"
+        running
+            .readiness
+            .not_ready()
+            .contains(&"clock-outputs".to_string()),
+        "not ready while its outputs cannot be written: {:?}",
+        running.readiness.not_ready()
     );
     assert_eq!(
         committed_offsets(&brokers, &settings.clock.group_id, &input, 1),
         vec![-1],
         "nothing may be committed for a record whose outputs were not stored"
     );
-
     assert_eq!(
         end_offsets(&brokers, &settings.topic(Topic::SlaEvents), 1),
         vec![-1],
         "no output was stored while the broker refused it"
     );
 
-    // The broker recovers; a new clock instance re-processes the record.
+    // The broker recovers; the same instance (it never stopped) writes the output.
     mock.clear_request_errors(RDKafkaApiKey::Produce);
-    let (running, shutdown) = start_clock(&settings).await;
     let sla = safeclock_tests::reader(&brokers, &[&settings.topic(Topic::SlaEvents)]);
     let got = safeclock_tests::read_until(&sla, Duration::from_secs(60), |m| !m.is_empty()).await;
     assert!(
@@ -122,6 +137,14 @@ async fn offsets_are_not_committed_until_outputs_are_acknowledged() {
         || committed_offsets(&brokers, &settings.clock.group_id, &input, 1) == vec![1],
     )
     .await;
+    let readiness = running.readiness.clone();
+    safeclock_tests::wait_for("ready again", Duration::from_secs(30), || {
+        readiness.is_ready()
+    })
+    .await;
     shutdown.cancel();
-    running.wait().await.unwrap();
+    running
+        .wait()
+        .await
+        .expect("the clock never failed while the broker refused its outputs");
 }

@@ -138,6 +138,75 @@ pub async fn produce_to(
     (delivered.partition, delivered.offset)
 }
 
+/// Produces one record with raw `key` bytes and `headers` (to `partition`, if given) from a
+/// producer whose `message.max.bytes` is raised to 10 MB, so that records up to the broker's own
+/// limit can be sent; waits for the acknowledgement and returns the partition and offset.
+pub async fn produce_raw(
+    brokers: &str,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: &[(&str, &[u8])],
+    partition: Option<i32>,
+) -> (i32, i64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let mut owned = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(owned);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    let delivered = producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    (delivered.partition, delivered.offset)
+}
+
+/// Every value of header `name` (a forged record may carry several).
+pub fn headers_named(m: &OwnedMessage, name: &str) -> Vec<String> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .filter(|h| h.key == name)
+                .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The sum of counter `name` over the series whose labels include every `labels` pair.
+pub fn counter(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
 /// A consumer reading `topics` from the beginning in a group of its own.
 pub fn reader(brokers: &str, topics: &[&str]) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()

@@ -6,12 +6,30 @@
 //! refusing service wrote in the `safeclock.dlq.*` headers: reason, the human message (which
 //! names the field, never its value), service, and where the record was read.
 //!
+//! **Listing escapes** every control character (terminal escape sequences, carriage returns,
+//! C1 controls) and bidirectional-override character in what it prints, keys, headers and values
+//! alike, as `\u{..}`: a dead letter's content comes from whoever wrote the refused record.
+//!
 //! **Replay** re-produces the original key, value and headers (without the `safeclock.dlq.*`
 //! ones, plus `safeclock.dlq.replayed-from`) to the record's source topic, with the idempotent
 //! `acks=all` producer, and waits for every acknowledgement. Consumers de-duplicate by event id,
 //! so replaying a record that was in fact processed is harmless; a record still invalid simply
 //! returns to the dead-letter topic. Replay does not delete anything from the dead-letter topic
 //! (Kafka topics are append-only); the replayed-from header ties the two together.
+//!
+//! **Replay writes only to `referral-events`**, and only whole records. The target is the
+//! letter's source topic, which safeclock's services write themselves (incoming `safeclock.dlq.*`
+//! headers are stripped before theirs are added, and where a record carries several, the last is
+//! theirs); a letter whose source is any other topic is refused before anything is produced:
+//! state topics (`clock-state`, `escalation-state`, `exporter-state`) are never written by
+//! anything but their service, and `sla-events` letters are not replayed either, because the
+//! clock is the only writer of `sla-events`: a replay would put a record the clock did not
+//! derive, carrying whatever the refused record said, straight in front of the escalator (pages)
+//! and the force data platforms. An `sla-events` record the escalator or exporter refuses is a
+//! clock defect or a foreign writer, to investigate (`--show-payload`), not to re-publish. A
+//! letter that keeps only part of its record (a value, key or headers over the dead-letter
+//! bounds) or has no source at all (an undeliverable notification, a refused output) is refused
+//! too.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -84,6 +102,10 @@ pub struct DeadLetter {
     pub source_partition: Option<i32>,
     pub source_offset: Option<i64>,
     pub key: Option<String>,
+    /// The original value's length and SHA-256 when the letter keeps only a prefix of it.
+    pub payload_truncated: Option<(String, String)>,
+    /// Whether the letter keeps less than the whole original record (value, key or headers).
+    pub partial: bool,
     pub message: OwnedMessage,
 }
 
@@ -102,6 +124,19 @@ impl DeadLetter {
             key: message
                 .key()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload_truncated: header(&message, dlq_headers::PAYLOAD_TRUNCATED).map(|_| {
+                (
+                    header(&message, dlq_headers::PAYLOAD_LENGTH).unwrap_or_default(),
+                    header(&message, dlq_headers::PAYLOAD_SHA256).unwrap_or_default(),
+                )
+            }),
+            partial: [
+                dlq_headers::PAYLOAD_TRUNCATED,
+                dlq_headers::KEY_TRUNCATED,
+                dlq_headers::HEADERS_DROPPED,
+            ]
+            .iter()
+            .any(|h| header(&message, h).is_some()),
             message,
         }
     }
@@ -117,19 +152,41 @@ impl DeadLetter {
     fn source(&self) -> String {
         format!(
             "{}[{}]@{}",
-            self.source_topic,
+            escape(&self.source_topic),
             self.source_partition.map_or("?".into(), |p| p.to_string()),
             self.source_offset.map_or("?".into(), |o| o.to_string())
         )
     }
 }
 
+/// The value of header `name`: the **last** one, since safeclock appends its own after the
+/// original record's (and, since it strips incoming `safeclock.dlq.*` headers, a letter written
+/// by this version has only its own).
 fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     m.headers()?
         .iter()
-        .find(|h| h.key == name)
+        .filter(|h| h.key == name)
+        .last()
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// `text` with every control character (C0, DEL, C1: terminal escape sequences, carriage
+/// returns, backspaces) and bidirectional-formatting character written as `\u{..}`, and `\` as
+/// `\\`, so that printing it cannot drive the terminal or disguise what it shows.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() || bidi {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// How long reading may go without a record once every partition's end is reached (tansu 0.6
@@ -207,52 +264,100 @@ pub fn read(settings: &Settings, filter: &Filter) -> anyhow::Result<Vec<DeadLett
     Ok(out)
 }
 
-/// Prints the selected dead letters.
+/// Prints the selected dead letters ([`render`]).
 pub fn print(letters: &[DeadLetter], show_payload: bool, json: bool) {
+    print!("{}", render(letters, show_payload, json));
+}
+
+/// The listing of the selected dead letters, every text escaped ([`escape`]).
+pub fn render(letters: &[DeadLetter], show_payload: bool, json: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let payload = |d: &DeadLetter| {
+        escape(&String::from_utf8_lossy(
+            d.message.payload().unwrap_or_default(),
+        ))
+    };
     if json {
         for d in letters {
             let mut v = serde_json::json!({
                 "partition": d.partition,
                 "offset": d.offset,
-                "reason": d.reason,
-                "error": d.error,
-                "service": d.service,
-                "sourceTopic": d.source_topic,
+                "reason": escape(&d.reason),
+                "error": escape(&d.error),
+                "service": escape(&d.service),
+                "sourceTopic": escape(&d.source_topic),
                 "sourcePartition": d.source_partition,
                 "sourceOffset": d.source_offset,
-                "key": d.key,
+                "key": d.key.as_deref().map(escape),
             });
-            if show_payload {
-                v["payload"] = String::from_utf8_lossy(d.message.payload().unwrap_or_default())
-                    .into_owned()
-                    .into();
+            if let Some((length, sha256)) = &d.payload_truncated {
+                v["payloadLength"] = escape(length).into();
+                v["payloadSha256"] = escape(sha256).into();
             }
-            println!("{v}");
+            if show_payload {
+                v["payload"] = payload(d).into();
+            }
+            let _ = writeln!(out, "{v}");
         }
-        return;
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:<20} {:<10} {:<50} {:<24} error",
         "dlq", "reason", "service", "source", "key"
     );
     for d in letters {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<10} {:<20} {:<10} {:<50} {:<24} {}",
             format!("{}@{}", d.partition, d.offset),
-            d.reason,
-            d.service,
+            escape(&d.reason),
+            escape(&d.service),
             d.source(),
-            d.key.as_deref().unwrap_or("-"),
-            d.error
+            d.key.as_deref().map_or_else(|| "-".to_string(), escape),
+            escape(&d.error)
         );
-        if show_payload {
-            println!(
-                "           payload: {}",
-                String::from_utf8_lossy(d.message.payload().unwrap_or_default())
+        if let Some((length, sha256)) = &d.payload_truncated {
+            let _ = writeln!(
+                out,
+                "           value cut to a prefix: {} bytes, sha256 {}",
+                escape(length),
+                escape(sha256)
             );
         }
+        if show_payload {
+            let _ = writeln!(out, "           payload: {}", payload(d));
+        }
     }
-    println!("{} dead letter(s)", letters.len());
+    let _ = writeln!(out, "{} dead letter(s)", letters.len());
+    out
+}
+
+/// Why `letter` cannot be replayed to `input` (the `referral-events` topic), if it cannot.
+pub fn not_replayable(letter: &DeadLetter, input: &str) -> Option<String> {
+    let at = format!("dead letter {}@{}", letter.partition, letter.offset);
+    if letter.source_topic.is_empty() {
+        return Some(format!(
+            "{at} has no source record ({} {}): it was not read from a topic, so there is nothing to replay",
+            dlq_headers::REASON,
+            escape(&letter.reason)
+        ));
+    }
+    if letter.source_topic != input {
+        return Some(format!(
+            "{at} was read from {}: only letters from {input} are replayed (state topics are written \
+             by their service alone, and sla-events by the clock alone)",
+            escape(&letter.source_topic)
+        ));
+    }
+    if letter.partial {
+        return Some(format!(
+            "{at} keeps only part of its record (its value, key or headers were over the \
+             dead-letter bounds): replaying it would write a different record"
+        ));
+    }
+    None
 }
 
 /// Parses `PARTITION:OFFSET`.
@@ -291,20 +396,30 @@ pub fn one_per_source_record(letters: &[DeadLetter]) -> Vec<&DeadLetter> {
 /// services refused it ([`one_per_source_record`]), and waits for every acknowledgement;
 /// returns how many records were replayed.
 ///
+/// Nothing is produced unless every selected letter can be replayed ([`not_replayable`]): only
+/// whole records, and only to `referral-events`.
+///
 /// # Errors
-/// When a record has no source topic, or the broker does not acknowledge.
+/// When a letter cannot be replayed (each named, with why), or the broker does not acknowledge.
 pub async fn replay(settings: &Settings, letters: &[DeadLetter]) -> anyhow::Result<usize> {
+    let input = settings.topic(Topic::ReferralEvents);
+    let refused: Vec<String> = letters
+        .iter()
+        .filter_map(|d| not_replayable(d, &input))
+        .collect();
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "nothing replayed: {} of the {} selected dead letters cannot be replayed (narrow the \
+             selection, e.g. --source-topic {input}):\n  {}",
+            refused.len(),
+            letters.len(),
+            refused.join("\n  ")
+        );
+    }
     let producer = kafka::producer(settings)?;
     let distinct = one_per_source_record(letters);
     let mut deliveries = Vec::with_capacity(distinct.len());
     for d in &distinct {
-        anyhow::ensure!(
-            !d.source_topic.is_empty(),
-            "dead letter {}@{} has no {} header: cannot tell where to replay it",
-            d.partition,
-            d.offset,
-            dlq_headers::SOURCE_TOPIC
-        );
         let mut headers = OwnedHeaders::new();
         if let Some(original) = d.message.headers() {
             for h in original.iter() {
@@ -321,13 +436,14 @@ pub async fn replay(settings: &Settings, letters: &[DeadLetter]) -> anyhow::Resu
             key: REPLAYED_FROM,
             value: Some(from.as_str()),
         });
-        let mut record = FutureRecord::<str, [u8]>::to(&d.source_topic)
+        let mut record = FutureRecord::<[u8], [u8]>::to(&d.source_topic)
             .payload(d.message.payload().unwrap_or_default())
             .headers(headers);
-        if let Some(k) = d.key.as_deref() {
+        // The original key bytes (not its lossy text form).
+        if let Some(k) = d.message.key() {
             record = record.key(k);
         }
-        deliveries.push(kafka::enqueue(&producer, record).await?);
+        deliveries.push(kafka::try_enqueue(&producer, record).await?);
     }
     kafka::await_deliveries(deliveries).await?;
     Ok(distinct.len())
@@ -383,6 +499,10 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                 );
             }
             if dry_run {
+                let input = settings.topic(Topic::ReferralEvents);
+                for why in selected.iter().filter_map(|d| not_replayable(d, &input)) {
+                    println!("cannot be replayed: {why}");
+                }
                 println!("dry run: nothing replayed");
                 return Ok(());
             }
@@ -496,5 +616,102 @@ mod tests {
             .map(|d| d.offset)
             .collect();
         assert_eq!(offsets, [0, 3, 4, 5, 6]);
+    }
+
+    fn sourced(topic: &str, extra: &[(&str, &str)]) -> DeadLetter {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in [
+            (dlq_headers::REASON, "unknown_force"),
+            (dlq_headers::SERVICE, "clock"),
+            (dlq_headers::SOURCE_TOPIC, topic),
+            (dlq_headers::SOURCE_PARTITION, "0"),
+            (dlq_headers::SOURCE_OFFSET, "4"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        DeadLetter::from_message(OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            Some(b"R-1".to_vec()),
+            "dlq".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            9,
+            Some(headers),
+        ))
+    }
+
+    #[test]
+    fn only_whole_letters_from_referral_events_are_replayed() {
+        let input = "safeclock.referral-events.v1";
+        assert_eq!(not_replayable(&sourced(input, &[]), input), None);
+        for other in [
+            "safeclock.clock-state.v1",
+            "safeclock.escalation-state.v1",
+            "safeclock.exporter-state.v1",
+            "safeclock.sla-events.v1",
+            "safeclock.sla-outcomes.v1",
+        ] {
+            let why = not_replayable(&sourced(other, &[]), input).unwrap();
+            assert!(why.contains("only letters from"), "{why}");
+        }
+        let cut = sourced(input, &[(dlq_headers::PAYLOAD_TRUNCATED, "true")]);
+        assert!(not_replayable(&cut, input).unwrap().contains("only part"));
+        let no_source = letter(3, "escalator", None);
+        assert!(not_replayable(&no_source, input)
+            .unwrap()
+            .contains("no source record"));
+    }
+
+    #[test]
+    fn the_last_header_of_a_name_is_the_one_read() {
+        // A letter written before incoming safeclock.dlq.* headers were stripped: the forged
+        // ones come first, safeclock's own last.
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in [
+            (dlq_headers::SOURCE_TOPIC, "safeclock.clock-state.v1"),
+            (dlq_headers::REASON, "forged"),
+            (dlq_headers::REASON, "invalid_json"),
+            (dlq_headers::SOURCE_TOPIC, "safeclock.referral-events.v1"),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let d = DeadLetter::from_message(OwnedMessage::new(
+            None,
+            None,
+            "dlq".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            1,
+            Some(headers),
+        ));
+        assert_eq!(d.reason, "invalid_json");
+        assert_eq!(d.source_topic, "safeclock.referral-events.v1");
+    }
+
+    #[test]
+    fn control_and_bidi_characters_are_escaped() {
+        assert_eq!(escape("R-1"), "R-1");
+        assert_eq!(escape("Ré-1 ✓"), "Ré-1 ✓");
+        assert_eq!(
+            escape("\x1b[2J\x1b]0;owned\x07"),
+            "\\u{1b}[2J\\u{1b}]0;owned\\u{7}"
+        );
+        assert_eq!(escape("a\rb\nc\td"), "a\\u{d}b\\u{a}c\\u{9}d");
+        // C1 CSI, DEL, and a right-to-left override.
+        assert_eq!(
+            escape("\u{9b}31m\u{7f}\u{202e}"),
+            "\\u{9b}31m\\u{7f}\\u{202e}"
+        );
+        // A backslash is doubled, so an escape in the output is never ambiguous.
+        assert_eq!(escape("\\u{1b}"), "\\\\u{1b}");
     }
 }

@@ -17,74 +17,696 @@
 //!
 //! # Delivery contract
 //! At-least-once, in this order for every batch of input records and every tick:
-//! 1. the SLA events (and dead letters) are produced and acknowledged by the broker;
+//! 1. the SLA events, their outcomes and the dead letters are produced and acknowledged by the
+//!    broker;
 //! 2. then the changed referral states are produced to the changelog and acknowledged;
 //! 3. then the input offsets are stored for commit.
 //!
 //! A crash between 1 and 2 restores the older state and re-emits the same transitions with the
 //! same ids (consumers de-duplicate); a crash between 2 and 3 re-reads inputs the restored state
 //! has already seen, which are ignored as duplicates. No transition is lost either way.
+//!
+//! # No record stops a partition
+//! - An invalid record is dead-lettered with its reason (bounded: a value over
+//!   `dead_letters.max_payload_bytes` keeps its length, SHA-256 and a prefix).
+//! - A valid record whose effects the broker would refuse for good is **refused after all**
+//!   (`batch.rs`): dead-lettered with reason `output_too_large` (or `output_refused`), its
+//!   referral put back to its state before the batch and the batch's other records of that
+//!   referral applied again without it. Sizes are checked before anything is produced: an SLA
+//!   event or outcome over the producer's `message.max.bytes`, or a referral state over that less
+//!   64 KiB of headroom (room for the warnings and breaches its clocks may still fire), refuses
+//!   the record that caused it; a refusal from the broker itself (a topic whose limit is lower)
+//!   does the same, lowers the limit this instance checks against, and the batch's outputs are
+//!   written again. So no transition is published for a refused record, and none is lost for
+//!   the others.
+//! - A state that is over the limit with no record of the batch to refuse (a tick's breach flags
+//!   on a referral already near the limit) is not written: it is dead-lettered instead (bounded)
+//!   and logged as an error. The changelog keeps the referral's previous state, so after a
+//!   restart its due warnings and breaches fire again, under the same ids.
+//! - A broker that is away (transport failure, timeouts, no leader, not enough replicas) is
+//!   waited out: the whole batch's outputs are written again after a pause, in order, for as long
+//!   as it takes; nothing is stored meanwhile and the service reports not ready. Only a producer
+//!   that can no longer write at all (librdkafka's fatal error) stops the service, whose restart
+//!   then processes the batch again with a new one.
 
 mod attribute;
+mod batch;
 pub mod engine;
 pub mod explain;
 pub mod metrics;
 pub mod outcome;
 pub mod restore;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
-use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use safeclock_common::event::transition_label;
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::TopicPartitionList;
+use safeclock_common::event::{transition_label, Plausibility};
+use safeclock_common::kafka::{
+    self, BrokerWait, DeadLetters, Interrupted, OffsetBook, Output, ProduceError, Refusal,
+    ServiceConsumer, Topic,
+};
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::policy::Policy;
-use safeclock_common::schema::v1::SlaEvent;
 use safeclock_common::service::ServiceDeps;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
+use crate::batch::{Cause, Fate, OutputTopics, Plan, ReferralKey};
 use crate::engine::{Engine, EngineStats};
 use crate::metrics::ClockMetrics;
 
 const SERVICE: &str = "clock";
 
-/// The clock's Kafka side: where it writes, and how.
-struct Outputs {
-    producer: FutureProducer,
-    sla_topic: String,
-    outcomes_topic: String,
-    changelog: String,
-    policy: Policy,
-    metrics: ClockMetrics,
-    /// Each batch is one transaction (outputs, state and input offsets) when set.
-    transactional: bool,
+/// Room left in a referral's state record, under the producer's limit, when records are applied:
+/// the warnings and breaches its clocks fire later grow it a little without any record to refuse.
+pub const STATE_HEADROOM: usize = 64 * 1024;
+
+/// Room left under `message.max.bytes` for a record's framing (librdkafka counts key, value and
+/// headers against it).
+const FRAMING: usize = 512;
+
+/// Runs the clock service until `shutdown` is cancelled.
+///
+/// # Errors
+/// When the rules or calendars are invalid, Kafka clients cannot be created, state cannot be
+/// restored, or the producer can no longer write at all.
+pub async fn run(
+    deps: ServiceDeps,
+    consumer_metrics: ConsumerMetrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    ClockService::start(deps, consumer_metrics, shutdown.clone())
+        .await?
+        .run(shutdown)
+        .await
 }
 
-impl Outputs {
-    async fn publish(&self, event: &SlaEvent) -> anyhow::Result<DeliveryFuture> {
-        let payload = serde_json::to_vec(event)?;
-        self.metrics
-            .emitted
-            .with_label_values(&[transition_label(event.transition())])
-            .inc();
-        let record = FutureRecord::<str, [u8]>::to(&self.sla_topic)
-            .key(&event.referral_id)
-            .payload(&payload);
-        kafka::enqueue(&self.producer, record).await
+/// The clock service: its consumer, and everything the loop's arms work on.
+pub struct ClockService {
+    consumer: ServiceConsumer,
+    core: Core,
+}
+
+/// Whether the loop goes on after a batch.
+enum Flow {
+    Continue,
+    /// Told to stop while the broker was away: the batch is not durable, nothing is stored.
+    Stop,
+}
+
+/// The clock's state and its Kafka side, apart from the consumer (which the hand-over borrows).
+struct Core {
+    deps: ServiceDeps,
+    input: String,
+    policy: Policy,
+    metrics: ClockMetrics,
+    consumer_metrics: ConsumerMetrics,
+    plausibility: Plausibility,
+    /// One engine per assigned input partition.
+    engines: BTreeMap<i32, Engine>,
+    bounds: SlaLabelBounds,
+    /// Not ready while partitions are being restored.
+    restored: ReadinessHandle,
+    last_census: Instant,
+    writer: Writer,
+}
+
+impl ClockService {
+    /// Loads the policy, creates the Kafka clients and checks the changelog's partitions.
+    ///
+    /// # Errors
+    /// When the rules or calendars are invalid, a client cannot be created, or the changelog has
+    /// fewer partitions than the input.
+    pub async fn start(
+        deps: ServiceDeps,
+        consumer_metrics: ConsumerMetrics,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let settings = deps.settings.clone();
+        let metrics = ClockMetrics::register(&deps.registry)?;
+        let policy = Policy::load(&settings)?;
+        let input = settings.topic(Topic::ReferralEvents);
+        let transactional = settings.clock.transactional_id.is_some();
+        let restored = deps.readiness.component("clock-state");
+        let consumer = kafka::consumer_with(
+            &settings,
+            SERVICE,
+            &settings.clock.group_id,
+            &[&input],
+            deps.readiness.component(SERVICE),
+            if transactional {
+                kafka::OffsetCommits::Transactional
+            } else {
+                kafka::OffsetCommits::Auto
+            },
+        )?;
+        consumer.context().report_lag(consumer_metrics.lag.clone());
+        consumer.context().restores_state(restored.clone());
+        let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
+        kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ClockState).await?;
+        let writer = Writer {
+            producer: producer.clone(),
+            topics: OutputTopics {
+                sla: settings.topic(Topic::SlaEvents),
+                outcomes: settings.topic(Topic::SlaOutcomes),
+                changelog: settings.topic(Topic::ClockState),
+                policy: policy.clone(),
+            },
+            dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+            wait: BrokerWait::new(
+                SERVICE,
+                deps.readiness.component("clock-outputs"),
+                shutdown,
+                consumer_metrics.broker_waits.with_label_values(&[SERVICE]),
+            ),
+            transactional,
+            metrics: metrics.clone(),
+            limit: settings
+                .kafka
+                .producer_message_max_bytes()
+                .saturating_sub(FRAMING),
+            learned: HashMap::new(),
+        };
+        let bounds = SlaLabelBounds::new(
+            &settings.forces,
+            policy.rules.rules.iter().map(|r| r.id.as_str()),
+        );
+        tracing::info!(
+            input,
+            output = writer.topics.sla,
+            changelog = writer.topics.changelog,
+            rules = policy.rules.rules.len(),
+            "clock started"
+        );
+        Ok(Self {
+            consumer,
+            core: Core {
+                plausibility: Plausibility::new(&settings),
+                deps,
+                input,
+                policy,
+                metrics,
+                consumer_metrics,
+                engines: BTreeMap::new(),
+                bounds,
+                restored,
+                // The first tick after the state is restored publishes the census.
+                last_census: Instant::now()
+                    .checked_sub(CENSUS_INTERVAL)
+                    .unwrap_or_else(Instant::now),
+                writer,
+            },
+        })
     }
 
-    async fn publish_outcome(&self, event: &SlaEvent) -> anyhow::Result<DeliveryFuture> {
-        let outcome = outcome::from_event(event, &self.policy);
-        let payload = serde_json::to_vec(&outcome)?;
-        let record = FutureRecord::<str, [u8]>::to(&self.outcomes_topic)
-            .key(&outcome.outcome_id)
-            .payload(&payload);
-        kafka::enqueue(&self.producer, record).await
+    /// Runs until `shutdown` is cancelled: ticks, hand-overs and batches, one call each.
+    ///
+    /// # Errors
+    /// When state cannot be restored or the producer can no longer write at all.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { consumer, mut core } = self;
+        let handover = kafka::Handover::take_over(&consumer);
+        let settings = core.deps.settings.clone();
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let flow = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => core.on_tick(&consumer).await?,
+                revoked = handover.revoked() => core.hand_over(&consumer, &handover, &revoked),
+                batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
+                    core.on_batch(&consumer, &batch).await?
+                }
+            };
+            if matches!(flow, Flow::Stop) {
+                break;
+            }
+        }
+        kafka::commit_stored(&consumer, SERVICE);
+        tracing::info!("clock stopped");
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Fires what is due, writes it and the changed states.
+    async fn on_tick(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<Flow> {
+        self.sync_assignment(consumer).await?;
+        let now = self.deps.time.now();
+        let mut plan = Plan::of_tick(
+            self.engines
+                .values_mut()
+                .flat_map(|e| e.on_tick(now))
+                .collect(),
+        );
+        let flow = if !plan.tick.is_empty() || self.engines.values().any(Engine::has_dirty) {
+            self.writer
+                .make_durable(
+                    &mut plan,
+                    &mut self.engines,
+                    &[] as &[BorrowedMessage<'_>],
+                    None,
+                )
+                .await?
+        } else {
+            Flow::Continue
+        };
+        update_gauges(&self.engines, &self.metrics);
+        if self.last_census.elapsed() >= CENSUS_INTERVAL {
+            update_census(&self.engines, &self.metrics, &self.bounds, now);
+            self.last_census = Instant::now();
+        }
+        Ok(flow)
+    }
+
+    /// Every batch's and tick's effects are already durable: commits the offsets that reflect
+    /// them and drops the revoked partitions' engines, so the next owner restores and resumes
+    /// exactly here.
+    fn hand_over(
+        &mut self,
+        consumer: &ServiceConsumer,
+        handover: &kafka::Handover<'_>,
+        revoked: &TopicPartitionList,
+    ) -> Flow {
+        let partitions = kafka::Handover::partitions(revoked, &self.input);
+        if !self.writer.transactional {
+            kafka::commit_stored(consumer, SERVICE);
+        }
+        self.engines.retain(|p, _| !partitions.contains(p));
+        tracing::info!(
+            ?partitions,
+            "partitions handed over: state written, offsets committed"
+        );
+        handover.release(revoked);
+        update_gauges(&self.engines, &self.metrics);
+        Flow::Continue
+    }
+
+    /// Applies a batch, makes its effects durable, then stores its offsets.
+    async fn on_batch(
+        &mut self,
+        consumer: &ServiceConsumer,
+        batch: &[BorrowedMessage<'_>],
+    ) -> anyhow::Result<Flow> {
+        let started = Instant::now();
+        self.sync_assignment(consumer).await?;
+        let mut plan = Plan::default();
+        let mut offsets = OffsetBook::default();
+        for message in batch {
+            let fate = self.apply(message, &mut plan);
+            if !matches!(fate, Fate::Skipped) {
+                offsets.handled(message);
+            }
+            plan.records.push(fate);
+        }
+        let flow = self
+            .writer
+            .make_durable(
+                &mut plan,
+                &mut self.engines,
+                batch,
+                Some((&offsets, consumer)),
+            )
+            .await?;
+        if matches!(flow, Flow::Continue) && !self.writer.transactional {
+            offsets.store(consumer);
+        }
+        self.consumer_metrics
+            .batch_seconds
+            .with_label_values(&[SERVICE])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(flow)
+    }
+
+    /// Decodes one record and applies it to its partition's engine.
+    fn apply(&mut self, message: &BorrowedMessage<'_>, plan: &mut Plan) -> Fate {
+        self.consumer_metrics
+            .consumed
+            .with_label_values(&[SERVICE, message.topic()])
+            .inc();
+        self.consumer_metrics
+            .observe_latency(SERVICE, message.timestamp().to_millis());
+        let span = tracing::debug_span!(
+            "record",
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset()
+        );
+        let _enter = span.enter();
+        let Some(engine) = self.engines.get_mut(&message.partition()) else {
+            // Revoked between the fetch and now: its new owner processes it.
+            return Fate::Skipped;
+        };
+        let now = self.deps.time.now();
+        match self
+            .plausibility
+            .decode(message.payload().unwrap_or_default(), now)
+        {
+            Err(rejection) => Fate::Refused(self.writer.dead_letters.letter(message, &rejection)),
+            Ok(event) => {
+                tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
+                plan.remember(engine, message.partition(), &event.referral_id);
+                match batch::apply_one(engine, &event, now) {
+                    Ok(events) => batch::applied(message, event, now, events),
+                    Err(rejection) => {
+                        Fate::Refused(self.writer.dead_letters.letter(message, &rejection))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restores engines for newly assigned partitions and drops those of revoked ones.
+    async fn sync_assignment(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<()> {
+        let Some(assigned) = kafka::current_assignment(consumer) else {
+            return Ok(());
+        };
+        let missing = kafka::reconcile(
+            &mut self.engines,
+            kafka::Handover::partitions(&assigned, &self.input),
+            |p| {
+                tracing::warn!(
+                    partition = p,
+                    "partition lost: its clocks are with another instance now"
+                );
+            },
+        );
+        // Not ready while restoring: this instance's clocks are incomplete until it finishes.
+        if !missing.is_empty() {
+            self.restored.set(false);
+        }
+        for p in missing {
+            let started = Instant::now();
+            let (engine, records) =
+                restore::restore_partition(self.deps.settings.clone(), self.policy.clone(), p)
+                    .await?;
+            let stats = engine.stats();
+            self.metrics
+                .restore_seconds
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(
+                partition = p,
+                records,
+                referrals = stats.referrals,
+                open_clocks = stats.open_clocks,
+                seconds = started.elapsed().as_secs_f64(),
+                "partition state restored"
+            );
+            self.engines.insert(p, engine);
+        }
+        self.restored.set(true);
+        Ok(())
+    }
+}
+
+/// Where and how the clock writes: outputs, dead letters and states, with the sizes the broker
+/// takes.
+struct Writer {
+    producer: FutureProducer,
+    topics: OutputTopics,
+    dead_letters: DeadLetters,
+    wait: BrokerWait,
+    /// Each batch is one transaction (outputs, state and input offsets) when set.
+    transactional: bool,
+    metrics: ClockMetrics,
+    /// The largest key and value a record may have: the producer's `message.max.bytes` less
+    /// framing.
+    limit: usize,
+    /// Per topic, a lower limit learned from the broker refusing a record of that size.
+    learned: HashMap<String, usize>,
+}
+
+impl Writer {
+    fn limit(&self, topic: &str) -> usize {
+        self.learned
+            .get(topic)
+            .copied()
+            .unwrap_or(self.limit)
+            .min(self.limit)
+    }
+
+    /// Makes the plan's effects durable: outputs and dead letters, then states (then, in a
+    /// transaction, the offsets), refusing the records whose effects the broker will never take
+    /// and waiting out a broker that is away. `batch` is the input of a batch (empty for a tick).
+    ///
+    /// # Errors
+    /// When the producer can no longer write at all, or an output cannot be serialised.
+    async fn make_durable(
+        &mut self,
+        plan: &mut Plan,
+        engines: &mut BTreeMap<i32, Engine>,
+        batch: &[impl Message],
+        offsets: Option<(&OffsetBook, &ServiceConsumer)>,
+    ) -> anyhow::Result<Flow> {
+        // Pauses for a broker that was away (in a transaction; outside one, `deliver` waits
+        // by itself): the next pause is longer.
+        let mut pauses = 0u32;
+        loop {
+            for (p, engine) in engines.iter_mut() {
+                for referral in engine.take_dirty() {
+                    plan.changed.insert((*p, referral));
+                }
+            }
+            let states = self.fit_states(plan, engines, batch);
+            let outputs = plan.outputs(&self.topics)?;
+            if let Some(i) = outputs
+                .iter()
+                .position(|(o, _)| o.size() > self.limit(&o.topic))
+            {
+                // Too large for the producer: refused before anything of the set is written.
+                let (output, cause) = &outputs[i];
+                let error = ProduceError::too_large(&output.topic);
+                self.refused(plan, engines, batch, output, cause.clone(), error);
+                continue;
+            }
+            self.begin()?;
+            let records: Vec<Output> = outputs.iter().map(|(o, _)| o.clone()).collect();
+            let refusals = match self.write(&records, pauses + 1).await {
+                Written::Done(refusals) => refusals,
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
+                Written::Stop => return Ok(Flow::Stop),
+                Written::Fatal(e) => return Err(e),
+            };
+            if !refusals.is_empty() {
+                self.abort();
+                for Refusal { index, error } in refusals {
+                    let (output, cause) = &outputs[index];
+                    self.refused(plan, engines, batch, output, cause.clone(), error);
+                }
+                continue;
+            }
+            // Outputs first: state must never claim effects the broker does not hold.
+            let state_records: Vec<Output> = states.iter().map(|(o, _)| o.clone()).collect();
+            let refusals = match self.write(&state_records, pauses + 1).await {
+                Written::Done(refusals) => refusals,
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
+                Written::Stop => return Ok(Flow::Stop),
+                Written::Fatal(e) => return Err(e),
+            };
+            if !refusals.is_empty() {
+                self.abort();
+                for Refusal { index, error } in refusals {
+                    let (output, key) = &states[index];
+                    self.state_refused(plan, engines, batch, output, key, &error);
+                }
+                continue;
+            }
+            match self.commit(offsets, pauses + 1).await {
+                Written::Done(_) => {}
+                Written::Retry => {
+                    pauses += 1;
+                    continue;
+                }
+                Written::Stop => return Ok(Flow::Stop),
+                Written::Fatal(e) => return Err(e),
+            }
+            if self.transactional {
+                self.wait.recovered(pauses + 1);
+            }
+            for e in plan.events() {
+                self.metrics
+                    .emitted
+                    .with_label_values(&[transition_label(e.transition())])
+                    .inc();
+            }
+            self.metrics
+                .state_writes
+                .inc_by(u64::try_from(states.len()).unwrap_or(u64::MAX));
+            return Ok(Flow::Continue);
+        }
+    }
+
+    /// The changelog record of every changed referral. A referral whose state would be over the
+    /// bound has the records that make it so refused (see [`batch`]); one over the limit with no
+    /// record of this batch to refuse is dead-lettered instead of written.
+    fn fit_states(
+        &self,
+        plan: &mut Plan,
+        engines: &mut BTreeMap<i32, Engine>,
+        batch: &[impl Message],
+    ) -> Vec<(Output, ReferralKey)> {
+        let changelog = self.topics.changelog.clone();
+        let limit = self.limit(&changelog);
+        let bound = limit.saturating_sub(STATE_HEADROOM);
+        let mut states = Vec::with_capacity(plan.changed.len());
+        for key in plan.changed.clone() {
+            if plan.unwritable.contains(&key) {
+                continue;
+            }
+            let Some(engine) = engines.get(&key.0) else {
+                continue;
+            };
+            let mut output = self.topics.of_state(engine, &key);
+            if output.size() > bound && plan.has_records(&key) {
+                plan.fit_state(
+                    engines,
+                    &key,
+                    bound.saturating_sub(key.1.len()),
+                    &changelog,
+                    &self.dead_letters,
+                    batch,
+                );
+                let Some(engine) = engines.get(&key.0) else {
+                    continue;
+                };
+                output = self.topics.of_state(engine, &key);
+            }
+            if output.size() > limit {
+                plan.letters.push(Some(
+                    self.dead_letters
+                        .letter_for_output(&output, &ProduceError::too_large(&changelog)),
+                ));
+                tracing::error!(
+                    partition = key.0,
+                    referral_id = %key.1,
+                    bytes = output.size(),
+                    limit,
+                    "a referral's state is too large to write and no record of this batch made it so: not written (dead-lettered); the changelog keeps its previous state"
+                );
+                plan.unwritable.insert(key);
+                continue;
+            }
+            states.push((output, key));
+        }
+        states
+    }
+
+    /// `output` (caused by `cause`) is refused for good: its cause is refused instead.
+    fn refused(
+        &mut self,
+        plan: &mut Plan,
+        engines: &mut BTreeMap<i32, Engine>,
+        batch: &[impl Message],
+        output: &Output,
+        cause: Cause,
+        error: ProduceError,
+    ) {
+        if error.is_too_large() {
+            self.learn(&output.topic, output.size());
+        }
+        let dl = &self.dead_letters;
+        match cause {
+            Cause::Record(i) => {
+                if let Some(message) = batch.get(i) {
+                    let letter = dl.letter_for_refused_output(
+                        message,
+                        &error,
+                        "an SLA event or outcome it causes is refused",
+                    );
+                    plan.refuse(engines, i, letter, dl, batch);
+                }
+            }
+            Cause::Tick(j) => {
+                plan.tick[j] = None;
+                plan.letters
+                    .push(Some(dl.letter_for_output(output, &error)));
+            }
+            Cause::RecordLetter(i) => {
+                plan.records[i] = match dl.stripped_down(output, &error) {
+                    Some(bare) => Fate::Refused(bare),
+                    None => {
+                        give_up_letter(&error);
+                        Fate::Unrecorded
+                    }
+                };
+            }
+            Cause::Letter(k) => {
+                plan.letters[k] = dl.stripped_down(output, &error);
+                if plan.letters[k].is_none() {
+                    give_up_letter(&error);
+                }
+            }
+        }
+    }
+
+    /// The state record `output` of `key` is refused for good by the broker.
+    fn state_refused(
+        &mut self,
+        plan: &mut Plan,
+        engines: &mut BTreeMap<i32, Engine>,
+        batch: &[impl Message],
+        output: &Output,
+        key: &ReferralKey,
+        error: &ProduceError,
+    ) {
+        if error.is_too_large() {
+            // The next round fits the state under the lowered limit (refusing records of this
+            // batch, or dead-lettering the state when there are none).
+            self.learn(&output.topic, output.size());
+        } else if plan.has_records(key) {
+            plan.refuse_all(engines, key, error, &self.dead_letters, batch);
+        } else {
+            plan.letters
+                .push(Some(self.dead_letters.letter_for_output(output, error)));
+            plan.unwritable.insert(key.clone());
+        }
+    }
+
+    /// The broker refused a record of `size` bytes for `topic` as too large: check below that
+    /// from now on.
+    fn learn(&mut self, topic: &str, size: usize) {
+        let limit = size.saturating_sub(1).min(self.limit(topic));
+        tracing::warn!(
+            topic,
+            limit,
+            "the broker refuses records of this size: sizes are checked against the lower limit from now on"
+        );
+        self.learned.insert(topic.to_string(), limit);
+    }
+
+    /// Writes `records`, waiting out an unavailable broker (outside a transaction here; inside
+    /// one, the transaction is aborted and the caller begins again).
+    async fn write(&self, records: &[Output], attempt: u32) -> Written {
+        if !self.transactional {
+            return match kafka::deliver(&self.producer, records, &self.wait).await {
+                Ok(refusals) => Written::Done(refusals),
+                Err(Interrupted::Shutdown) => Written::Stop,
+                Err(Interrupted::Fatal(e)) => Written::Fatal(e.into()),
+            };
+        }
+        match kafka::deliver_once(&self.producer, records).await {
+            Ok(refusals) => Written::Done(refusals),
+            Err(e) if e.failure == kafka::Failure::Fatal => Written::Fatal(e.into()),
+            Err(e) => {
+                self.abort();
+                match self.wait.pause(attempt, records.len(), &e).await {
+                    Ok(()) => Written::Retry,
+                    Err(_) => Written::Stop,
+                }
+            }
+        }
     }
 
     /// Starts the transaction a batch's effects belong to (transactional mode only).
@@ -97,142 +719,80 @@ impl Outputs {
         Ok(())
     }
 
-    /// Makes a batch's effects durable and, with `offsets`, commits its input.
-    ///
-    /// Without transactions: publishes `events`, waits for the broker, then writes the changed
-    /// state of every engine and waits again; the caller then stores the offsets (see the
-    /// delivery contract in the module doc). With transactions: everything, offsets included,
-    /// is committed atomically.
-    async fn commit_effects(
-        &self,
-        events: &[SlaEvent],
-        deliveries: Vec<DeliveryFuture>,
-        engines: &mut BTreeMap<i32, Engine>,
-        offsets: Option<(&OffsetBook, &ServiceConsumer)>,
-    ) -> anyhow::Result<()> {
-        let result = self
-            .write_effects(events, deliveries, engines, offsets)
-            .await;
+    /// Aborts the transaction under way (transactional mode only).
+    fn abort(&self) {
         if self.transactional {
-            match &result {
-                Ok(()) => {
-                    tokio::task::block_in_place(|| {
-                        self.producer.commit_transaction(Duration::from_secs(60))
-                    })
-                    .map_err(|e| anyhow::anyhow!("cannot commit the transaction: {e}"))?;
-                }
-                Err(_) => {
-                    let _ = tokio::task::block_in_place(|| {
-                        self.producer.abort_transaction(Duration::from_secs(30))
-                    });
-                }
+            if let Err(e) = tokio::task::block_in_place(|| {
+                self.producer.abort_transaction(Duration::from_secs(30))
+            }) {
+                tracing::warn!(error.message = %e, "cannot abort the transaction");
             }
         }
-        result
     }
 
-    async fn write_effects(
+    /// In a transaction: adds the input offsets and commits. A retriable failure aborts and
+    /// waits; a fatal one stops the service.
+    async fn commit(
         &self,
-        events: &[SlaEvent],
-        mut deliveries: Vec<DeliveryFuture>,
-        engines: &mut BTreeMap<i32, Engine>,
         offsets: Option<(&OffsetBook, &ServiceConsumer)>,
-    ) -> anyhow::Result<()> {
-        for ev in events {
-            deliveries.push(self.publish(ev).await?);
-            deliveries.push(self.publish_outcome(ev).await?);
-        }
+        attempt: u32,
+    ) -> Written {
         if !self.transactional {
-            // Outputs first: state must never claim effects the broker does not hold.
-            kafka::await_deliveries(std::mem::take(&mut deliveries)).await?;
+            return Written::Done(Vec::new());
         }
-        let mut state_writes = Vec::new();
-        for (partition, engine) in engines.iter_mut() {
-            for referral_id in engine.take_dirty() {
-                let payload = engine
-                    .export(&referral_id)
-                    .map(|s| prost::Message::encode_to_vec(&s));
-                let mut record = FutureRecord::<str, [u8]>::to(&self.changelog)
-                    .partition(*partition)
-                    .key(&referral_id);
-                if let Some(bytes) = payload.as_deref() {
-                    record = record.payload(bytes);
-                }
-                state_writes.push(kafka::enqueue(&self.producer, record).await?);
-            }
-        }
-        self.metrics
-            .state_writes
-            .inc_by(u64::try_from(state_writes.len()).unwrap_or(u64::MAX));
-        if self.transactional {
+        let result = (|| -> Result<(), rdkafka::error::KafkaError> {
             if let Some((book, consumer)) = offsets.filter(|(b, _)| !b.is_empty()) {
                 let tpl = book.to_commit()?;
                 let group = consumer
                     .group_metadata()
-                    .ok_or_else(|| anyhow::anyhow!("the consumer has no group metadata"))?;
+                    .ok_or(rdkafka::error::KafkaError::Canceled)?;
                 tokio::task::block_in_place(|| {
                     self.producer
                         .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
-                })
-                .map_err(|e| anyhow::anyhow!("cannot add offsets to the transaction: {e}"))?;
+                })?;
             }
-            // Deliveries resolve when the transaction commits; nothing to wait for here.
-            drop(deliveries);
-            drop(state_writes);
-            return Ok(());
+            tokio::task::block_in_place(|| {
+                self.producer.commit_transaction(Duration::from_secs(60))
+            })
+        })();
+        match result {
+            Ok(()) => Written::Done(Vec::new()),
+            Err(e) => {
+                let fatal = match &e {
+                    rdkafka::error::KafkaError::Transaction(t) => t.is_fatal(),
+                    rdkafka::error::KafkaError::Canceled => true,
+                    _ => false,
+                };
+                if fatal {
+                    return Written::Fatal(anyhow::anyhow!("cannot commit the transaction: {e}"));
+                }
+                self.abort();
+                match self.wait.pause(attempt, 0, &e).await {
+                    Ok(()) => Written::Retry,
+                    Err(_) => Written::Stop,
+                }
+            }
         }
-        kafka::await_deliveries(deliveries).await?;
-        kafka::await_deliveries(state_writes).await
     }
 }
 
-/// Restores engines for newly assigned partitions and drops those of revoked ones.
-async fn sync_assignment(
-    consumer: &ServiceConsumer,
-    input: &str,
-    deps: &ServiceDeps,
-    policy: &Policy,
-    engines: &mut BTreeMap<i32, Engine>,
-    metrics: &ClockMetrics,
-    restored: &ReadinessHandle,
-) -> anyhow::Result<()> {
-    let Some(assigned) = kafka::current_assignment(consumer) else {
-        return Ok(());
-    };
-    let missing = kafka::reconcile(
-        engines,
-        kafka::Handover::partitions(&assigned, input),
-        |p| {
-            tracing::warn!(
-                partition = p,
-                "partition lost: its clocks are with another instance now"
-            );
-        },
+/// What became of a write.
+enum Written {
+    /// Acknowledged, but for these refusals.
+    Done(Vec<Refusal>),
+    /// The broker was away and the pause is over: begin again.
+    Retry,
+    /// Told to stop while waiting.
+    Stop,
+    /// The producer can no longer write.
+    Fatal(anyhow::Error),
+}
+
+fn give_up_letter(error: &ProduceError) {
+    tracing::error!(
+        error.message = %error,
+        "the broker refuses even a bare dead letter (no value, key or original headers): the record is refused without one; raise the dead-letter topic's max.message.bytes"
     );
-    // Not ready while restoring: this instance's clocks are incomplete until it finishes.
-    if !missing.is_empty() {
-        restored.set(false);
-    }
-    for p in missing {
-        let started = Instant::now();
-        let (engine, records) =
-            restore::restore_partition(deps.settings.clone(), policy.clone(), p).await?;
-        let stats = engine.stats();
-        metrics
-            .restore_seconds
-            .observe(started.elapsed().as_secs_f64());
-        tracing::info!(
-            partition = p,
-            records,
-            referrals = stats.referrals,
-            open_clocks = stats.open_clocks,
-            seconds = started.elapsed().as_secs_f64(),
-            "partition state restored"
-        );
-        engines.insert(p, engine);
-    }
-    restored.set(true);
-    Ok(())
 }
 
 fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &ClockMetrics) {
@@ -261,7 +821,6 @@ fn update_census(
     bounds: &SlaLabelBounds,
     now: jiff::Timestamp,
 ) {
-    use std::collections::HashMap;
     let mut open: HashMap<[&str; 5], i64> = HashMap::new();
     let mut oldest: HashMap<[&str; 2], jiff::Timestamp> = HashMap::new();
     let censuses: Vec<_> = engines.values().map(Engine::census).collect();
@@ -299,146 +858,106 @@ fn update_census(
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs the clock service until `shutdown` is cancelled.
-///
-/// # Errors
-/// When the rules or calendars are invalid, Kafka clients cannot be created, state cannot be
-/// restored, or the broker refuses to acknowledge outputs.
-pub async fn run(
-    deps: ServiceDeps,
-    consumer_metrics: ConsumerMetrics,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let settings = deps.settings.clone();
-    let metrics = ClockMetrics::register(&deps.registry)?;
-    let policy = Policy::load(&settings)?;
-    let input = settings.topic(Topic::ReferralEvents);
-    let transactional = settings.clock.transactional_id.is_some();
-    let restored = deps.readiness.component("clock-state");
-    let consumer = kafka::consumer_with(
-        &settings,
-        SERVICE,
-        &settings.clock.group_id,
-        &[&input],
-        deps.readiness.component(SERVICE),
-        if transactional {
-            kafka::OffsetCommits::Transactional
-        } else {
-            kafka::OffsetCommits::Auto
-        },
-    )?;
-    consumer.context().report_lag(consumer_metrics.lag.clone());
-    consumer.context().restores_state(restored.clone());
-    let handover = kafka::Handover::take_over(&consumer);
-    let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
-    let outputs = Outputs {
-        producer: producer.clone(),
-        sla_topic: settings.topic(Topic::SlaEvents),
-        outcomes_topic: settings.topic(Topic::SlaOutcomes),
-        changelog: settings.topic(Topic::ClockState),
-        policy: policy.clone(),
-        metrics: metrics.clone(),
-        transactional,
-    };
-    kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ClockState).await?;
-    let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
-    let plausibility = safeclock_common::event::Plausibility::new(&settings);
-    let mut engines: BTreeMap<i32, Engine> = BTreeMap::new();
-    let bounds = SlaLabelBounds::new(
-        &settings.forces,
-        policy.rules.rules.iter().map(|r| r.id.as_str()),
-    );
-    // The first tick after the state is restored publishes the census.
-    let mut last_census = Instant::now()
-        .checked_sub(CENSUS_INTERVAL)
-        .unwrap_or_else(Instant::now);
-    let mut tick = tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!(
-        input,
-        output = outputs.sla_topic,
-        changelog = outputs.changelog,
-        rules = policy.rules.rules.len(),
-        "clock started"
-    );
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::OwnedMessage;
+    use safeclock_common::config::Settings;
+    use safeclock_common::kafka::dlq_headers;
 
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics, &restored).await?;
-                let now = deps.time.now();
-                let due: Vec<SlaEvent> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
-                let changed = engines.values().any(Engine::has_dirty);
-                if !due.is_empty() || changed {
-                    outputs.begin()?;
-                    outputs.commit_effects(&due, Vec::new(), &mut engines, None).await?;
-                }
-                update_gauges(&engines, &metrics);
-                if last_census.elapsed() >= CENSUS_INTERVAL {
-                    update_census(&engines, &metrics, &bounds, now);
-                    last_census = Instant::now();
-                }
-            }
-            revoked = handover.revoked() => {
-                // Every batch's and tick's effects are already durable: commit the offsets that
-                // reflect them, so the next owner restores and resumes exactly here.
-                let partitions = kafka::Handover::partitions(&revoked, &input);
-                if !transactional {
-                    kafka::commit_stored(&consumer, SERVICE);
-                }
-                engines.retain(|p, _| !partitions.contains(p));
-                tracing::info!(?partitions, "partitions handed over: state written, offsets committed");
-                handover.release(&revoked);
-                update_gauges(&engines, &metrics);
-            }
-            batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
-                let started = Instant::now();
-                sync_assignment(&consumer, &input, &deps, &policy, &mut engines, &metrics, &restored).await?;
-                outputs.begin()?;
-                let mut events = Vec::new();
-                let mut dead = Vec::new();
-                let mut offsets = OffsetBook::default();
-                for message in &batch {
-                    consumer_metrics.consumed.with_label_values(&[SERVICE, message.topic()]).inc();
-                    consumer_metrics.observe_latency(SERVICE, message.timestamp().to_millis());
-                    let span = tracing::debug_span!("record", topic = message.topic(), partition = message.partition(), offset = message.offset());
-                    let _enter = span.enter();
-                    let Some(engine) = engines.get_mut(&message.partition()) else {
-                        // Revoked between the fetch and now: its new owner processes it.
-                        continue;
-                    };
-                    match plausibility.decode(message.payload().unwrap_or_default(), deps.time.now()) {
-                        Err(rejection) => {
-                            drop(_enter);
-                            dead.push(dead_letters.send(message, &rejection).instrument(span.clone()).await?);
-                        }
-                        Ok(event) => {
-                            tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
-                            match engine.on_event(&event, deps.time.now()) {
-                                Ok(out) => events.extend(out),
-                                // Refused whole: the referral's other clocks run on.
-                                Err(limit) => {
-                                    drop(_enter);
-                                    dead.push(dead_letters.send(message, &limit.into()).instrument(span.clone()).await?);
-                                }
-                            }
-                        }
-                    }
-                    offsets.handled(message);
-                }
-                outputs
-                    .commit_effects(&events, dead, &mut engines, Some((&offsets, &consumer)))
-                    .await?;
-                if !transactional {
-                    offsets.store(&consumer);
-                }
-                consumer_metrics.batch_seconds.with_label_values(&[SERVICE]).observe(started.elapsed().as_secs_f64());
-            }
-        }
+    fn writer(limit: usize) -> (Writer, Engine) {
+        let settings = Settings::defaults().unwrap();
+        let policy = Policy::load(&settings).unwrap();
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        let registry = prometheus::Registry::new();
+        let consumer_metrics = ConsumerMetrics::register(&registry).unwrap();
+        let readiness = safeclock_common::ops::Readiness::default();
+        let writer = Writer {
+            producer: producer.clone(),
+            topics: OutputTopics {
+                sla: "sla".into(),
+                outcomes: "outcomes".into(),
+                changelog: "clock-state".into(),
+                policy: policy.clone(),
+            },
+            dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+            wait: BrokerWait::new(
+                SERVICE,
+                readiness.component("clock-outputs"),
+                CancellationToken::new(),
+                consumer_metrics.broker_waits.with_label_values(&[SERVICE]),
+            ),
+            transactional: false,
+            metrics: ClockMetrics::register(&registry).unwrap(),
+            limit,
+            learned: HashMap::new(),
+        };
+        (writer, Engine::new(policy.rules, policy.calendars))
     }
-    kafka::commit_stored(&consumer, SERVICE);
-    tracing::info!("clock stopped");
-    Ok(())
+
+    fn event(id: &str, kind: &str) -> safeclock_common::schema::v1::ReferralEvent {
+        safeclock_common::event::decode_referral_event(
+            format!(
+                r#"{{"eventId":"{id}","referralId":"R-1","forceId":"nottinghamshire","occurredAt":"2025-03-03T09:00:00Z",{kind}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_state_over_the_limit_with_no_record_to_refuse_is_dead_lettered_not_written() {
+        let (mut writer, mut engine) = writer(20_000);
+        let now: jiff::Timestamp = "2025-03-03T09:00:00Z".parse().unwrap();
+        for i in 0..3 {
+            let device = format!("DEV-{i}-{}", "x".repeat(10_000));
+            engine.on_event(
+                &event(
+                    &format!("e-{i}"),
+                    &format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#),
+                ),
+                now,
+            )
+            .unwrap();
+        }
+        let mut engines = BTreeMap::from([(0, engine)]);
+        // A tick's plan: the referral changed, with no record of this plan behind it.
+        let mut plan = Plan::of_tick(Vec::new());
+        for r in engines.get_mut(&0).unwrap().take_dirty() {
+            plan.changed.insert((0, r));
+        }
+        let states = writer.fit_states(&mut plan, &mut engines, &[] as &[OwnedMessage]);
+        assert!(states.is_empty(), "not written");
+        assert!(plan.unwritable.contains(&(0, "R-1".to_string())));
+        let letter = plan.letters[0].as_ref().unwrap();
+        let header = |name: &str| {
+            letter.headers.as_ref().and_then(|h| {
+                rdkafka::message::Headers::iter(h)
+                    .find(|h| h.key == name)
+                    .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+            })
+        };
+        assert_eq!(
+            header(dlq_headers::REASON).as_deref(),
+            Some("output_too_large")
+        );
+        assert_eq!(
+            header(dlq_headers::OUTPUT_TOPIC).as_deref(),
+            Some("clock-state")
+        );
+        assert_eq!(
+            header(dlq_headers::SOURCE_TOPIC),
+            None,
+            "no source: not replayable"
+        );
+        // The state itself stays in memory: its clocks keep running here.
+        assert_eq!(engines[&0].stats().open_clocks, 3);
+        // A lower limit learned from the broker applies from then on.
+        writer.learn("clock-state", 15_000);
+        assert_eq!(writer.limit("clock-state"), 14_999);
+        assert_eq!(writer.limit("sla"), 20_000);
+    }
 }

@@ -59,6 +59,23 @@ pub struct Settings {
     pub validation: ValidationSettings,
     /// The wall clock: real, or shifted for a drill or a test.
     pub time: TimeSettings,
+    /// Bounds on what a dead letter carries of the record it stands for.
+    pub dead_letters: DeadLetterSettings,
+}
+
+/// Bounds on a dead letter: every one must fit in a record the producer (and the broker) takes,
+/// whatever the refused record was, or the dead letter itself would stop the partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// A value up to this size is kept whole; a larger one is replaced by its first
+    /// `prefix_bytes`, with its length and SHA-256 in headers.
+    pub max_payload_bytes: usize,
+    /// How much of a value (or key) over its bound is kept.
+    pub prefix_bytes: usize,
+    /// The original headers are kept, in order, while their names and values add up to at most
+    /// this; the rest are dropped and counted in a header.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,6 +167,21 @@ impl fmt::Debug for KafkaSettings {
             .field("consumer_properties", &redacted(&self.consumer_properties))
             .field("producer_properties", &redacted(&self.producer_properties))
             .finish()
+    }
+}
+
+/// librdkafka's default `message.max.bytes`: the largest record a producer sends.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+impl KafkaSettings {
+    /// The largest record safeclock's producers send (`message.max.bytes` of the producer
+    /// properties, else of the shared ones, else librdkafka's default).
+    pub fn producer_message_max_bytes(&self) -> usize {
+        self.producer_properties
+            .get("message.max.bytes")
+            .or_else(|| self.properties.get("message.max.bytes"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
     }
 }
 
@@ -1089,6 +1121,7 @@ impl fmt::Debug for Settings {
             .field("calendars", &self.calendars)
             .field("intake", &self.intake)
             .field("validation", &self.validation)
+            .field("dead_letters", &self.dead_letters)
             .finish()
     }
 }
@@ -1305,6 +1338,45 @@ impl Settings {
         self.time
             .validate()
             .map_err(|m| invalid("time.offset_secs", m))?;
+        self.validate_dead_letters()?;
+        Ok(())
+    }
+
+    /// Room a dead letter needs besides the kept value, key and original headers: safeclock's
+    /// own headers (reason, error, service, source, length, hash) and the record's framing.
+    pub const DEAD_LETTER_OVERHEAD: usize = 8 * 1024;
+
+    fn validate_dead_letters(&self) -> Result<(), ConfigError> {
+        let d = &self.dead_letters;
+        if d.max_payload_bytes < 1024 {
+            return Err(invalid(
+                "dead_letters.max_payload_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if d.prefix_bytes > d.max_payload_bytes {
+            return Err(invalid(
+                "dead_letters.prefix_bytes",
+                "must not exceed dead_letters.max_payload_bytes",
+            ));
+        }
+        let largest = d
+            .max_payload_bytes
+            .saturating_add(d.max_header_bytes)
+            .saturating_add(d.prefix_bytes)
+            .saturating_add(Self::DEAD_LETTER_OVERHEAD);
+        let limit = self.kafka.producer_message_max_bytes();
+        if largest > limit {
+            return Err(invalid(
+                "dead_letters.max_payload_bytes",
+                format!(
+                    "with max_header_bytes, a key of prefix_bytes and {} bytes of safeclock's own \
+                     headers, a dead letter could be {largest} bytes, over the producer's \
+                     message.max.bytes ({limit}): a dead letter must always fit",
+                    Self::DEAD_LETTER_OVERHEAD
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1330,6 +1402,43 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(contents.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn a_dead_letter_always_fits_in_what_the_producer_sends() {
+        let s = Settings::defaults().unwrap();
+        assert_eq!(s.dead_letters.max_payload_bytes, 256 * 1024);
+        assert_eq!(s.kafka.producer_message_max_bytes(), 1_000_000);
+        let err = Settings::load_with_env(
+            None,
+            env(&[(
+                "SAFECLOCK__KAFKA__PRODUCER_PROPERTIES__MESSAGE_MAX_BYTES",
+                "200000",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dead_letters.max_payload_bytes"), "{err}");
+        assert!(err.contains("200000"), "{err}");
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                (
+                    "SAFECLOCK__KAFKA__PRODUCER_PROPERTIES__MESSAGE_MAX_BYTES",
+                    "200000",
+                ),
+                ("SAFECLOCK__DEAD_LETTERS__MAX_PAYLOAD_BYTES", "65536"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.producer_message_max_bytes(), 200_000);
+        let err = Settings::load_with_env(
+            None,
+            env(&[("SAFECLOCK__DEAD_LETTERS__PREFIX_BYTES", "300000")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dead_letters.prefix_bytes"), "{err}");
     }
 
     #[test]

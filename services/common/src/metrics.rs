@@ -86,6 +86,13 @@ pub struct ConsumerMetrics {
     /// `safeclock_consumer_lag{service,topic,partition}`: records behind the partition's end,
     /// from librdkafka statistics.
     pub lag: IntGaugeVec,
+    /// `safeclock_outputs_refused_total{service,reason}`: records this service meant to write
+    /// that the broker refuses for good (`output_too_large`, `output_refused`); each was
+    /// dead-lettered instead (the input that caused it, or the record itself).
+    pub outputs_refused: IntCounterVec,
+    /// `safeclock_broker_waits_total{service}`: pauses while the broker could not take this
+    /// service's records (it writes them all again after each; nothing is skipped).
+    pub broker_waits: IntCounterVec,
 }
 
 impl ConsumerMetrics {
@@ -160,6 +167,22 @@ impl ConsumerMetrics {
         registry.register(Box::new(batch_seconds.clone()))?;
         registry.register(Box::new(record_latency.clone()))?;
         registry.register(Box::new(lag.clone()))?;
+        let outputs_refused = IntCounterVec::new(
+            Opts::new(
+                "safeclock_outputs_refused_total",
+                "Records the broker refuses for good (too large, invalid); each was dead-lettered instead.",
+            ),
+            &["service", "reason"],
+        )?;
+        let broker_waits = IntCounterVec::new(
+            Opts::new(
+                "safeclock_broker_waits_total",
+                "Pauses while the broker could not take records; they are all written again after each.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(outputs_refused.clone()))?;
+        registry.register(Box::new(broker_waits.clone()))?;
         Ok(Self {
             consumed,
             invalid,
@@ -167,6 +190,8 @@ impl ConsumerMetrics {
             batch_seconds,
             record_latency,
             lag,
+            outputs_refused,
+            broker_waits,
         })
     }
 }

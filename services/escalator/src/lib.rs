@@ -29,6 +29,18 @@
 //! after 1 restores them as pending and delivers them. A crash between a delivery and the write
 //! of its outcome sends that one notification again, with the same `dedupKey` and `deliveryId`,
 //! so receivers can de-duplicate; that window is the only way a page repeats.
+//!
+//! # No record stops a partition
+//! An invalid SLA event is dead-lettered with its reason (bounded: a value over
+//! `dead_letters.max_payload_bytes` keeps its length, SHA-256 and a prefix) and the partition
+//! moves on. A record of the escalator's own that the broker refuses for good (too large,
+//! invalid) is dead-lettered instead of written (reason `output_too_large` or `output_refused`),
+//! and the rest of the batch goes on: an escalation state so refused is not durable, so after a
+//! restart that escalation resumes from its previous state and may page again under the same
+//! `dedupKey`. A broker that is away (transport failure, timeouts, no leader, not enough
+//! replicas) is waited out: everything is written again after a pause, for as long as it takes,
+//! no offset is stored and no notification handed on meanwhile, and the service reports not
+//! ready. Only a producer that can no longer write at all stops the service.
 
 pub mod api;
 pub mod delivery;
@@ -44,19 +56,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use safeclock_common::event::{transition_label, Plausibility};
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
+use safeclock_common::kafka::{
+    self, BrokerWait, DeadLetters, OffsetBook, Output, ServiceConsumer, Topic,
+};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::schema::enum_label;
-use safeclock_common::schema::v1::{
-    EscalationAction, EscalationRecord, EscalationState, EscalationStatus,
-};
+use safeclock_common::schema::v1::{EscalationAction, EscalationState, EscalationStatus};
 use safeclock_common::service::ServiceDeps;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::api::{Command, EscalationView};
 use crate::delivery::{Dispatcher, Report};
@@ -71,51 +81,54 @@ const SERVICE: &str = "escalator";
 
 /// Where the escalator writes, and how.
 struct Effects {
-    producer: FutureProducer,
     log_topic: String,
     state_topic: String,
     dead_letters: DeadLetters,
+    /// Waits out a broker that is away (not ready meanwhile).
+    wait: BrokerWait,
     metrics: EscalatorMetrics,
 }
 
 impl Effects {
-    async fn audit(&self, record: &EscalationRecord) -> anyhow::Result<DeliveryFuture> {
-        let payload = serde_json::to_vec(record)?;
-        let r = FutureRecord::<str, [u8]>::to(&self.log_topic)
-            .key(&record.escalation_id)
-            .payload(&payload);
-        kafka::enqueue(&self.producer, r).await
-    }
-
-    /// Makes the actions' records and every changed state durable; returns the notifications
-    /// to hand to the delivery layer once that is done.
+    /// Makes the actions' records, the dead letters in `outputs` and every changed state durable;
+    /// returns the notifications to hand to the delivery layer once that is done.
+    ///
+    /// A record the broker refuses for good (too large, invalid) is dead-lettered instead
+    /// (bounded), and the rest go on: an audit record so refused is kept only in the dead-letter
+    /// topic; an escalation state so refused is not durable (its notifications are still
+    /// delivered, and after a restart the escalation resumes from its previous state, so a page
+    /// may be sent again under the same `dedupKey`). A broker that is away is waited out.
+    ///
+    /// # Errors
+    /// When the producer can no longer write, or the service is told to stop while the broker is
+    /// away ([`kafka::is_shutdown`]).
     async fn write(
         &self,
         actions: Vec<Action>,
         engines: &mut BTreeMap<i32, Engine>,
-        mut deliveries: Vec<DeliveryFuture>,
+        mut outputs: Vec<Output>,
     ) -> anyhow::Result<Vec<Job>> {
         let mut jobs = Vec::new();
         for action in actions {
             match action {
                 Action::Deliver(job) => jobs.push(job),
-                Action::Audit(record) => deliveries.push(self.audit(&record).await?),
+                Action::Audit(record) => outputs.push(Output::new(
+                    &self.log_topic,
+                    record.escalation_id.as_bytes(),
+                    Some(serde_json::to_vec(&record)?),
+                )),
                 Action::DeadLetter { job, error } => {
                     self.metrics
                         .dead_letters
                         .with_label_values(&[&job.pending.receiver])
                         .inc();
                     let payload = serde_json::to_vec(&receivers::webhook_body(&job))?;
-                    deliveries.push(
-                        self.dead_letters
-                            .send_undeliverable(
-                                &job.escalation_id,
-                                &payload,
-                                "notification_undeliverable",
-                                &format!("receiver {}: {error}", job.pending.receiver),
-                            )
-                            .await?,
-                    );
+                    outputs.push(self.dead_letters.undeliverable(
+                        &job.escalation_id,
+                        &payload,
+                        "notification_undeliverable",
+                        &format!("receiver {}: {error}", job.pending.receiver),
+                    ));
                 }
                 Action::Acknowledged { after_secs } => {
                     self.metrics.time_to_ack.observe(after_secs);
@@ -127,16 +140,23 @@ impl Effects {
                 let payload = engine
                     .export(&id)
                     .map(|s| prost::Message::encode_to_vec(&s));
-                let mut record = FutureRecord::<str, [u8]>::to(&self.state_topic)
-                    .partition(*partition)
-                    .key(&id);
-                if let Some(bytes) = payload.as_deref() {
-                    record = record.payload(bytes);
-                }
-                deliveries.push(kafka::enqueue(&self.producer, record).await?);
+                outputs.push(
+                    Output::new(&self.state_topic, id.as_bytes(), payload).to_partition(*partition),
+                );
             }
         }
-        kafka::await_deliveries(deliveries).await?;
+        let refused = self
+            .dead_letters
+            .write_or_dead_letter(&outputs, &self.wait)
+            .await?;
+        for i in refused {
+            if outputs[i].topic == self.state_topic {
+                tracing::error!(
+                    escalation_id = %String::from_utf8_lossy(outputs[i].key.as_deref().unwrap_or_default()),
+                    "an escalation's state is refused by the broker for good: dead-lettered, not durable; after a restart it resumes from its previous state"
+                );
+            }
+        }
         Ok(jobs)
     }
 }
@@ -391,10 +411,15 @@ pub async fn run(
     let producer = kafka::producer(&settings)?;
     kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::EscalationState).await?;
     let effects = Effects {
-        producer: producer.clone(),
         log_topic: settings.topic(Topic::EscalationLog),
         state_topic: settings.topic(Topic::EscalationState),
         dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+        wait: BrokerWait::new(
+            SERVICE,
+            deps.readiness.component("escalator-outputs"),
+            shutdown.clone(),
+            consumer_metrics.broker_waits.with_label_values(&[SERVICE]),
+        ),
         metrics: metrics.clone(),
     };
     let (report_tx, mut report_rx) = mpsc::unbounded_channel();
@@ -435,6 +460,17 @@ pub async fn run(
         "escalator started"
     );
 
+    // A stop requested while the broker is away ends the loop (the batch under way is not
+    // stored); any other error stops the service.
+    macro_rules! or_stop {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) if kafka::is_shutdown(&e) => break,
+                Err(e) => return Err(e),
+            }
+        };
+    }
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -448,7 +484,7 @@ pub async fn run(
                 let now = deps.time.now();
                 let actions: Vec<Action> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
                 if !actions.is_empty() || engines.values().any(Engine::has_dirty) {
-                    for job in effects.write(actions, &mut engines, Vec::new()).await? {
+                    for job in or_stop!(effects.write(actions, &mut engines, Vec::new()).await) {
                         dispatcher.submit(job);
                     }
                 }
@@ -456,7 +492,7 @@ pub async fn run(
             }
             revoked = handover.revoked() => {
                 let partitions = kafka::Handover::partitions(&revoked, &input);
-                hand_over(&partitions, &consumer, &mut engines, &dispatcher, &mut report_rx, &effects, || deps.time.now(), settle).await?;
+                or_stop!(hand_over(&partitions, &consumer, &mut engines, &dispatcher, &mut report_rx, &effects, || deps.time.now(), settle).await);
                 handover.release(&revoked);
                 update_gauges(&engines, &metrics);
             }
@@ -465,12 +501,12 @@ pub async fn run(
                     continue;
                 }
                 let actions = apply_reports(std::mem::take(&mut reports), &mut engines, deps.time.now());
-                for job in effects.write(actions, &mut engines, Vec::new()).await? {
+                for job in or_stop!(effects.write(actions, &mut engines, Vec::new()).await) {
                     dispatcher.submit(job);
                 }
             }
             Some(command) = command_rx.recv() => {
-                handle_command(command, &mut engines, &effects, &dispatcher, deps.time.now()).await?;
+                or_stop!(handle_command(command, &mut engines, &effects, &dispatcher, deps.time.now()).await);
             }
             batch = kafka::next_batch(&consumer, esc.max_batch) => {
                 let started = Instant::now();
@@ -487,7 +523,8 @@ pub async fn run(
                     };
                     match plausibility.decode_sla(message.payload().unwrap_or_default(), deps.time.now()) {
                         Err(rejection) => {
-                            dead.push(effects.dead_letters.send(message, &rejection).instrument(span.clone()).await?);
+                            let _enter = span.enter();
+                            dead.push(effects.dead_letters.letter(message, &rejection));
                         }
                         Ok(event) => {
                             let _enter = span.enter();
@@ -497,7 +534,7 @@ pub async fn run(
                     }
                     offsets.handled(message);
                 }
-                let jobs = effects.write(actions, &mut engines, dead).await?;
+                let jobs = or_stop!(effects.write(actions, &mut engines, dead).await);
                 offsets.store(&consumer);
                 for job in jobs {
                     dispatcher.submit(job);

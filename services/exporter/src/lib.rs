@@ -13,6 +13,16 @@
 //! the clock publishes again (its at-least-once output) are recognised by id within a window of
 //! the partition's last [`totals::DURABLE_ID_WINDOW`] ids, which is part of the snapshot.
 //!
+//! # No record stops a partition
+//! An invalid record is dead-lettered with its reason (bounded: a value over
+//! `dead_letters.max_payload_bytes` keeps its length, SHA-256 and a prefix) and counted as
+//! handled. A broker that is away is waited out (the dead letters and snapshots are written again
+//! after a pause, for as long as it takes; nothing is stored meanwhile and the service reports
+//! not ready). A snapshot the broker refuses for good (a partition's totals are bounded by the
+//! label sets and the id window, well under the producer's limit, so this takes a topic limit set
+//! far too low) is dead-lettered instead, and that partition's offsets are not stored: its
+//! counts stay exact, recounted from its last snapshot after a restart.
+//!
 //! # Several instances
 //! Instances share the input through the consumer group. Each serves the series of the
 //! partitions it owns, labelled `partition`; a partition's series move with it, at their value,
@@ -26,11 +36,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use safeclock_common::config::Settings;
 use safeclock_common::event::{decode_sla_event, transition_label};
-use safeclock_common::kafka::{self, DeadLetters, OffsetBook, ServiceConsumer, Topic};
+use safeclock_common::kafka::{
+    self, BrokerWait, DeadLetters, OffsetBook, Output, ServiceConsumer, Topic,
+};
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::policy::Policy;
@@ -134,7 +145,9 @@ impl Recorder {
 /// `{group}/{input topic}/{partition}`, in the same partition of the compacted `exporter-state`
 /// topic (so taking over a partition reads one state partition).
 struct StateTopic {
-    producer: FutureProducer,
+    dead_letters: DeadLetters,
+    /// Waits out a broker that is away (not ready meanwhile).
+    wait: BrokerWait,
     topic: String,
     group: String,
     referral_topic: String,
@@ -195,18 +208,25 @@ impl StateTopic {
         })
     }
 
-    /// Writes the snapshots and waits for the broker's acknowledgement of every one.
-    async fn save(&self, snapshots: Vec<(Shard, Vec<u8>)>) -> anyhow::Result<()> {
-        let mut deliveries = Vec::with_capacity(snapshots.len());
-        for (shard, bytes) in &snapshots {
-            let key = self.key(*shard);
-            let record = FutureRecord::to(&self.topic)
-                .key(key.as_str())
-                .payload(bytes.as_slice())
-                .partition(shard.1);
-            deliveries.push(kafka::enqueue(&self.producer, record).await?);
-        }
-        kafka::await_deliveries(deliveries).await
+    /// Writes the snapshots and waits for the broker's acknowledgement of every one (waiting out
+    /// a broker that is away); returns the shards whose snapshot the broker refuses for good
+    /// (dead-lettered instead).
+    ///
+    /// # Errors
+    /// When the producer can no longer write, or the service is told to stop meanwhile.
+    async fn save(&self, snapshots: Vec<(Shard, Vec<u8>)>) -> anyhow::Result<Vec<Shard>> {
+        let outputs: Vec<Output> = snapshots
+            .iter()
+            .map(|(shard, bytes)| {
+                Output::new(&self.topic, self.key(*shard), Some(bytes.clone()))
+                    .to_partition(shard.1)
+            })
+            .collect();
+        let refused = self
+            .dead_letters
+            .write_or_dead_letter(&outputs, &self.wait)
+            .await?;
+        Ok(refused.into_iter().map(|i| snapshots[i].0).collect())
     }
 }
 
@@ -344,9 +364,19 @@ impl Shards<'_> {
                 .filter_map(|s| owned.get(s).map(|t| (*s, t.to_json())))
                 .collect()
         };
-        self.state.save(snapshots).await?;
+        let refused = self.state.save(snapshots).await?;
         self.dirty.clear();
-        std::mem::take(&mut self.pending).store(consumer);
+        let mut pending = std::mem::take(&mut self.pending);
+        for shard in refused {
+            tracing::error!(
+                partition = shard.1,
+                topic = self.state.input_topic(shard.0),
+                "the broker refuses this partition's snapshot for good: dead-lettered; its offsets are not stored, so its counts are recounted from its last snapshot after a restart"
+            );
+            pending.forget(self.state.input_topic(shard.0), shard.1);
+            self.dirty.insert(shard);
+        }
+        pending.store(consumer);
         Ok(())
     }
 
@@ -394,8 +424,16 @@ pub async fn run(
     let sla_topic = settings.topic(Topic::SlaEvents);
     kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ExporterState).await?;
     kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::ExporterState).await?;
+    let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
+    let wait = BrokerWait::new(
+        SERVICE,
+        deps.readiness.component("exporter-outputs"),
+        shutdown.clone(),
+        consumer_metrics.broker_waits.with_label_values(&[SERVICE]),
+    );
     let state = StateTopic {
-        producer: producer.clone(),
+        dead_letters: dead_letters.clone(),
+        wait: wait.clone(),
         topic: settings.topic(Topic::ExporterState),
         group: settings.exporter.group_id.clone(),
         referral_topic: referral_topic.clone(),
@@ -422,30 +460,44 @@ pub async fn run(
     consumer.context().report_lag(consumer_metrics.lag.clone());
     consumer.context().restores_state(shards.restored.clone());
     let handover = kafka::Handover::take_over(&consumer);
-    let dead_letters = DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone());
     let plausibility = safeclock_common::event::Plausibility::new(&settings);
     tracing::info!(referral_topic, sla_topic, "exporter started");
 
     let mut snapshot_due = tokio::time::interval(SNAPSHOT_INTERVAL);
     snapshot_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A stop requested while the broker is away ends the loop without a last snapshot (the batch
+    // under way is not durable); any other error stops the service.
+    let mut interrupted = false;
+    macro_rules! or_stop {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) if kafka::is_shutdown(&e) => {
+                    interrupted = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+    }
     loop {
         let batch = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             revoked = handover.revoked() => {
-                shards.hand_over(&consumer, &handover, &revoked).await?;
+                or_stop!(shards.hand_over(&consumer, &handover, &revoked).await);
                 continue;
             }
             _ = snapshot_due.tick() => {
                 shards.sync_assignment(&consumer).await?;
-                shards.snapshot(&consumer).await?;
+                or_stop!(shards.snapshot(&consumer).await);
                 continue;
             }
             batch = kafka::next_batch(&consumer, MAX_BATCH) => batch,
         };
         shards.sync_assignment(&consumer).await?;
         let started = Instant::now();
-        let mut deliveries = Vec::new();
+        let mut letters = Vec::new();
         for message in &batch {
             consumer_metrics
                 .consumed
@@ -476,7 +528,7 @@ pub async fn run(
                     .map(|e| Record::Referral(Box::new(e))),
             };
             if let Err(rejection) = &decoded {
-                deliveries.push(dead_letters.send(message, rejection).await?);
+                letters.push(dead_letters.letter(message, rejection));
             }
             let mut owned = metrics.lock();
             if let Some(totals) = owned.get_mut(&shard) {
@@ -490,13 +542,24 @@ pub async fn run(
                 shards.pending.handled(message);
             }
         }
-        kafka::await_deliveries(deliveries).await?;
+        // The dead letters must be durable before a snapshot covers their records.
+        or_stop!(dead_letters
+            .write_or_dead_letter(&letters, &wait)
+            .await
+            .map_err(anyhow::Error::from));
         consumer_metrics
             .batch_seconds
             .with_label_values(&[SERVICE])
             .observe(started.elapsed().as_secs_f64());
     }
-    shards.snapshot(&consumer).await?;
+    if !interrupted {
+        match shards.snapshot(&consumer).await {
+            Err(e) if kafka::is_shutdown(&e) => {
+                tracing::warn!("stopped while the broker was away: no last snapshot; the next owner counts on from the previous one");
+            }
+            r => r?,
+        }
+    }
     kafka::commit_stored(&consumer, SERVICE);
     tracing::info!("exporter stopped");
     Ok(())

@@ -1,0 +1,121 @@
+//! Client configuration and producers, and waiting out a broker that is restarting.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::{FutureProducer, Producer};
+
+use crate::config::{KafkaSettings, Settings};
+
+/// A librdkafka client config with the brokers and every pass-through property.
+pub fn client_config(kafka: &KafkaSettings, extra: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &kafka.brokers);
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in kafka.properties.iter().chain(extra.iter()) {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// A producer for outputs: `acks=all` and idempotent unless the operator overrides it.
+///
+/// # Errors
+/// When librdkafka refuses the configuration (the message names the property).
+pub fn producer(settings: &Settings) -> anyhow::Result<FutureProducer> {
+    producer_with(settings, None)
+}
+
+/// A producer, transactional when `transactional_id` is given (transactions are initialised,
+/// which fences any older instance with the same id).
+///
+/// # Errors
+/// When librdkafka refuses the configuration or the broker refuses the transactional id.
+pub fn producer_with(
+    settings: &Settings,
+    transactional_id: Option<&str>,
+) -> anyhow::Result<FutureProducer> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    // Operator properties last, so they win.
+    let base = client_config(&settings.kafka, &settings.kafka.producer_properties);
+    for (k, v) in base.config_map() {
+        cfg.set(k, v);
+    }
+    if let Some(id) = transactional_id {
+        cfg.set("transactional.id", id);
+    }
+    cfg.set_log_level(RDKafkaLogLevel::Warning);
+    let producer: FutureProducer = cfg
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))?;
+    if transactional_id.is_some() {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot initialise Kafka transactions (does the broker support them?): {e}"
+                )
+            })?;
+    }
+    Ok(producer)
+}
+
+/// How long a starting service waits for an unreachable broker before it gives up (and its
+/// supervisor restarts it).
+pub(super) const BROKER_WAIT: Duration = Duration::from_secs(120);
+
+/// Calls `attempt` until it succeeds or `give_up_after` has passed, pausing `pause` after each
+/// failure and logging it as `what`: for blocking calls to a broker that may be restarting.
+pub(super) fn retry_blocking<T>(
+    give_up_after: Duration,
+    pause: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> KafkaResult<T>,
+) -> KafkaResult<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match attempt() {
+            Err(e) if started.elapsed() < give_up_after => {
+                tracing::warn!(error.message = %e, "{what}; retrying");
+                std::thread::sleep(pause);
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configured_property_reaches_librdkafka_and_safeclock_keeps_its_own() {
+        let mut settings = Settings::defaults().unwrap();
+        settings.kafka.brokers = "kafka-1:9093".into();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "safeclock"),
+            ("sasl.password", "hunter2"),
+            ("ssl.ca.location", "/etc/ssl/force-ca.pem"),
+        ] {
+            settings.kafka.properties.insert(k.into(), v.into());
+        }
+        settings
+            .kafka
+            .producer_properties
+            .insert("acks".into(), "1".into());
+        let cfg = client_config(&settings.kafka, &settings.kafka.producer_properties);
+        assert_eq!(cfg.get("bootstrap.servers"), Some("kafka-1:9093"));
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(cfg.get("ssl.ca.location"), Some("/etc/ssl/force-ca.pem"));
+        assert_eq!(cfg.get("acks"), Some("1"), "operator overrides win");
+    }
+}

@@ -1,0 +1,101 @@
+//! Reading a compacted partition to its end, for restores.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+
+use super::client::{client_config, retry_blocking};
+use crate::config::Settings;
+
+/// How long reading a compacted partition may go without a record before it is declared stuck.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once the reported high watermark is reached, reading goes on until the partition has been
+/// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
+/// rather than the next offset, so the watermark alone would stop a restore early and lose state.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
+/// Key -> latest value (`None`: a tombstone) of a compacted topic's partition.
+pub type LatestByKey = HashMap<String, Option<Vec<u8>>>;
+
+/// The latest value per key (`None` for a tombstone) of one partition of a compacted topic,
+/// read from its beginning to its end (blocking), and the number of records read. `group_id`
+/// names the reading client; it commits nothing.
+///
+/// # Errors
+/// When the partition cannot be read to its end.
+pub fn read_compacted_partition(
+    settings: &Settings,
+    topic: &str,
+    partition: i32,
+    group_id: &str,
+) -> anyhow::Result<(LatestByKey, usize)> {
+    use anyhow::Context;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut cfg = client_config(&settings.kafka, &settings.kafka.consumer_properties);
+    cfg.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .with_context(|| format!("cannot create a consumer to read {topic}"))?;
+    // The broker may be restarting: retry until the stall timeout, as for the records.
+    let (low, high) = retry_blocking(
+        STALL_TIMEOUT,
+        Duration::from_millis(500),
+        &format!("cannot read the watermarks of {topic}[{partition}] yet"),
+        || consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)),
+    )
+    .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
+    let mut latest = HashMap::new();
+    if high <= low {
+        return Ok((latest, 0));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut records = 0usize;
+    let mut last_progress = std::time::Instant::now();
+    let mut reached_watermark = false;
+    loop {
+        let wait = if reached_watermark {
+            DRAIN_QUIET
+        } else {
+            Duration::from_millis(200)
+        };
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                last_progress = std::time::Instant::now();
+                records += 1;
+                if let Some(key) = m.key() {
+                    latest.insert(
+                        String::from_utf8_lossy(key).into_owned(),
+                        m.payload().map(<[u8]>::to_vec),
+                    );
+                }
+                reached_watermark |= m.offset() >= high - 1;
+            }
+            // librdkafka reconnects by itself: a broker away for a while (restarting, a network
+            // blip) only delays the restore, up to the stall timeout.
+            Some(Err(e)) => {
+                anyhow::ensure!(
+                    last_progress.elapsed() < STALL_TIMEOUT,
+                    "cannot read {topic}[{partition}]: no record for {STALL_TIMEOUT:?} before offset {high}; last error: {e}"
+                );
+                tracing::warn!(topic, partition, error.message = %e, "error while restoring; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None if reached_watermark => break,
+            None => {
+                anyhow::ensure!(
+                    last_progress.elapsed() < STALL_TIMEOUT,
+                    "reading {topic}[{partition}] stalled: no record for {STALL_TIMEOUT:?} before offset {high}"
+                );
+            }
+        }
+    }
+    Ok((latest, records))
+}
