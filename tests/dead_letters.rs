@@ -555,16 +555,33 @@ fn event_of(id: &str, referral: &str, at: Timestamp, kind: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The issue's case: devices seized on one referral, each with a 60 KB reference (each event
-/// valid, under the 64 KiB decoder limit), until its state record would be over the producer's
-/// 1,000,000 bytes. Before, the clock exited with `MessageSizeTooLarge` and exited again on every
-/// restart. Now the events that would make the state too large are dead-lettered
-/// (`output_too_large`), the referral keeps its other clocks, the partition moves on, and a
-/// restarted clock neither exits nor refuses them again.
+/// The clock's defensive path for a state record the producer would refuse. The issue's case
+/// (devices with 60 KB references, until the state passed the producer's 1,000,000 bytes and the
+/// clock exited, again on every restart) cannot happen any more: a reference is at most
+/// `validation.max_ref_chars` and the limits bound the record (the hostile-input suite sends it).
+/// What remains is a producer limit set below what the configured limits allow: here 100,000
+/// bytes with room for 200 devices of 250-character references. The events that would make the
+/// state too large are dead-lettered (`output_too_large`), the referral keeps its other clocks,
+/// the partition moves on, and a restarted clock neither exits nor refuses them again.
 #[tokio::test]
 async fn an_output_too_large_to_write_is_dead_lettered_and_the_clock_keeps_running() {
     let brokers = real_broker();
-    let settings = Arc::new(isolated_settings(&brokers));
+    let mut settings = isolated_settings(&brokers);
+    // With the default limits no referral's state can come near the producer's limit (decision
+    // record (o)). A producer limit set below what the configured limits allow is the way left
+    // to meet one: the clock's defensive path, which this test is about.
+    settings
+        .kafka
+        .producer_properties
+        .insert("message.max.bytes".into(), "100000".into());
+    settings.validation.max_ref_chars = 256;
+    settings.clock.limits.max_instances_per_rule = 200;
+    settings.clock.limits.max_references = 200;
+    settings.clock.limits.max_open_clocks = 250;
+    // A dead letter must always fit under that limit too.
+    settings.dead_letters.max_payload_bytes = 32 * 1024;
+    settings.validate().unwrap();
+    let settings = Arc::new(settings);
     let input = settings.topic(Topic::ReferralEvents);
     let changelog = settings.topic(Topic::ClockState);
     let shutdown = CancellationToken::new();
@@ -584,10 +601,10 @@ async fn an_output_too_large_to_write_is_dead_lettered_and_the_clock_keeps_runni
         p,
     )
     .await;
-    const DEVICES: usize = 20;
+    const DEVICES: usize = 140;
     let mut offsets = Vec::new();
     for i in 0..DEVICES {
-        let device = format!("DEV-{i:02}-{}", "x".repeat(60_000));
+        let device = format!("DEV-{i:03}-{}", "x".repeat(240));
         let kind = format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#);
         let event = event_of(&format!("d-{}", i + 1), "R-DEV", at, &kind);
         assert!(event.len() < 64 * 1024);
@@ -597,13 +614,29 @@ async fn an_output_too_large_to_write_is_dead_lettered_and_the_clock_keeps_runni
                 .1,
         );
     }
-    // After them, on the same partition: the child is contacted (a small event of the same
+    // After them, on the same partition: the first device is examined (its clock ends, which
+    // makes room in the state again), the child is contacted (a small event of the same
     // referral), and another referral arrives.
+    let first = format!("DEV-000-{}", "x".repeat(240));
     produce_raw(
         &brokers,
         &input,
         b"R-DEV",
-        &event_of("d-99", "R-DEV", at, r#""victimContacted":{}"#),
+        &event_of(
+            "x-1",
+            "R-DEV",
+            at,
+            &format!(r#""deviceExamined":{{"deviceRef":"{first}"}}"#),
+        ),
+        &[],
+        p,
+    )
+    .await;
+    produce_raw(
+        &brokers,
+        &input,
+        b"R-DEV",
+        &event_of("x-2", "R-DEV", at, r#""victimContacted":{}"#),
         &[],
         p,
     )
@@ -637,7 +670,7 @@ async fn an_output_too_large_to_write_is_dead_lettered_and_the_clock_keeps_runni
         .iter()
         .filter_map(|r| decode_sla_event(r.payload().unwrap_or_default()).ok())
         .filter(|e| e.rule_id == "device-examination")
-        .map(|e| e.instance[..6].to_string())
+        .map(|e| e.instance[..7].to_string())
         .collect();
 
     // The devices that would have made the state too large are dead-lettered, by the clock,

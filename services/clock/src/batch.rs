@@ -555,6 +555,9 @@ mod tests {
         let engine = f.engines.get_mut(&0).unwrap();
         let again =
             safeclock_common::event::decode_referral_event(batch[1].payload().unwrap()).unwrap();
-        assert!(!engine.on_event(&again, AT.parse().unwrap()).unwrap().is_empty());
+        assert!(!engine
+            .on_event(&again, AT.parse().unwrap())
+            .unwrap()
+            .is_empty());
     }
 }

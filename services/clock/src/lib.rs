@@ -191,6 +191,20 @@ impl ClockService {
                 .saturating_sub(FRAMING),
             learned: HashMap::new(),
         };
+        // The configuration refuses limits whose largest state record passes 256 KiB; a
+        // producer limit set lower than that is allowed, but states past it are dead-lettered
+        // (`output_too_large`) instead of written: say so once, at start.
+        let worst =
+            prost::Message::encoded_len(&policy.limits.worst_case_state(&settings.validation));
+        if worst > writer.limit(&writer.topics.changelog) {
+            tracing::warn!(
+                worst_case_state_bytes = worst,
+                producer_limit_bytes = writer.limit(&writer.topics.changelog),
+                "[clock.limits] allow a referral state larger than the producer's message.max.bytes \
+                 takes: a referral that reaches it has its further events dead-lettered \
+                 (output_too_large); raise message.max.bytes or lower the limits"
+            );
+        }
         let bounds = SlaLabelBounds::new(
             &settings.forces,
             policy.rules.rules.iter().map(|r| r.id.as_str()),
@@ -914,14 +928,15 @@ mod tests {
         let now: jiff::Timestamp = "2025-03-03T09:00:00Z".parse().unwrap();
         for i in 0..3 {
             let device = format!("DEV-{i}-{}", "x".repeat(10_000));
-            engine.on_event(
-                &event(
-                    &format!("e-{i}"),
-                    &format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#),
-                ),
-                now,
-            )
-            .unwrap();
+            engine
+                .on_event(
+                    &event(
+                        &format!("e-{i}"),
+                        &format!(r#""deviceSeized":{{"deviceRef":"{device}"}}"#),
+                    ),
+                    now,
+                )
+                .unwrap();
         }
         let mut engines = BTreeMap::from([(0, engine)]);
         // A tick's plan: the referral changed, with no record of this plan behind it.
