@@ -55,6 +55,9 @@ on_exit() {
 trap on_exit EXIT INT TERM
 start_services "$tansu"
 
+# The slowloris cases hold 2,000 connections open from the test process (and the server end in
+# intake): more descriptors than a default soft limit of 1024 allows.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Prometheus $SAFECLOCK_TEST_PROMETHEUS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
 cargo test --workspace "$@"
 
