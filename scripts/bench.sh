@@ -12,19 +12,19 @@
 #   - accepted events/s through intake beside the broker's raw produce rate, in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tansu=$(bash scripts/install-deps.sh | tail -n 1)
+eval "$(bash scripts/install-deps.sh)"
 
 cargo bench -p safeclock-clock --bench engine
 cargo bench -p safeclock-escalator --bench delivery
 cargo bench -p safeclock-exporter --bench recorder
 
-workdir=$(mktemp -d -t safeclock-bench.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-  --storage-engine memory://tansu/ >"$workdir/tansu.log" 2>&1 &
-broker_pid=$!
-trap 'kill $broker_pid 2>/dev/null; wait $broker_pid 2>/dev/null; rm -rf "$workdir"' EXIT
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench e2e
-SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-tests --bench escalator
-SAFECLOCK_TEST_BROKERS="127.0.0.1:$port" cargo bench -p safeclock-intake --bench intake
+# One Apache Kafka node for every benchmark that needs a broker, so their figures compare.
+started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --partitions 3 --daemon --max-lifetime 7200)
+kafka_dir=$(sed -n 's/^dir=//p' <<<"$started")
+trap 'bash scripts/kafka/start.sh --stop "$kafka_dir" >/dev/null 2>&1 || true' EXIT
+SAFECLOCK_TEST_BROKERS=$(sed -n 's/^bootstrap=//p' <<<"$started")
+export SAFECLOCK_TEST_BROKERS
+port=${SAFECLOCK_TEST_BROKERS##*:}
+cargo bench -p safeclock-tests --bench e2e
+cargo bench -p safeclock-tests --bench escalator
+cargo bench -p safeclock-intake --bench intake

@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 runs="${RUNS:-3}"
 rounds="${ROUNDS:-1}"
 per_run_seconds="${RUN_SECONDS:-900}"
-SAFECLOCK_TANSU=$(bash scripts/install-deps.sh | tail -n 1)
-export SAFECLOCK_TANSU
+eval "$(bash scripts/install-deps.sh)"
+export SAFECLOCK_TANSU SAFECLOCK_KAFKA_LIBS
 cargo test -p safeclock --test fault_suite --no-run --quiet
 mkdir -p target/fault-suite
 failed=0

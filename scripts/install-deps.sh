@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine, skipping what is already there:
 # the C toolchain pieces rdkafka's bundled librdkafka build needs, real Prometheus and Alertmanager,
-# and the tansu Kafka-protocol broker (cached under $SAFECLOCK_CACHE so a second run is instant).
+# Apache Kafka (pinned, from Maven artifacts, scripts/kafka/install.sh) and the tansu
+# Kafka-protocol broker, both cached under $SAFECLOCK_CACHE so a second run is instant.
+#
+# Prints what it installed as shell assignments, for `eval "$(bash scripts/install-deps.sh)"`:
+#   SAFECLOCK_KAFKA_LIBS=...   the class path directory of the Kafka broker and tools
+#   SAFECLOCK_TANSU=...        the tansu binary
 set -euo pipefail
 
 SAFECLOCK_CACHE=${SAFECLOCK_CACHE:-$HOME/.cache/safeclock}
@@ -37,4 +42,8 @@ if [ ! -x "$tansu_bin" ]; then
   mv "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION.partial" "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION"
 fi
 log "tansu: $tansu_bin"
-echo "$tansu_bin"
+
+kafka_libs=$(bash "$(dirname "$0")/kafka/install.sh" | tail -n 1)
+log "kafka: $kafka_libs"
+printf 'SAFECLOCK_KAFKA_LIBS=%q\n' "$kafka_libs"
+printf 'SAFECLOCK_TANSU=%q\n' "$tansu_bin"

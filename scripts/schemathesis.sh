@@ -3,7 +3,7 @@
 # services/intake/openapi.json, sends them to a running intake, and fails on any server error
 # or any response (status, headers, content type, body) the document does not allow.
 #
-#   bash scripts/schemathesis.sh                 # starts tansu and intake itself
+#   bash scripts/schemathesis.sh                 # starts Apache Kafka and intake itself
 #   SAFECLOCK_TEST_BROKERS=127.0.0.1:9092 bash scripts/schemathesis.sh   # uses that broker
 #   MAX_EXAMPLES=500 bash scripts/schemathesis.sh
 #   SAFECLOCK_BIN=target/debug/safeclock bash scripts/schemathesis.sh   # no build, that binary
@@ -33,11 +33,12 @@ fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
 workdir=$(mktemp -d -t safeclock-schemathesis.XXXXXX)
-broker_pid=""
+kafka_dir=""
 intake_pid=""
 cleanup() {
   status=$?
-  for pid in "$intake_pid" "$broker_pid"; do
+  if [ -n "$kafka_dir" ]; then bash scripts/kafka/start.sh --stop "$kafka_dir" >/dev/null 2>&1 || true; fi
+  for pid in "$intake_pid"; do
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
@@ -53,17 +54,11 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [ -z "${SAFECLOCK_TEST_BROKERS:-}" ]; then
-  tansu=$(bash scripts/install-deps.sh | tail -n 1)
-  port=$(free_port)
-  log "starting tansu on 127.0.0.1:$port"
-  "$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"$workdir/tansu.log" 2>&1 &
-  broker_pid=$!
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-    sleep 0.1
-  done
-  SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
+  eval "$(bash scripts/install-deps.sh)"
+  log "starting Apache Kafka (one KRaft node)"
+  started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --daemon --max-lifetime 3600)
+  kafka_dir=$(sed -n 's/^dir=//p' <<<"$started")
+  SAFECLOCK_TEST_BROKERS=$(sed -n 's/^bootstrap=//p' <<<"$started")
 fi
 
 if [ -n "${SAFECLOCK_BIN:-}" ]; then

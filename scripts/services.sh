@@ -1,15 +1,17 @@
 # Sourced by the test scripts: starts what the integration tests run against, on free loopback
 # ports, and stops it again on exit:
-#   - a real Kafka-protocol broker (tansu, installed by scripts/install-deps.sh);
+#   - Apache Kafka, one KRaft node (scripts/kafka/start.sh, installed by scripts/install-deps.sh);
 #   - a real Prometheus that scrapes whatever tests/prometheus.rs writes into its targets file
 #     and evaluates the repository's recording and alert rules every second;
 #   - a real Alertmanager (Debian's prometheus-alertmanager), clustering off.
-# It exports SAFECLOCK_TEST_BROKERS, SAFECLOCK_TEST_PROMETHEUS, SAFECLOCK_TEST_PROMETHEUS_TARGETS,
-# SAFECLOCK_TEST_ALERTMANAGER and SAFECLOCK_TANSU for the tests.
+# It exports SAFECLOCK_TEST_BROKERS, SAFECLOCK_TEST_PROMETHEUS, SAFECLOCK_TEST_PROMETHEUS_TARGETS
+# and SAFECLOCK_TEST_ALERTMANAGER for the tests (and SAFECLOCK_KAFKA_LIBS, SAFECLOCK_TANSU, for the
+# tests that start brokers of their own).
 #
+#   eval "$(bash scripts/install-deps.sh)"
 #   source scripts/services.sh
 #   trap 'stop_services $?' EXIT INT TERM
-#   start_services "$tansu_binary"
+#   start_services
 
 services_log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -17,6 +19,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 services_workdir=""
 services_pids=()
+services_kafka_dir=""
 
 # stop_services STATUS: stops them; on a failing STATUS, shows the end of their logs first.
 stop_services() {
@@ -28,8 +31,16 @@ stop_services() {
     fi
   done
   services_pids=()
+  if [ $status -ne 0 ] && [ -n "$services_kafka_dir" ] && [ -f "$services_kafka_dir/node-1/logs/server.log" ]; then
+    services_log "last lines of the Kafka broker log:"
+    tail -n 20 "$services_kafka_dir/node-1/logs/server.log" >&2 || true
+  fi
+  if [ -n "$services_kafka_dir" ]; then
+    bash scripts/kafka/start.sh --stop "$services_kafka_dir" >/dev/null 2>&1 || true
+    services_kafka_dir=""
+  fi
   if [ $status -ne 0 ] && [ -n "$services_workdir" ]; then
-    for name in prometheus alertmanager tansu; do
+    for name in prometheus alertmanager; do
       if [ -f "$services_workdir/$name.log" ]; then
         services_log "last lines of the $name log:"
         tail -n 20 "$services_workdir/$name.log" >&2 || true
@@ -60,20 +71,21 @@ wait_for() {
 tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start_services() {
-  local tansu=$1
+  : "${SAFECLOCK_KAFKA_LIBS:?run eval \"\$(bash scripts/install-deps.sh)\" first}"
+  export SAFECLOCK_KAFKA_LIBS SAFECLOCK_TANSU
   services_workdir=$(mktemp -d -t safeclock-services.XXXXXX)
-  export SAFECLOCK_TANSU="$tansu" # tests that restart a broker start one of their own
 
-  local port
-  port=$(free_port)
-  services_log "starting tansu on 127.0.0.1:$port"
-  "$tansu" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"$services_workdir/tansu.log" 2>&1 &
-  services_pids+=($!)
-  wait_for tansu $! tcp_open "$port"
-  export SAFECLOCK_TEST_BROKERS="127.0.0.1:$port"
+  services_log "starting Apache Kafka (one KRaft node)"
+  local started
+  started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --partitions 3 \
+    --daemon --max-lifetime 10800 2>"$services_workdir/kafka-start.log") || {
+    cat "$services_workdir/kafka-start.log" >&2
+    return 1
+  }
+  services_kafka_dir=$(sed -n 's/^dir=//p' <<<"$started")
+  export SAFECLOCK_TEST_BROKERS
+  SAFECLOCK_TEST_BROKERS=$(sed -n 's/^bootstrap=//p' <<<"$started")
+  services_log "Kafka on $SAFECLOCK_TEST_BROKERS ($(sed -n 's/^ready_ms=\([0-9]*\).*/\1/p' <<<"$started") ms to ready)"
 
   local prom_port
   prom_port=$(free_port)

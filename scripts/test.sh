@@ -28,7 +28,7 @@ if [ "${free_kb:-0}" -lt $((4 * 1024 * 1024)) ]; then
   log "WARNING: under 4 GB free for $target_dir; the build may fail for lack of space"
 fi
 
-tansu=$(bash scripts/install-deps.sh | tail -n 1)
+eval "$(bash scripts/install-deps.sh)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -53,7 +53,7 @@ on_exit() {
   exit $status
 }
 trap on_exit EXIT INT TERM
-start_services "$tansu"
+start_services
 
 # The slowloris cases hold 2,000 connections open from the test process (and the server end in
 # intake): more descriptors than a default soft limit of 1024 allows.

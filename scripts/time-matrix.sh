@@ -18,7 +18,7 @@ instants=${INSTANTS:-"2026-12-02T00:38:00Z 2026-12-04T18:30:00Z 2026-12-05T23:30
 # Each entry: cargo test arguments of one suite, separated by ';'.
 suites=${SUITES:-"-p safeclock --test fault_suite;-p safeclock --test crash_recovery;-p safeclock-tests --test real_broker;-p safeclock-tests --test scale_out;-p safeclock-tests --test dead_letters;-p safeclock-tests --test exporter_scale_out;-p safeclock-tests --test escalator;-p safeclock-clock;-p safeclock-intake"}
 
-tansu=$(bash scripts/install-deps.sh | tail -n 1)
+eval "$(bash scripts/install-deps.sh)"
 IFS=';' read -r -a suite_list <<<"$suites"
 for suite in "${suite_list[@]}"; do
   # shellcheck disable=SC2086
@@ -27,7 +27,7 @@ done
 
 source scripts/services.sh
 trap 'stop_services $?' EXIT INT TERM
-start_services "$tansu"
+start_services
 
 failed=0
 results=()
