@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Benchmarks, figures printed to stdout:
+# Benchmarks, figures printed to stdout; every one that needs a broker runs on the same Apache
+# Kafka node, started here on a free loopback port, in one run:
 #   - the engine core without Kafka (throughput, bytes per open clock, restore time);
 #   - the escalator's delivery layer to a local webhook (notifications/s, added latency p99 at
 #     a paced 1,000/s);
-#   - the exporter's counting without Kafka (SLA events/s) and one partition's snapshot (size,
-#     write and restore time);
-#   - end to end through a real broker process (tansu on a free loopback port) beside its raw
-#     consume rate, measured in the same run;
-#   - the escalator through the same broker: breaches paged per second, and produce-to-page
-#     latency at a paced 1,000/s.
-#   - accepted events/s through intake beside the broker's raw produce rate, in the same run.
+#   - the exporter's counting without Kafka (SLA events/s) and one partition's snapshot;
+#   - Kafka's own raw rates for records of the input's size (ProducerPerformance and
+#     ConsumerPerformance, from the same artifacts as the broker);
+#   - the clock end to end beside the raw consume rate of the same records, for two inputs
+#     (tests/benches/e2e.rs);
+#   - the escalator through the broker: breaches paged per second, produce-to-page latency;
+#   - accepted events/s through intake beside the raw produce rate of the same records;
+#   - the running clock with 1,000,000 open clocks: breach lateness (deadline to the broker's
+#     append, and to the page), its resident set, and its restore after SIGKILL
+#     (services/cli/benches/clock_at_scale.rs; about 15 minutes).
+#
+#   bash scripts/bench.sh
+#   SKIP_SCALE=1 bash scripts/bench.sh              # everything but the million-clock run
+#   SAFECLOCK_BENCH_CLOCKS=100000 bash scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/install-deps.sh)"
@@ -17,14 +25,30 @@ eval "$(bash scripts/install-deps.sh)"
 cargo bench -p safeclock-clock --bench engine
 cargo bench -p safeclock-escalator --bench delivery
 cargo bench -p safeclock-exporter --bench recorder
+cargo bench --no-run -p safeclock-tests --bench e2e --bench escalator -p safeclock-intake \
+  --bench intake -p safeclock --bench clock_at_scale
 
 # One Apache Kafka node for every benchmark that needs a broker, so their figures compare.
-started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --partitions 3 --daemon --max-lifetime 7200)
+started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --partitions 3 \
+  --daemon --max-lifetime 7200)
 kafka_dir=$(sed -n 's/^dir=//p' <<<"$started")
 trap 'bash scripts/kafka/start.sh --stop "$kafka_dir" >/dev/null 2>&1 || true' EXIT
 SAFECLOCK_TEST_BROKERS=$(sed -n 's/^bootstrap=//p' <<<"$started")
 export SAFECLOCK_TEST_BROKERS
-port=${SAFECLOCK_TEST_BROKERS##*:}
+
+# Kafka's own rates, for records the size of a referral event (about 250 bytes).
+echo "-- Kafka's own perf tools, 500,000 records of 250 bytes, acks=all, 3 partitions"
+java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \
+  org.apache.kafka.tools.ProducerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
+  --topic perf-raw --num-records 500000 --record-size 250 --throughput -1 \
+  --command-property acks=all linger.ms=5 compression.type=lz4 | tail -n 1
+java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \
+  org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
+  --topic perf-raw --num-records 500000 --show-detailed-stats --reporting-interval 60000 | tail -n 2
+
 cargo bench -p safeclock-tests --bench e2e
 cargo bench -p safeclock-tests --bench escalator
 cargo bench -p safeclock-intake --bench intake
+if [ "${SKIP_SCALE:-0}" != 1 ]; then
+  cargo bench -p safeclock --bench clock_at_scale
+fi

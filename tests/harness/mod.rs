@@ -264,6 +264,30 @@ pub async fn read_all(brokers: &str, topic: &str, quiet: Duration) -> Vec<OwnedM
     got
 }
 
+/// How many records `topic` holds in its first `partitions` partitions, and their key and value
+/// bytes (read from the beginning until quiet for a second).
+pub fn topic_volume(brokers: &str, topic: &str, partitions: i32) -> (usize, usize) {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("volume-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut records, mut bytes) = (0, 0);
+    while let Some(Ok(m)) = consumer.poll(Duration::from_secs(1)) {
+        records += 1;
+        bytes += m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+    }
+    (records, bytes)
+}
+
 /// A header's value as text.
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     m.headers()?

@@ -1111,6 +1111,16 @@ impl Engine {
         Ok(())
     }
 
+    /// When the next warning or deadline falls due, if any clock has one: the clock service
+    /// sleeps until then rather than for a fixed tick. It may be a little early (a timer whose
+    /// clock has since stopped or moved is discarded only when it comes due), never late.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        self.state
+            .timers
+            .peek()
+            .map(|Reverse(timer)| timestamp(timer.at))
+    }
+
     /// The core of [`Engine::on_tick`]: appends the transitions due at or before `now`.
     pub fn fire_due(&mut self, now: Timestamp, out: &mut Vec<Transition>) {
         let Engine { policy, state } = self;

@@ -245,14 +245,12 @@ impl ClockService {
         let Self { consumer, mut core } = self;
         let handover = kafka::Handover::take_over(&consumer);
         let settings = core.deps.settings.clone();
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(settings.clock.tick_interval_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let wake = core.next_wake();
             let flow = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                _ = tick.tick() => core.on_tick(&consumer).await?,
+                () = tokio::time::sleep_until(wake) => core.on_tick(&consumer).await?,
                 revoked = handover.revoked() => core.hand_over(&consumer, &handover, &revoked),
                 batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
                     core.on_batch(&consumer, &batch).await?
@@ -269,6 +267,28 @@ impl ClockService {
 }
 
 impl Core {
+    /// When to tick next: at the earliest warning or deadline of any engine, and at the latest
+    /// `clock.tick_interval_ms` from now (which also paces restores of newly assigned
+    /// partitions, the gauges and the census). A fixed tick would fire a breach up to a whole
+    /// interval after its deadline; waking at the deadline fires it then.
+    fn next_wake(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let idle = Duration::from_millis(self.deps.settings.clock.tick_interval_ms);
+        let Some(due) = self.engines.values().filter_map(Engine::next_due).min() else {
+            return now + idle;
+        };
+        // The engines run on the service's time source (simulated in the demo): its seconds
+        // pass `speed` times faster than real ones.
+        let ahead = due.duration_since(self.deps.time.now());
+        if ahead.is_negative() || ahead.is_zero() {
+            return now;
+        }
+        let real = Duration::try_from(ahead)
+            .unwrap_or(idle)
+            .div_f64(self.deps.time.speed().max(1.0));
+        now + real.min(idle)
+    }
+
     /// Fires what is due, writes it and the changed states.
     async fn on_tick(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<Flow> {
         self.sync_assignment(consumer).await?;

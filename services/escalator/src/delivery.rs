@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Job, Outcome};
 use crate::metrics::EscalatorMetrics;
-use crate::receivers::Receiver;
+use crate::receivers::{Receiver, SendTime};
 
 /// What the delivery layer tells the service loop.
 #[derive(Debug)]
@@ -429,14 +429,18 @@ async fn deliver(lane: &Lane, job: Job, ownership: u64, shared: &Worker) {
         }
         attempts += 1;
         let limit = Duration::from_millis(s.timeout_ms) + Duration::from_secs(1);
-        let result =
-            match tokio::time::timeout(limit, lane.receiver.attempt(&job, time.now())).await {
-                Ok(r) => r,
-                Err(_) => Err(crate::receivers::AttemptError {
-                    retryable: true,
-                    message: format!("no answer within {} ms", s.timeout_ms),
-                }),
-            };
+        let result = match tokio::time::timeout(
+            limit,
+            lane.receiver.attempt(&job, SendTime::now(time.as_ref())),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(crate::receivers::AttemptError {
+                retryable: true,
+                message: format!("no answer within {} ms", s.timeout_ms),
+            }),
+        };
         match result {
             Ok(()) => {
                 lane.breaker.success();

@@ -266,7 +266,7 @@ impl Receiver {
     ///
     /// # Errors
     /// [`AttemptError`] saying whether a retry may help.
-    pub async fn attempt(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+    pub async fn attempt(&self, job: &Job, now: SendTime) -> Result<(), AttemptError> {
         match self.settings.kind {
             ReceiverKind::Log => {
                 log_line(job);
@@ -323,7 +323,7 @@ impl Receiver {
         })
     }
 
-    async fn webhook(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+    async fn webhook(&self, job: &Job, now: SendTime) -> Result<(), AttemptError> {
         let body = match &self.settings.template {
             Some(t) => render_template(t, &template_context(job)).into_bytes(),
             None => serde_json::to_vec(&webhook_body(job))
@@ -334,7 +334,8 @@ impl Receiver {
             ("x-safeclock-delivery-id", job.pending.delivery_id.clone()),
         ];
         if let Some(secret) = &self.settings.secret {
-            let ts = now.as_second();
+            // The receiver checks this against its own clock: the wall clock's.
+            let ts = now.wall.as_second();
             headers.push((TIMESTAMP_HEADER, ts.to_string()));
             headers.push((SIGNATURE_HEADER, signature(secret.as_bytes(), ts, &body)));
         }
@@ -353,7 +354,7 @@ impl Receiver {
         self.post(url, bytes, &[]).await
     }
 
-    async fn alertmanager(&self, job: &Job, now: Timestamp) -> Result<(), AttemptError> {
+    async fn alertmanager(&self, job: &Job, now: SendTime) -> Result<(), AttemptError> {
         if job.kind() == NotificationKind::Acknowledge {
             // Alertmanager has no acknowledgement (silences are an operator's decision).
             return Ok(());
@@ -488,16 +489,44 @@ pub fn pagerduty_body(routing_key: &str, job: &Job) -> Value {
     body
 }
 
+/// When a notification is sent, on two clocks: the escalator's (its time source, on which
+/// escalations are opened and levels fall due; shifted in a drill, `[time] offset_secs`) and the
+/// machine's wall clock, which a receiver compares timestamps with (a webhook's signature time,
+/// Alertmanager's `startsAt` and `endsAt`). In production the two are the same.
+#[derive(Debug, Clone, Copy)]
+pub struct SendTime {
+    pub service: Timestamp,
+    pub wall: Timestamp,
+}
+
+impl SendTime {
+    /// Now on both clocks.
+    pub fn now(time: &dyn safeclock_common::time::TimeSource) -> Self {
+        Self {
+            service: time.now(),
+            wall: Timestamp::now(),
+        }
+    }
+
+    /// An instant of the escalator's clock, on the wall clock.
+    pub fn to_wall(&self, t: Timestamp) -> Timestamp {
+        let shift = self.service.duration_since(self.wall);
+        t.checked_sub(shift).unwrap_or(t)
+    }
+}
+
 /// The Alertmanager API v2 body: one alert per page, identified by its labels; `endsAt` is set
-/// on resolve (to now), so Alertmanager resolves it at once.
-pub fn alertmanager_body(job: &Job, now: Timestamp) -> Value {
+/// on resolve (to now), so Alertmanager resolves it at once. Alertmanager compares `startsAt`
+/// and `endsAt` with its own clock, so both are on the wall clock.
+pub fn alertmanager_body(job: &Job, now: SendTime) -> Value {
     let e = &job.event;
     let labels = e.labels.clone().unwrap_or_default();
     let alertname = match e.transition() {
         SlaTransition::Warning => "SafeclockSlaWarning",
         _ => "SafeclockSlaBreach",
     };
-    let starts = Timestamp::from_millisecond(job.opened_at_ms).unwrap_or(now);
+    let starts = Timestamp::from_millisecond(job.opened_at_ms)
+        .map_or(now.wall, |opened| now.to_wall(opened));
     let mut alert = json!({
         "labels": {
             "alertname": alertname,
@@ -523,7 +552,7 @@ pub fn alertmanager_body(job: &Job, now: Timestamp) -> Value {
         "startsAt": starts.to_string(),
     });
     if job.kind() == NotificationKind::Resolve {
-        alert["endsAt"] = json!(now.to_string());
+        alert["endsAt"] = json!(now.wall.to_string());
     }
     json!([alert])
 }
@@ -531,6 +560,31 @@ pub fn alertmanager_body(job: &Job, now: Timestamp) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alertmanager_times_are_on_the_wall_clock_whatever_the_escalators_clock_says() {
+        // A drill two days ahead: the escalation opened ten seconds ago on its clock.
+        let wall: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+        let service = wall + jiff::SignedDuration::from_hours(48);
+        let now = SendTime { service, wall };
+        let opened = service - jiff::SignedDuration::from_secs(10);
+        let job = |kind: NotificationKind| Job {
+            escalation_id: "esc-1".into(),
+            partition: 0,
+            pending: safeclock_common::schema::v1::PendingNotification {
+                kind: kind as i32,
+                ..safeclock_common::schema::v1::PendingNotification::default()
+            },
+            event: SlaEvent::default(),
+            actor: String::new(),
+            resolution: String::new(),
+            opened_at_ms: opened.as_millisecond(),
+        };
+        let body = alertmanager_body(&job(NotificationKind::Trigger), now);
+        assert_eq!(body[0]["startsAt"], "2026-12-02T09:59:50Z");
+        let body = alertmanager_body(&job(NotificationKind::Resolve), now);
+        assert_eq!(body[0]["endsAt"], "2026-12-02T10:00:00Z");
+    }
 
     #[test]
     fn signatures_are_hmac_sha256_over_timestamp_and_body() {
