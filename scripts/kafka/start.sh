@@ -231,7 +231,7 @@ for id in $ALL; do
 # (re)start node $id: this process becomes its JVM, and its pid goes to ./pid
 # (so after SIGKILL, restart it with:  $nd/run.sh &)
 cd "$nd"
-echo \$\$ > "$nd/pid"
+echo \$\$ > "$nd/pid.tmp" && mv -f "$nd/pid.tmp" "$nd/pid"   # atomic: a reader never sees it empty
 # own session, away from terminal signals - unless already a process-group
 # leader (a job of an interactive shell), where setsid would fork a new pid
 stat=\$(cat /proc/\$\$/stat); set -- \${stat##*) }
@@ -278,9 +278,13 @@ fi
 } >"$DIR/cluster.env"
 
 # ---------------------------------------------------------------- launch ---
+declare -A LAUNCH_PID
 cleanup_and_exit() {
   trap '' INT TERM HUP
   stop_cluster "$DIR"
+  for id in "${!LAUNCH_PID[@]}"; do   # one that had not yet written ./pid
+    launched_alive "$id" && kill -KILL "${LAUNCH_PID[$id]}" 2>/dev/null || true
+  done
   if [[ -n ${KAFKA_CDS_DUMP:-} && -s $KAFKA_CDS_DUMP.tmp ]]; then mv "$KAFKA_CDS_DUMP.tmp" "$KAFKA_CDS_DUMP"; fi
   rm -f "${KAFKA_CDS_DUMP:-/nonexistent}.tmp"
   [[ $KEEP == 1 ]] || rm -rf "$DIR"
@@ -291,10 +295,18 @@ trap 'cleanup_and_exit 1' INT TERM HUP
 T0=$(now_ms)
 # controllers first so brokers find the quorum at once
 for id in $CONTROLLERS $BROKERS; do
-  [[ -n $(cat "$DIR/node-$id/pid" 2>/dev/null) ]] && continue   # combined node already up
+  [[ -n ${LAUNCH_PID[$id]:-} ]] && continue   # combined node already up
   "$DIR/node-$id/run.sh" </dev/null >/dev/null 2>&1 &
-  echo $! >"$DIR/node-$id/pid"     # = run.sh's pid = the JVM's (exec, no fork)
+  LAUNCH_PID[$id]=$!               # = run.sh's pid = the JVM's (exec, no fork); run.sh writes ./pid
 done
+# alive during start-up: our own child, so its pid cannot be reused before we reap it; a
+# zombie counts as dead. (node_pid's command-line check would race the child's exec.)
+launched_alive() { # $1 = node id
+  local st
+  st=$(cat "/proc/${LAUNCH_PID[$1]}/stat" 2>/dev/null) || return 1
+  st=${st##*) }
+  [[ ${st%% *} != Z ]]
+}
 
 # watchdog: bounds the cluster's life even if this script is SIGKILLed
 PARENT=$$
@@ -326,7 +338,7 @@ timeout $(( TIMEOUT + 30 )) java $PROBE_JVM -Dlog4j2.configurationFile="$TOOL_LO
 PROBE_PID=$!
 ready=0 dead=""
 while kill -0 "$PROBE_PID" 2>/dev/null; do        # fail fast if a node dies
-  for id in $ALL; do node_pid "$DIR/node-$id" >/dev/null || dead+=" $id"; done
+  for id in $ALL; do launched_alive "$id" || dead+=" $id"; done
   [[ -n $dead ]] && { kill "$PROBE_PID" 2>/dev/null || true; break; }
   sleep 0.2
 done
@@ -350,7 +362,7 @@ for id in $ALL; do
   if [[ " $CONTROLLERS " == *" $id "* ]]; then
     role=controller; [[ " $BROKERS " == *" $id "* ]] && role=broker,controller
   fi
-  pid=$(cat "$DIR/node-$id/pid")
+  pid=${LAUNCH_PID[$id]}
   PIDS+="${PIDS:+,}$pid"
   echo "node=$id role=$role port=${PPORT[$id]:-} controller_port=${CPORT[$id]:-} pid=$pid"
 done
