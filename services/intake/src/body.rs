@@ -303,29 +303,27 @@ fn event(index: usize, raw: &RawValue) -> Result<Valid, FieldError> {
     // the path tracking that names the field (it costs a quarter of the decode).
     let direct = serde_json::from_str::<ReferralEvent>(raw.get());
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let event: ReferralEvent = match direct.map_or_else(
-        |_| serde_path_to_error::deserialize(&mut de),
-        Ok,
-    ) {
-        Ok(e) => e,
-        Err(e) => {
-            let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            let detail = expected_only(&e.inner().to_string());
-            let message = if field.is_empty() {
-                format!("the event is not a safeclock.v1.ReferralEvent: {detail}")
-            } else {
-                format!("field `{field}`: {detail}")
-            };
-            return Err(FieldError {
-                index: Some(index),
-                event_id: event_id_of(raw),
-                field,
-                reason: "invalid_json",
-                message,
-            });
-        }
-    };
+    let event: ReferralEvent =
+        match direct.map_or_else(|_| serde_path_to_error::deserialize(&mut de), Ok) {
+            Ok(e) => e,
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { path };
+                let detail = expected_only(&e.inner().to_string());
+                let message = if field.is_empty() {
+                    format!("the event is not a safeclock.v1.ReferralEvent: {detail}")
+                } else {
+                    format!("field `{field}`: {detail}")
+                };
+                return Err(FieldError {
+                    index: Some(index),
+                    event_id: event_id_of(raw),
+                    field,
+                    reason: "invalid_json",
+                    message,
+                });
+            }
+        };
     if let Err(r) = validate_referral_event(&event) {
         return Err(fail(rejection_field(&r), &r));
     }
