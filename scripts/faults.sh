@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault suite on its own (services/cli/tests/fault_suite.rs): every service as real
-# processes on a sqlite-backed tansu, with faults injected at random points and the invariants
+# processes on an Apache Kafka cluster of its own (a controller and three brokers), with faults injected at random points and the invariants
 # checked after each run. scripts/test.sh (CI) runs it once as part of the workspace tests; this
 # script runs it longer, with more rounds of faults per run and more runs, each bounded in time.
 # Reports go to target/fault-suite/run-N.md; a failing run keeps its logs and broker data (the
@@ -15,7 +15,7 @@ runs="${RUNS:-3}"
 rounds="${ROUNDS:-1}"
 per_run_seconds="${RUN_SECONDS:-900}"
 eval "$(bash scripts/install-deps.sh)"
-export SAFECLOCK_TANSU SAFECLOCK_KAFKA_LIBS
+export SAFECLOCK_KAFKA_LIBS
 cargo test -p safeclock --test fault_suite --no-run --quiet
 mkdir -p target/fault-suite
 failed=0

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine, skipping what is already there:
 # the C toolchain pieces rdkafka's bundled librdkafka build needs, real Prometheus and Alertmanager,
-# Apache Kafka (pinned, from Maven artifacts, scripts/kafka/install.sh) and the tansu
-# Kafka-protocol broker, both cached under $SAFECLOCK_CACHE so a second run is instant.
+# and Apache Kafka (pinned, from Maven artifacts, scripts/kafka/install.sh), cached under
+# $SAFECLOCK_CACHE so a second run is instant.
 #
 # Prints what it installed as shell assignments, for `eval "$(bash scripts/install-deps.sh)"`:
 #   SAFECLOCK_KAFKA_LIBS=...   the class path directory of the Kafka broker and tools
-#   SAFECLOCK_TANSU=...        the tansu binary
 set -euo pipefail
 
 SAFECLOCK_CACHE=${SAFECLOCK_CACHE:-$HOME/.cache/safeclock}
-TANSU_VERSION=${TANSU_VERSION:-0.6.0}
 export SAFECLOCK_CACHE
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -32,18 +30,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   done
 fi
 
-tansu_bin="$SAFECLOCK_CACHE/tansu-$TANSU_VERSION/bin/tansu"
-if [ ! -x "$tansu_bin" ]; then
-  log "installing tansu $TANSU_VERSION into $SAFECLOCK_CACHE (about 8 minutes, once per machine)"
-  mkdir -p "$SAFECLOCK_CACHE"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
-    --root "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION.partial" >&2
-  rm -rf "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION"
-  mv "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION.partial" "$SAFECLOCK_CACHE/tansu-$TANSU_VERSION"
-fi
-log "tansu: $tansu_bin"
-
 kafka_libs=$(bash "$(dirname "$0")/kafka/install.sh" | tail -n 1)
 log "kafka: $kafka_libs"
 printf 'SAFECLOCK_KAFKA_LIBS=%q\n' "$kafka_libs"
-printf 'SAFECLOCK_TANSU=%q\n' "$tansu_bin"

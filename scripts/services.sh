@@ -5,8 +5,8 @@
 #     and evaluates the repository's recording and alert rules every second;
 #   - a real Alertmanager (Debian's prometheus-alertmanager), clustering off.
 # It exports SAFECLOCK_TEST_BROKERS, SAFECLOCK_TEST_PROMETHEUS, SAFECLOCK_TEST_PROMETHEUS_TARGETS
-# and SAFECLOCK_TEST_ALERTMANAGER for the tests (and SAFECLOCK_KAFKA_LIBS, SAFECLOCK_TANSU, for the
-# tests that start brokers of their own).
+# and SAFECLOCK_TEST_ALERTMANAGER for the tests (and SAFECLOCK_KAFKA_LIBS, for the tests that start
+# Kafka clusters of their own).
 #
 #   eval "$(bash scripts/install-deps.sh)"
 #   source scripts/services.sh
@@ -72,7 +72,7 @@ tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start_services() {
   : "${SAFECLOCK_KAFKA_LIBS:?run eval \"\$(bash scripts/install-deps.sh)\" first}"
-  export SAFECLOCK_KAFKA_LIBS SAFECLOCK_TANSU
+  export SAFECLOCK_KAFKA_LIBS
   services_workdir=$(mktemp -d -t safeclock-services.XXXXXX)
 
   services_log "starting Apache Kafka (one KRaft node)"

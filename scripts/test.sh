@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole safeclock test suite, on a fresh machine or a warm one:
-#   1. installs what is missing (Debian packages, the tansu broker into a cache directory);
+#   1. installs what is missing (Debian packages, Apache Kafka into a cache directory);
 #   2. checks formatting and clippy;
 #   3. checks the Prometheus rules (promtool check/test rules) and that generated deployment
 #      files (dashboards) are up to date;
-#   4. starts a real Kafka-protocol broker (tansu), a real Prometheus and a real Alertmanager
+#   4. starts Apache Kafka (one KRaft node), a real Prometheus and a real Alertmanager
 #      (Debian's prometheus-alertmanager) on free loopback ports (scripts/services.sh);
 #   5. runs every test: unit, component (in-process mock cluster), integration (real broker,
 #      real Prometheus, real Alertmanager);

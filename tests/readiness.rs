@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use safeclock::app::{self, Service};
 use safeclock_common::shutdown::CancellationToken;
-use safeclock_tests::{free_port, isolated_settings, TansuProcess};
+use safeclock_tests::isolated_settings;
+use safeclock_tests::kafka_cluster::KafkaCluster;
 
 async fn readyz(ops: std::net::SocketAddr) -> u16 {
     match reqwest::get(format!("http://{ops}/readyz")).await {
@@ -36,8 +37,9 @@ async fn wait_for_status(ops: std::net::SocketAddr, want: u16, within: Duration,
 async fn not_ready_while_cut_off_from_the_broker_and_ready_again_when_it_returns() {
     let dir = std::env::temp_dir().join(format!("safeclock-readiness-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut broker = TansuProcess::start(&dir, free_port());
-    let mut settings = isolated_settings(&broker.brokers());
+    // A one-node Apache Kafka of this test's own, to kill and start again.
+    let broker = KafkaCluster::start(&dir, 1, 3, &[]);
+    let mut settings = isolated_settings(broker.bootstrap());
     settings.kafka.create_topics = true;
     settings
         .kafka
@@ -56,13 +58,13 @@ async fn not_ready_while_cut_off_from_the_broker_and_ready_again_when_it_returns
     let ops = running.ops_addr;
     wait_for_status(ops, 200, Duration::from_secs(60), "after joining the group").await;
 
-    broker.kill();
+    tokio::task::block_in_place(|| broker.kill(1));
     wait_for_status(ops, 503, Duration::from_secs(30), "with the broker down").await;
     // Still alive: liveness is not readiness.
     let health = reqwest::get(format!("http://{ops}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
 
-    broker.restart();
+    tokio::task::block_in_place(|| broker.start_node(1));
     wait_for_status(
         ops,
         200,

@@ -5,6 +5,7 @@
 //! mock-cluster component test and the real-broker integration test run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kafka_cluster;
 pub mod pager;
 pub mod processes;
 pub mod scenario;
@@ -20,12 +21,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock_common::config::Settings;
 
 /// The broker of the real-broker integration tests, from `SAFECLOCK_TEST_BROKERS`
-/// (`scripts/test.sh` starts tansu and sets it).
+/// (`scripts/test.sh` starts a one-node Apache Kafka and sets it).
 pub fn real_broker() -> String {
     std::env::var("SAFECLOCK_TEST_BROKERS").unwrap_or_else(|_| {
         panic!(
             "SAFECLOCK_TEST_BROKERS is not set: run the suite with scripts/test.sh, which installs \
-             and starts a real Kafka-protocol broker (tansu) on a free loopback port"
+             and starts Apache Kafka (one KRaft node) on free loopback ports"
         )
     })
 }
@@ -390,104 +391,6 @@ pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> b
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The tansu binary: `SAFECLOCK_TANSU`, else where scripts/install-deps.sh caches it.
-pub fn tansu_binary() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("SAFECLOCK_TANSU") {
-        return p.into();
-    }
-    let cache = std::env::var("SAFECLOCK_CACHE").map_or_else(
-        |_| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/safeclock"),
-        std::path::PathBuf::from,
-    );
-    let p = cache.join("tansu-0.6.0/bin/tansu");
-    assert!(
-        p.is_file(),
-        "tansu not found at {}: run scripts/install-deps.sh or set SAFECLOCK_TANSU",
-        p.display()
-    );
-    p
-}
-
-/// A tansu broker process of a test's own (file-backed in `dir`, so what it acknowledged
-/// survives a restart), killed when dropped.
-pub struct TansuProcess {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl TansuProcess {
-    /// Starts tansu on `127.0.0.1:port` with its data in `dir`, and waits until it accepts
-    /// connections.
-    pub fn start(dir: &std::path::Path, port: u16) -> Self {
-        use std::process::{Command, Stdio};
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("tansu.log"))
-            .unwrap();
-        let child = Command::new(tansu_binary())
-            .current_dir(dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            dir: dir.to_path_buf(),
-            port,
-        }
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGSTOP: the broker keeps its connections but answers nothing (a network partition, a
-    /// stalled disk), until [`TansuProcess::resume`].
-    pub fn pause(&self) {
-        signal(self.child.id(), "STOP");
-    }
-
-    /// SIGCONT after [`TansuProcess::pause`].
-    pub fn resume(&self) {
-        signal(self.child.id(), "CONT");
-    }
-
-    /// Starts it again on the same port and data.
-    pub fn restart(&mut self) {
-        self.kill();
-        *self = Self::start(&self.dir.clone(), self.port);
-    }
-}
-
-impl Drop for TansuProcess {
-    fn drop(&mut self) {
-        self.resume();
-        self.kill();
     }
 }
 

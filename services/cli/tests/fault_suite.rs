@@ -1,8 +1,11 @@
 //! The fault suite: every service as real processes (two clocks, two escalators, two exporters)
-//! on a real broker process with sqlite storage, while faults are injected at random points:
-//! SIGKILL of any instance, graceful SIGTERM, a broker restart, the broker unreachable for a
-//! while, a slow and then failing receiver, and a burst of 100,000 events. Then it checks the
-//! invariants and writes a report (figures for docs/reliability.md):
+//! on an Apache Kafka cluster of its own (one controller and three brokers, replication factor
+//! 3, `min.insync.replicas=2`), while faults are injected at random points: SIGKILL and SIGTERM
+//! of an instance of every service, SIGKILL of the broker that leads most partitions, a broker
+//! restart, a controller restart, a broker stalled (SIGSTOP) past its session timeout, a slow
+//! and then failing receiver, and a burst of 100,000 events during which a clock is killed and
+//! a third clock joins and leaves (rebalances under load). Then it checks the invariants and
+//! writes a report (figures for docs/reliability.md):
 //!
 //! 1. every SLA event a single, fault-free engine derives from the same input was published
 //!    (so no clock was lost), and none other; each clock that should breach has exactly one
@@ -15,7 +18,7 @@
 //! 5. no service stopped by itself (a supervisor would restart it; the suite does, and counts
 //!    it as a violation).
 //!
-//! Bounded: `SAFECLOCK_FAULT_ROUNDS` rounds of the seven faults (default 1), a deadline on
+//! Bounded: `SAFECLOCK_FAULT_ROUNDS` rounds of the eleven faults (default 1), a deadline on
 //! every wait; `SAFECLOCK_FAULT_SEED` replays a run. `scripts/faults.sh` runs it on its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -46,8 +49,9 @@ use safeclock_common::schema::v1::{
     ReferralClosed, ReferralDecisionMade, ReferralEvent, ReferralReceived, RiskAssessed, RiskGrade,
     SlaEvent, SlaTransition, VictimContacted,
 };
+use safeclock_tests::kafka_cluster::{KafkaCluster, CONTROLLER};
 use safeclock_tests::processes::{wait_ready, ServiceProcess};
-use safeclock_tests::{free_port, header, reader, TansuProcess};
+use safeclock_tests::{free_port, header, reader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
 const PARTITIONS: i32 = 6;
@@ -400,6 +404,7 @@ async fn receiver(mode: Arc<AtomicU8>, pages: Arc<Mutex<Vec<Page>>>) -> String {
 }
 
 fn write_config(dir: &Path, brokers: &str, tag: &str, receiver: &str) -> PathBuf {
+    // Producers keep Kafka's defaults (idempotent, acks=all): a retried record is written once.
     let path = dir.join("safeclock.toml");
     let mut f = std::fs::File::create(&path).unwrap();
     write!(
@@ -409,6 +414,7 @@ fn write_config(dir: &Path, brokers: &str, tag: &str, receiver: &str) -> PathBuf
 brokers = "{brokers}"
 topic_prefix = "faults-{tag}."
 partitions = {PARTITIONS}
+replication_factor = 3
 create_topics = true
 [kafka.consumer_properties]
 "session.timeout.ms" = "10000"
@@ -418,11 +424,6 @@ create_topics = true
 "max.poll.interval.ms" = "20000"
 [kafka.producer_properties]
 "linger.ms" = "5"
-# tansu 0.6 with sqlite storage hangs when an idempotent producer session from before its
-# restart produces again (Apache Kafka does not); without idempotence, one request in flight
-# keeps each partition in order, and consumers de-duplicate retried records by id.
-"enable.idempotence" = "false"
-"max.in.flight.requests.per.connection" = "1"
 [clock]
 group_id = "faults-{tag}-clock"
 tick_interval_ms = 100
@@ -495,19 +496,33 @@ enum Fault {
     SigkillClock,
     SigkillEscalator,
     SigkillExporter,
-    SigtermAny,
+    SigtermClock,
+    SigtermEscalator,
+    SigtermExporter,
+    /// SIGKILL of the broker that leads most partitions of the busy topics, restarted after a
+    /// few seconds.
+    SigkillLeaderBroker,
+    /// SIGTERM (controlled shutdown) of a broker, started again at once.
     BrokerRestart,
-    BrokerUnreachable,
+    /// The controller SIGKILLed and started again.
+    ControllerRestart,
+    /// A broker SIGSTOPped past its session timeout with the controller (9 s) and past the
+    /// consumers' session timeout (10 s), then resumed.
+    BrokerStalled,
     SlowThenFailingReceiver,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 11] = [
     Fault::SigkillClock,
     Fault::SigkillEscalator,
     Fault::SigkillExporter,
-    Fault::SigtermAny,
+    Fault::SigtermClock,
+    Fault::SigtermEscalator,
+    Fault::SigtermExporter,
+    Fault::SigkillLeaderBroker,
     Fault::BrokerRestart,
-    Fault::BrokerUnreachable,
+    Fault::ControllerRestart,
+    Fault::BrokerStalled,
     Fault::SlowThenFailingReceiver,
 ];
 
@@ -531,8 +546,9 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
         .unwrap()
         .keep();
     println!("fault suite: logs and broker data in {}", dir.display());
-    let mut broker = TansuProcess::start(&dir, free_port());
-    let brokers = broker.brokers();
+    let cluster =
+        tokio::task::block_in_place(|| KafkaCluster::start(&dir, 3, PARTITIONS as u32, &[]));
+    let brokers = cluster.bootstrap().to_string();
     let mode = Arc::new(AtomicU8::new(ANSWER_OK));
     let pages: Arc<Mutex<Vec<Page>>> = Arc::default();
     let receiver_url = receiver(mode.clone(), pages.clone()).await;
@@ -541,11 +557,18 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
     let settings = Settings::load(Some(&config)).unwrap();
     let policy = Policy::load(&settings).unwrap();
     let input = settings.topic(Topic::ReferralEvents);
+    // The topics whose partition leaders a broker fault hurts most.
+    let busy: Vec<String> = [Topic::ReferralEvents, Topic::SlaEvents, Topic::ClockState]
+        .into_iter()
+        .map(|t| settings.topic(t))
+        .collect();
 
-    // The instances; the first clock creates the topics.
+    // The instances; the first clock creates the topics. The third clock runs only while the
+    // burst is consumed.
     let mut instances: Vec<Instance> = [
         (Svc::Clock, 0),
         (Svc::Clock, 1),
+        (Svc::Clock, 2),
         (Svc::Escalator, 0),
         (Svc::Escalator, 1),
         (Svc::Exporter, 0),
@@ -560,7 +583,7 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
         process: None,
     })
     .collect();
-    for i in &mut instances {
+    for i in instances.iter_mut().filter(|i| i.slot < 2) {
         i.start(&config);
         wait_ready(&i.ops, Duration::from_secs(60)).await;
     }
@@ -577,15 +600,12 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
         true,
     );
 
-    // The test's own producer outlives broker restarts, so it is not idempotent (tansu 0.6 with
-    // sqlite storage fails an idempotent producer id from before its restart); consumers
-    // de-duplicate by event id, so a repeat is harmless.
+    // Idempotent, as a source system's producer should be: each record written once, in order.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("acks", "all")
-        .set("enable.idempotence", "false")
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("max.in.flight.requests.per.connection", "1")
         .set("message.timeout.ms", "120000")
         .set("queue.buffering.max.messages", "1000000")
         .create()
@@ -641,7 +661,8 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
             *fault,
             &mut rng,
             &mut instances,
-            &mut broker,
+            &cluster,
+            &busy,
             &mode,
             &config,
         )
@@ -652,39 +673,31 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
         );
         *injected.entry(format!("{fault:?}")).or_default() += 1;
         sending.await.unwrap();
-        if matches!(fault, Fault::BrokerRestart | Fault::BrokerUnreachable) {
-            // Let the groups settle before the next fault: tansu 0.6 never completes a rebalance
-            // whose member is killed in the middle of it (Apache Kafka drops that member after
-            // the rebalance timeout), so a kill right after a broker fault would strand the
-            // group for good, which is not what this suite is about.
-            tokio::time::sleep(Duration::from_secs(4)).await;
-            for i in &instances {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    wait_ready(&i.ops, Duration::from_secs(60)),
-                )
-                .await;
-            }
-        }
 
         if step == burst_at {
-            // The burst, with a clock killed while it is being consumed.
+            // The burst, consumed through rebalances: a third clock joins, one of the first two
+            // is killed, comes back, and the third leaves again.
             let events = burst(t0);
             let sent_at = Instant::now();
             let sending = send_all(&producer, &input, events.clone());
-            tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+            instances[2].start(&config);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
             let victim = rng.random_range(0..2);
             instances[victim].sigkill();
-            *injected
-                .entry("SigkillClockDuringBurst".into())
-                .or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(rng.random_range(11_000..13_000))).await;
+            let down = Duration::from_millis(rng.random_range(500..4000));
+            tokio::time::sleep(down).await;
             instances[victim].start(&config);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(2000..6000))).await;
+            let clean = instances[2].sigterm();
+            *injected.entry("RebalancesDuringBurst".into()).or_default() += 1;
             sending.await.unwrap();
             println!(
-                "fault suite: burst of {} events sent in {:.1} s (clock-{victim} killed meanwhile)",
+                "fault suite: burst of {} events sent in {:.1} s (clock-2 joined, clock-{victim} \
+                 SIGKILLed for {:.1} s, clock-2 left, clean exit: {clean})",
                 events.len(),
-                sent_at.elapsed().as_secs_f64()
+                sent_at.elapsed().as_secs_f64(),
+                down.as_secs_f64(),
             );
             valid.extend(events);
         }
@@ -947,7 +960,7 @@ async fn the_system_keeps_its_invariants_under_injected_faults() {
     for i in &mut instances {
         i.sigterm();
     }
-    drop(broker);
+    drop(cluster);
     assert!(violations.is_empty(), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -979,28 +992,29 @@ async fn inject(
     fault: Fault,
     rng: &mut StdRng,
     instances: &mut [Instance],
-    broker: &mut TansuProcess,
+    cluster: &KafkaCluster,
+    busy: &[String],
     mode: &AtomicU8,
     config: &Path,
 ) -> String {
+    // One of the two long-running instances of `svc`.
     let pick = |rng: &mut StdRng, svc: Svc, instances: &[Instance]| {
         let slots: Vec<usize> = (0..instances.len())
-            .filter(|i| instances[*i].svc == svc)
+            .filter(|i| instances[*i].svc == svc && instances[*i].slot < 2)
             .collect();
         slots[rng.random_range(0..slots.len())]
     };
+    let svc_of = |fault: Fault| match fault {
+        Fault::SigkillClock | Fault::SigtermClock => Svc::Clock,
+        Fault::SigkillEscalator | Fault::SigtermEscalator => Svc::Escalator,
+        _ => Svc::Exporter,
+    };
     match fault {
         Fault::SigkillClock | Fault::SigkillEscalator | Fault::SigkillExporter => {
-            let svc = match fault {
-                Fault::SigkillClock => Svc::Clock,
-                Fault::SigkillEscalator => Svc::Escalator,
-                _ => Svc::Exporter,
-            };
-            let i = pick(rng, svc, instances);
+            let i = pick(rng, svc_of(fault), instances);
             instances[i].sigkill();
-            // Restarted after the group has noticed (session.timeout.ms = 10 s): tansu 0.6 does
-            // not rebalance when a dead member times out after a new one joined (decision (j)).
-            let down = Duration::from_millis(rng.random_range(11_000..13_000));
+            // Back before or after the group notices (session.timeout.ms = 10 s).
+            let down = Duration::from_millis(rng.random_range(500..12_000));
             tokio::time::sleep(down).await;
             instances[i].start(config);
             format!(
@@ -1009,31 +1023,56 @@ async fn inject(
                 down.as_secs_f64()
             )
         }
-        Fault::SigtermAny => {
-            let i = rng.random_range(0..instances.len());
+        Fault::SigtermClock | Fault::SigtermEscalator | Fault::SigtermExporter => {
+            let i = pick(rng, svc_of(fault), instances);
             let clean = instances[i].sigterm();
             instances[i].start(config);
             format!("SIGTERM {} (clean exit: {clean})", instances[i].label())
         }
-        Fault::BrokerRestart => {
-            broker.kill();
-            let down = Duration::from_millis(rng.random_range(1000..4000));
+        Fault::SigkillLeaderBroker => {
+            let refs: Vec<&str> = busy.iter().map(String::as_str).collect();
+            let id = tokio::task::block_in_place(|| cluster.busiest_leader(&refs))
+                .unwrap_or(cluster.brokers()[0]);
+            tokio::task::block_in_place(|| cluster.kill(id));
+            let down = Duration::from_millis(rng.random_range(1000..5000));
             tokio::time::sleep(down).await;
-            broker.restart();
+            tokio::task::block_in_place(|| cluster.start_node(id));
             format!(
-                "broker SIGKILLed and restarted (down {:.1} s)",
+                "SIGKILL of broker {id}, the leader of most busy partitions (down {:.1} s)",
                 down.as_secs_f64()
             )
         }
-        Fault::BrokerUnreachable => {
-            // Shorter than the session timeout: tansu 0.6 leaves a group whose members' sessions
-            // expired while it was stalled without an assignment (Apache Kafka rebalances).
-            broker.pause();
-            let down = Duration::from_millis(rng.random_range(3000..7000));
-            tokio::time::sleep(down).await;
-            broker.resume();
+        Fault::BrokerRestart => {
+            let brokers = cluster.brokers();
+            let id = brokers[rng.random_range(0..brokers.len())];
+            let stopping = Instant::now();
+            tokio::task::block_in_place(|| cluster.terminate(id));
+            let stopped = stopping.elapsed();
+            tokio::task::block_in_place(|| cluster.start_node(id));
             format!(
-                "broker unreachable (SIGSTOP) for {:.1} s",
+                "broker {id} restarted (controlled shutdown took {:.1} s)",
+                stopped.as_secs_f64()
+            )
+        }
+        Fault::ControllerRestart => {
+            tokio::task::block_in_place(|| cluster.kill(CONTROLLER));
+            let down = Duration::from_millis(rng.random_range(1000..4000));
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| cluster.start_node(CONTROLLER));
+            format!(
+                "controller SIGKILLed and restarted (down {:.1} s)",
+                down.as_secs_f64()
+            )
+        }
+        Fault::BrokerStalled => {
+            let brokers = cluster.brokers();
+            let id = brokers[rng.random_range(0..brokers.len())];
+            cluster.pause(id);
+            let down = Duration::from_millis(rng.random_range(12_000..16_000));
+            tokio::time::sleep(down).await;
+            cluster.resume(id);
+            format!(
+                "broker {id} stalled (SIGSTOP) for {:.1} s",
                 down.as_secs_f64()
             )
         }

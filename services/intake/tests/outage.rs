@@ -1,13 +1,10 @@
 //! The broker dies while intake is under load, and comes back.
 //!
-//! This test starts its own tansu (file-backed, so what it acknowledged survives the restart) on a
-//! free port, posts events from several concurrent clients, SIGKILLs the broker, keeps posting,
+//! This test starts a one-node Apache Kafka of its own (`safeclock_tests::kafka_cluster`: what it
+//! acknowledged survives the restart, on the same port), posts events from several concurrent clients, SIGKILLs the broker, keeps posting,
 //! restarts it, keeps posting, then reads the topic. It shows: during the outage intake answers
 //! 503 (never 202); every event that got 202 is on the topic; and after de-duplication by event
 //! id each is there exactly once.
-//!
-//! The tansu binary: `SAFECLOCK_TANSU`, else `~/.cache/safeclock/tansu-0.6.0/bin/tansu` (where
-//! scripts/install-deps.sh puts it); see `safeclock_tests::TansuProcess`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,7 +18,8 @@ use std::time::Duration;
 use common::{client, event, post, settings, start};
 use rdkafka::message::Message;
 use safeclock_common::kafka::Topic;
-use safeclock_tests::{free_port, read_until, reader, TansuProcess};
+use safeclock_tests::kafka_cluster::KafkaCluster;
+use safeclock_tests::{read_until, reader};
 
 #[derive(Debug, Default)]
 struct Tally {
@@ -35,9 +33,8 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_outage_under_load_never_202_for_unstored_events_and_loses_nothing() {
     let dir = tempfile_dir();
-    let port = free_port();
-    let mut broker = TansuProcess::start(&dir, port);
-    let brokers = format!("127.0.0.1:{port}");
+    let broker = tokio::task::block_in_place(|| KafkaCluster::start(&dir, 1, 3, &[]));
+    let brokers = broker.bootstrap().to_string();
     let mut s = settings(&brokers);
     s.intake.delivery_timeout_ms = 2000;
     let topic = s.topic(Topic::ReferralEvents);
@@ -92,9 +89,9 @@ async fn broker_outage_under_load_never_202_for_unstored_events_and_loses_nothin
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     *phase.lock().unwrap() = "down";
-    broker.kill();
+    tokio::task::block_in_place(|| broker.kill(1));
     tokio::time::sleep(Duration::from_secs(6)).await;
-    broker = TansuProcess::start(&dir, port);
+    tokio::task::block_in_place(|| broker.start_node(1));
     *phase.lock().unwrap() = "restarted";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tally.lock().unwrap().accepted_after_restart < 20 {
@@ -158,7 +155,7 @@ async fn broker_outage_under_load_never_202_for_unstored_events_and_loses_nothin
         on_topic.len()
     );
     intake.stop().await;
-    broker.kill();
+    drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
