@@ -41,8 +41,9 @@ pub use dead_letters::{
     LetterBounds, Original,
 };
 pub use delivery::{
-    await_deliveries, classify, deliver, deliver_once, enqueue, is_shutdown, settle, try_enqueue,
-    BrokerWait, Failure, Interrupted, Output, ProduceError, Refusal,
+    await_deliveries, classify, deliver, deliver_in_transaction, deliver_once, enqueue,
+    is_shutdown, settle, try_enqueue, BrokerWait, Failure, Interrupted, Output, ProduceError,
+    Refusal,
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
