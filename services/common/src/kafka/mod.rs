@@ -47,4 +47,4 @@ pub use delivery::{
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
-pub use topics::{check_copartitioned, ensure_topics, Topic};
+pub use topics::{check_copartitioned, ensure_topics, topic_configs, Topic};
