@@ -17,6 +17,11 @@
 //! against any broker: `SAFECLOCK_TEST_BROKERS=host:port cargo bench -p safeclock-tests --bench
 //! e2e`. `SAFECLOCK_BENCH_EVENTS` sets the number of records (default 20,000);
 //! `SAFECLOCK_BENCH_INPUT=received|lifecycle` runs one input only.
+//!
+//! Each input runs in two modes: `default` (at-least-once: outputs acknowledged, then offsets
+//! stored) and `transactional` (`clock.transactional_id` set: each batch's outputs, states and
+//! input offsets in one Kafka transaction), and the ratio of the two rates is printed.
+//! `SAFECLOCK_BENCH_MODE=default|transactional` runs one mode only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -71,8 +76,13 @@ fn input(kind: &str, n: usize) -> Vec<(String, String)> {
     }
 }
 
-async fn run(brokers: &str, kind: &str, n: usize) {
+/// Runs input `kind` (`n` records) through the clock, transactional or not; returns the clock's
+/// end-to-end rate (events/s).
+async fn run(brokers: &str, kind: &str, n: usize, transactional: bool) -> f64 {
     let mut settings = isolated_settings(brokers);
+    if transactional {
+        settings.clock.transactional_id = Some(format!("{}-1", settings.clock.group_id));
+    }
     settings.kafka.create_topics = true;
     settings.clock.tick_interval_ms = 1000;
     settings.clock.max_batch = 1000;
@@ -164,7 +174,14 @@ async fn run(brokers: &str, kind: &str, n: usize) {
         .map(|t| safeclock_tests::topic_volume(brokers, &settings.topic(*t), partitions))
         .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2));
 
-    println!("-- input `{kind}`: {n} referral events, {partitions} partitions, broker {brokers}");
+    let mode = if transactional {
+        "transactional"
+    } else {
+        "default"
+    };
+    println!(
+        "-- input `{kind}`, mode {mode}: {n} referral events, {partitions} partitions, broker {brokers}"
+    );
     println!(
         "  raw produce (idempotent, acks=all): {produce_rate:.0} records/s; raw consume (one consumer): {raw_rate:.0} records/s"
     );
@@ -179,6 +196,7 @@ async fn run(brokers: &str, kind: &str, n: usize) {
         input_bytes as f64 / n as f64,
         outputs as f64 * e2e_rate / n as f64
     );
+    e2e_rate
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -192,9 +210,22 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let only = std::env::var("SAFECLOCK_BENCH_INPUT").ok();
+    let mode = std::env::var("SAFECLOCK_BENCH_MODE").ok();
     for kind in ["received", "lifecycle"] {
-        if only.as_deref().is_none_or(|o| o == kind) {
-            run(&brokers, kind, n).await;
+        if only.as_deref().is_some_and(|o| o != kind) {
+            continue;
+        }
+        let mut rates = Vec::new();
+        for (name, transactional) in [("default", false), ("transactional", true)] {
+            if mode.as_deref().is_none_or(|m| m == name) {
+                rates.push(run(&brokers, kind, n, transactional).await);
+            }
+        }
+        if let [default, transactional] = rates[..] {
+            println!(
+                "  input `{kind}`: transactional {transactional:.0} events/s against default {default:.0} events/s = {:.2} x",
+                transactional / default
+            );
         }
     }
 }

@@ -730,7 +730,7 @@ impl Writer {
                 Err(Interrupted::Fatal(e)) => Written::Fatal(e.into()),
             };
         }
-        match kafka::deliver_once(&self.producer, records).await {
+        match kafka::deliver_in_transaction(&self.producer, records).await {
             Ok(refusals) => Written::Done(refusals),
             Err(e) if e.failure == kafka::Failure::Fatal => Written::Fatal(e.into()),
             Err(e) => {
@@ -754,12 +754,30 @@ impl Writer {
     }
 
     /// Aborts the transaction under way (transactional mode only).
+    ///
+    /// After the broker refused a record, librdkafka re-queues the records of the same partition
+    /// that were in flight behind it (their sequence numbers skipped one) and does not send them
+    /// until the transaction is aborted; the abort in turn waits for them, so it times out until
+    /// they expire (`message.timeout.ms`, at most `transaction.timeout.ms`, 60 s by default). A
+    /// timed-out abort may be called again: it is, until it completes.
     fn abort(&self) {
-        if self.transactional {
-            if let Err(e) = tokio::task::block_in_place(|| {
+        if !self.transactional {
+            return;
+        }
+        for attempt in 1..=ABORT_ATTEMPTS {
+            match tokio::task::block_in_place(|| {
                 self.producer.abort_transaction(Duration::from_secs(30))
             }) {
-                tracing::warn!(error.message = %e, "cannot abort the transaction");
+                Ok(()) => return,
+                Err(rdkafka::error::KafkaError::Transaction(e))
+                    if e.is_retriable() && attempt < ABORT_ATTEMPTS =>
+                {
+                    tracing::warn!(error.message = %e, attempt, "the transaction is not aborted yet; trying again");
+                }
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "cannot abort the transaction");
+                    return;
+                }
             }
         }
     }
@@ -888,6 +906,10 @@ fn update_census(
             .set(age);
     }
 }
+
+/// How many times a timed-out abort is called again (30 s each) before the next `begin` is left
+/// to fail, which stops the service.
+const ABORT_ATTEMPTS: u32 = 10;
 
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);

@@ -125,6 +125,14 @@ pub struct KafkaSettings {
     /// librdkafka properties for producers only.
     #[serde(default)]
     pub producer_properties: BTreeMap<String, String>,
+    /// Kafka topic configs (`retention.ms`, ...) of every topic safeclock creates
+    /// (`create_topics`); an existing topic is left as it is.
+    #[serde(default)]
+    pub topic_configs: BTreeMap<String, String>,
+    /// Kafka topic configs of the compacted topics safeclock creates (state and outcomes), after
+    /// `topic_configs`; `cleanup.policy=compact` is always set.
+    #[serde(default)]
+    pub compacted_topic_configs: BTreeMap<String, String>,
 }
 
 /// Property names whose values are secrets and never printed.
@@ -166,6 +174,8 @@ impl fmt::Debug for KafkaSettings {
             .field("properties", &redacted(&self.properties))
             .field("consumer_properties", &redacted(&self.consumer_properties))
             .field("producer_properties", &redacted(&self.producer_properties))
+            .field("topic_configs", &self.topic_configs)
+            .field("compacted_topic_configs", &self.compacted_topic_configs)
             .finish()
     }
 }
@@ -1191,6 +1201,8 @@ impl Settings {
         normalise_property_keys(&mut settings.kafka.properties);
         normalise_property_keys(&mut settings.kafka.consumer_properties);
         normalise_property_keys(&mut settings.kafka.producer_properties);
+        normalise_property_keys(&mut settings.kafka.topic_configs);
+        normalise_property_keys(&mut settings.kafka.compacted_topic_configs);
         for (i, r) in settings.escalator.receivers.iter_mut().enumerate() {
             let field = |f: &str| format!("escalator.receivers[{i}].{f}");
             resolve_env_value(&mut r.url, &field("url"), &all_env)?;
@@ -1284,6 +1296,14 @@ impl Settings {
                          durable and committed by librdkafka (use kafka.brokers, <service>.group_id)",
                     ));
                 }
+            }
+        }
+        if let Some(policy) = self.kafka.compacted_topic_configs.get("cleanup.policy") {
+            if !policy.split(',').any(|p| p.trim() == "compact") {
+                return Err(invalid(
+                    "kafka.compacted_topic_configs.cleanup.policy",
+                    "must include compact: the state and outcome topics keep the latest record per key",
+                ));
             }
         }
         if self.forces.is_empty() {

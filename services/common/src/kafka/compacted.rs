@@ -11,9 +11,9 @@ use crate::config::Settings;
 
 /// How long reading a compacted partition may go without a record before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Once the reported high watermark is reached, reading goes on until the partition has been
-/// quiet this long. Apache Kafka's watermark is exact; tansu 0.6 reports the next *batch* number
-/// rather than the next offset, so the watermark alone would stop a restore early and lose state.
+/// Once the end is reached, reading goes on until the partition has been quiet this long.
+/// Apache Kafka's end is exact; tansu 0.6 reports the next *batch* number rather than the next
+/// offset, so its watermark alone would stop a restore early and lose state.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 /// Key -> latest value (`None`: a tombstone) of a compacted topic's partition.
@@ -22,6 +22,17 @@ pub type LatestByKey = HashMap<String, Option<Vec<u8>>>;
 /// The latest value per key (`None` for a tombstone) of one partition of a compacted topic,
 /// read from its beginning to its end (blocking), and the number of records read. `group_id`
 /// names the reading client; it commits nothing.
+///
+/// # Transactions
+/// The partition is read `read_committed`, to its **last stable offset**: records of aborted
+/// transactions are skipped, and so are the records of a transaction still open (a writer
+/// SIGKILLed mid-transaction, until its transactional id is fenced or the transaction times
+/// out): they are not committed, so they are not state. The end is where librdkafka reports the
+/// partition's end (`enable.partition.eof`), which it does once its fetch position passes the
+/// last stable offset, control records (transaction markers) included. The offset of the last
+/// record read cannot say so: a marker occupies the last offset of every committed or aborted
+/// transaction and is never delivered, so waiting for the record before the high watermark
+/// stalled every restore after a transactional run.
 ///
 /// # Errors
 /// When the partition cannot be read to its end.
@@ -37,7 +48,8 @@ pub fn read_compacted_partition(
     cfg.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10");
     let consumer: BaseConsumer = cfg
         .create()
@@ -59,9 +71,9 @@ pub fn read_compacted_partition(
     consumer.assign(&tpl)?;
     let mut records = 0usize;
     let mut last_progress = std::time::Instant::now();
-    let mut reached_watermark = false;
+    let mut reached_end = false;
     loop {
-        let wait = if reached_watermark {
+        let wait = if reached_end {
             DRAIN_QUIET
         } else {
             Duration::from_millis(200)
@@ -76,7 +88,13 @@ pub fn read_compacted_partition(
                         m.payload().map(<[u8]>::to_vec),
                     );
                 }
-                reached_watermark |= m.offset() >= high - 1;
+                reached_end |= m.offset() >= high - 1;
+            }
+            // The fetch position passed the last stable offset (markers and aborted records
+            // included): everything committed has been read.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => {
+                last_progress = std::time::Instant::now();
+                reached_end = true;
             }
             // librdkafka reconnects by itself: a broker away for a while (restarting, a network
             // blip) only delays the restore, up to the stall timeout.
@@ -88,7 +106,7 @@ pub fn read_compacted_partition(
                 tracing::warn!(topic, partition, error.message = %e, "error while restoring; retrying");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            None if reached_watermark => break,
+            None if reached_end => break,
             None => {
                 anyhow::ensure!(
                     last_progress.elapsed() < STALL_TIMEOUT,

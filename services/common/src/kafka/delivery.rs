@@ -390,6 +390,73 @@ pub async fn deliver_once(
     }
 }
 
+/// Writes every output once, in order, inside a transaction, and waits for the broker's answers
+/// until the first failure. Returns the outputs the broker refuses for good among the answers
+/// received by then; when it returns none, every output is acknowledged.
+///
+/// A failed record makes librdkafka's transaction abortable: the records after it are neither
+/// sent nor failed until the transaction is aborted or `message.timeout.ms` passes (60 s under a
+/// transaction). So this stops waiting at the first failure, and the caller aborts the
+/// transaction and writes the batch again (without what was refused). A refusal outranks the
+/// broker being unavailable: other failures of the same transaction (an out-of-order sequence
+/// after the refused batch) follow from it, and the next attempt finds out whether the broker is
+/// really away.
+///
+/// # Errors
+/// The producer unusable ([`Failure::Fatal`]), or the broker unavailable with nothing refused.
+pub async fn deliver_in_transaction(
+    producer: &FutureProducer,
+    outputs: &[Output],
+) -> Result<Vec<Refusal>, ProduceError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut pending = FuturesUnordered::new();
+    let mut refused = Vec::new();
+    let mut failed: Option<ProduceError> = None;
+    for (index, output) in outputs.iter().enumerate() {
+        match try_enqueue(producer, output.record()).await {
+            Ok(delivery) => pending.push(async move { (index, settle(vec![delivery]).await) }),
+            Err(error) => {
+                note_failure(index, error, &mut refused, &mut failed);
+                break;
+            }
+        }
+    }
+    while refused.is_empty() && failed.is_none() {
+        let Some((index, mut results)) = pending.next().await else {
+            break;
+        };
+        let result = results
+            .pop()
+            .unwrap_or_else(|| Err(ProduceError::new("(unknown)", KafkaError::Canceled)));
+        if let Err(error) = result {
+            note_failure(index, error, &mut refused, &mut failed);
+        }
+    }
+    match failed {
+        Some(e) if e.failure == Failure::Fatal || refused.is_empty() => Err(e),
+        _ => Ok(refused),
+    }
+}
+
+/// Files the failure of output `index` as a refusal or as the failure that stops the write (a
+/// fatal one outranks an unavailable broker).
+fn note_failure(
+    index: usize,
+    error: ProduceError,
+    refused: &mut Vec<Refusal>,
+    failed: &mut Option<ProduceError>,
+) {
+    match error.failure {
+        Failure::Refused => refused.push(Refusal { index, error }),
+        Failure::Fatal => *failed = Some(error),
+        Failure::Unavailable => {
+            if failed.is_none() {
+                *failed = Some(error);
+            }
+        }
+    }
+}
+
 /// Writes every output in order and waits for the broker's answer to each. Returns the outputs
 /// the broker refuses for good (the caller dead-letters what caused them); every other output is
 /// acknowledged when this returns.

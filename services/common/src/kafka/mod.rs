@@ -41,9 +41,10 @@ pub use dead_letters::{
     LetterBounds, Original,
 };
 pub use delivery::{
-    await_deliveries, classify, deliver, deliver_once, enqueue, is_shutdown, settle, try_enqueue,
-    BrokerWait, Failure, Interrupted, Output, ProduceError, Refusal,
+    await_deliveries, classify, deliver, deliver_in_transaction, deliver_once, enqueue,
+    is_shutdown, settle, try_enqueue, BrokerWait, Failure, Interrupted, Output, ProduceError,
+    Refusal,
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
-pub use topics::{check_copartitioned, ensure_topics, Topic};
+pub use topics::{check_copartitioned, ensure_topics, topic_configs, Topic};

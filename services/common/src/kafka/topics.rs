@@ -89,16 +89,15 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
         .iter()
         .zip(topics)
         .map(|(n, t)| {
-            let topic = NewTopic::new(
+            let mut topic = NewTopic::new(
                 n,
                 settings.kafka.partitions,
                 TopicReplication::Fixed(settings.kafka.replication_factor),
             );
-            if t.compacted() {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
+            for (k, v) in topic_configs(settings, *t) {
+                topic = topic.set(k, v);
             }
+            topic
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -125,6 +124,30 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// The configs `topic` is created with: `kafka.topic_configs`, then for a compacted topic
+/// `kafka.compacted_topic_configs` and `cleanup.policy=compact` (unless those name a policy that
+/// includes it, e.g. `compact,delete`).
+pub fn topic_configs(settings: &Settings, topic: Topic) -> BTreeMap<&str, &str> {
+    let mut configs: BTreeMap<&str, &str> = settings
+        .kafka
+        .topic_configs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if topic.compacted() {
+        configs.remove("cleanup.policy");
+        configs.extend(
+            settings
+                .kafka
+                .compacted_topic_configs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        configs.entry("cleanup.policy").or_insert("compact");
+    }
+    configs
 }
 
 /// Checks that `changelog` has at least as many partitions as `input`: a service that keeps
@@ -176,6 +199,35 @@ pub async fn check_copartitioned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compacted_topics_are_created_compacted_with_their_configs() {
+        let mut settings = Settings::defaults().unwrap();
+        settings
+            .kafka
+            .topic_configs
+            .insert("retention.ms".into(), "2592000000".into());
+        settings
+            .kafka
+            .topic_configs
+            .insert("cleanup.policy".into(), "delete".into());
+        let state = topic_configs(&settings, Topic::ClockState);
+        assert_eq!(state.get("cleanup.policy"), Some(&"compact"));
+        assert_eq!(state.get("segment.ms"), Some(&"21600000"));
+        assert_eq!(state.get("delete.retention.ms"), Some(&"86400000"));
+        assert_eq!(state.get("retention.ms"), Some(&"2592000000"));
+        let events = topic_configs(&settings, Topic::SlaEvents);
+        assert_eq!(events.get("cleanup.policy"), Some(&"delete"));
+        assert_eq!(events.get("segment.ms"), None);
+        settings
+            .kafka
+            .compacted_topic_configs
+            .insert("cleanup.policy".into(), "compact,delete".into());
+        assert_eq!(
+            topic_configs(&settings, Topic::SlaOutcomes).get("cleanup.policy"),
+            Some(&"compact,delete")
+        );
+    }
 
     #[test]
     fn topic_names_carry_the_prefix_and_a_version() {
