@@ -189,8 +189,8 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// How long reading may go without a record once every partition's end is reached (tansu 0.6
-/// reports watermarks in batches, so the watermark alone may be early).
+/// How long reading may go without a record once every partition's end is reached (records
+/// appended meanwhile are read too).
 const QUIET: Duration = Duration::from_millis(500);
 /// How long reading may go without any record at all before it gives up.
 const STALL: Duration = Duration::from_secs(10);

@@ -2,10 +2,8 @@
 //!
 //! The same approach as the clock's restore (and for the same reasons, see docs/architecture.md
 //! decision (i)), through the shared `kafka::read_compacted_partition`: read the partition from
-//! the beginning, keep the latest record per escalation (a tombstone deletes it), and once the
-//! reported high watermark has been reached keep reading until the partition has been quiet for
-//! a moment, because tansu 0.6 under-reports the watermark. The input partition is not processed
-//! until this returns.
+//! the beginning, `read_committed`, to the partition's end, and keep the latest record per
+//! escalation (a tombstone deletes it). The input partition is not processed until this returns.
 
 use std::sync::Arc;
 

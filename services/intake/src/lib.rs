@@ -186,8 +186,7 @@ impl Intake {
     /// Replaces the producer after a failed delivery (at most once a second). The old one is
     /// dropped (its queue purged) once the requests holding it have answered 503, so nothing it
     /// still holds is sent after the outage under its old producer id; the new one starts a
-    /// fresh idempotent session when the broker is back. Apache Kafka copes either way; tansu
-    /// 0.6 with file storage crashes when a producer id from before its restart produces again.
+    /// fresh idempotent session when the broker is back.
     fn renew_producer(&self) {
         let mut renewed = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
         if renewed.elapsed() < Duration::from_secs(1) {
