@@ -59,7 +59,7 @@ start_services
 # intake): more descriptors than a default soft limit of 1024 allows.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 log "cargo test --workspace (broker $SAFECLOCK_TEST_BROKERS, Prometheus $SAFECLOCK_TEST_PROMETHEUS, Alertmanager $SAFECLOCK_TEST_ALERTMANAGER)"
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
 
 # No test may depend on when it runs: run the suites that lean most on "now" once more with the
 # clock of the tests and of every service they start moved to the eve of a bank holiday, late

@@ -22,6 +22,10 @@
 //! stored) and `transactional` (`clock.transactional_id` set: each batch's outputs, states and
 //! input offsets in one Kafka transaction), and the ratio of the two rates is printed.
 //! `SAFECLOCK_BENCH_MODE=default|transactional` runs one mode only.
+//!
+//! To see where the time goes: `SAFECLOCK_BENCH_MAX_BATCH` (the clock's batch, default 1000) and
+//! `SAFECLOCK_BENCH_PRODUCER` (producer properties, `key=value,...`, e.g. `linger.ms=20` or
+//! `compression.type=none`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -85,7 +89,23 @@ async fn run(brokers: &str, kind: &str, n: usize, transactional: bool) -> f64 {
     }
     settings.kafka.create_topics = true;
     settings.clock.tick_interval_ms = 1000;
-    settings.clock.max_batch = 1000;
+    settings.clock.max_batch = std::env::var("SAFECLOCK_BENCH_MAX_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    // For profiling where the time goes: producer properties for the clock (and the loader),
+    // e.g. SAFECLOCK_BENCH_PRODUCER="linger.ms=20,compression.type=zstd".
+    if let Ok(props) = std::env::var("SAFECLOCK_BENCH_PRODUCER") {
+        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .expect("SAFECLOCK_BENCH_PRODUCER: key=value,...");
+            settings
+                .kafka
+                .producer_properties
+                .insert(k.trim().into(), v.trim().into());
+        }
+    }
     let settings = Arc::new(settings);
     kafka::ensure_topics(&settings, &Topic::ALL).await.unwrap();
     let input_topic = settings.topic(Topic::ReferralEvents);
@@ -105,26 +125,32 @@ async fn run(brokers: &str, kind: &str, n: usize, transactional: bool) -> f64 {
     kafka::await_deliveries(deliveries).await.unwrap();
     let produce_rate = n as f64 / t.elapsed().as_secs_f64();
 
-    // The broker's raw consume rate for those records.
+    // The broker's raw consume rate for those records: one consumer assigned every partition
+    // (no group to join), timed from the assignment to the last record. (Timing from the first
+    // record instead counts what librdkafka had prefetched meanwhile as free.)
     let raw: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{}-raw", settings.clock.group_id))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    raw.subscribe(&[&input_topic]).unwrap();
-    let mut first = None;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..settings.kafka.partitions {
+        assignment
+            .add_partition_offset(&input_topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    let t = Instant::now();
+    raw.assign(&assignment).unwrap();
     let mut got = 0usize;
     while got < n {
         let _ = tokio::time::timeout(Duration::from_secs(60), raw.recv())
             .await
             .expect("raw consumer stalled")
             .unwrap();
-        first.get_or_insert_with(Instant::now);
         got += 1;
     }
-    let raw_rate = n as f64 / first.unwrap().elapsed().as_secs_f64();
+    let raw_rate = n as f64 / t.elapsed().as_secs_f64();
     drop(raw);
 
     // The clock service on the same records.
@@ -180,7 +206,8 @@ async fn run(brokers: &str, kind: &str, n: usize, transactional: bool) -> f64 {
         "default"
     };
     println!(
-        "-- input `{kind}`, mode {mode}: {n} referral events, {partitions} partitions, broker {brokers}"
+        "-- input `{kind}`, mode {mode}: {n} referral events, {partitions} partitions, broker {brokers}, max_batch {}, producer overrides {:?}",
+        settings.clock.max_batch, settings.kafka.producer_properties
     );
     println!(
         "  raw produce (idempotent, acks=all): {produce_rate:.0} records/s; raw consume (one consumer): {raw_rate:.0} records/s"
