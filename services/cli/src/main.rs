@@ -164,6 +164,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_default()
             );
             println!("  brokers:      {}", settings.kafka.brokers);
+            let built = safeclock_common::kafka::builtin_features();
+            let optional = safeclock_common::kafka::OPTIONAL_FEATURES
+                .iter()
+                .map(|(builtin, cargo, what)| {
+                    if built.iter().any(|b| b == builtin) {
+                        format!("{what}: yes")
+                    } else {
+                        format!("{what}: no (cargo feature `{cargo}`)")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            println!(
+                "  kafka client: librdkafka {}; {optional}",
+                rdkafka::util::get_rdkafka_version().1
+            );
             for t in safeclock_common::kafka::Topic::ALL {
                 println!("  topic:        {}", settings.topic(t));
             }

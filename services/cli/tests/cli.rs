@@ -32,10 +32,37 @@ fn config_file(contents: &str) -> tempfile::NamedTempFile {
     f
 }
 
+#[cfg(not(feature = "gssapi"))]
+#[test]
+fn without_the_gssapi_feature_kerberos_fails_at_start_with_the_feature_to_build_with() {
+    for (contents, field) in [
+        (
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"GSSAPI\"\n",
+            "kafka.properties.sasl.mechanism",
+        ),
+        (
+            // librdkafka's default mechanism is GSSAPI.
+            "[kafka.consumer_properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n",
+            "kafka.consumer_properties.security.protocol",
+        ),
+    ] {
+        let f = config_file(contents);
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(f.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{contents}");
+        assert!(stderr.contains(field), "{contents}: {stderr}");
+        assert!(stderr.contains("--features gssapi"), "{stderr}");
+    }
+}
+
 #[test]
 fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
     let valid = config_file(
-        "[kafka]\nbrokers = \"kafka-1:9092,kafka-2:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n",
+        "[kafka]\nbrokers = \"kafka-1:9092,kafka-2:9092\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.password\" = \"hunter2\"\n",
     );
     let out = Command::new(BIN)
         .args(["check-config", "--config"])
@@ -50,6 +77,7 @@ fn check_config_accepts_a_valid_file_and_names_the_field_of_an_invalid_one() {
     );
     assert!(stdout.contains("configuration OK"), "{stdout}");
     assert!(!stdout.contains("hunter2"));
+    assert!(stdout.contains("kafka client: librdkafka"), "{stdout}");
 
     for (contents, field) in [
         ("[clock]\ntick_interval_ms = 0\n", "clock.tick_interval_ms"),

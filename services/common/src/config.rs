@@ -184,6 +184,81 @@ impl fmt::Debug for KafkaSettings {
 pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 impl KafkaSettings {
+    /// Fails when the properties ask for a part of the Kafka client that this build lacks
+    /// (`builtin` is librdkafka's `builtin.features`, [`crate::kafka::builtin_features`]):
+    /// Kerberos (`sasl.mechanism=GSSAPI`, which is also librdkafka's default mechanism when
+    /// `security.protocol` is SASL_* and no mechanism is set) without the cargo feature `gssapi`,
+    /// or `sasl.oauthbearer.method=oidc` without `oidc`. librdkafka itself would refuse only when
+    /// the first client is created, in its own words.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the property and the cargo feature to build with.
+    pub fn check_client_features(&self, builtin: &[String]) -> Result<(), ConfigError> {
+        let has = |f: &str| builtin.iter().any(|b| b == f);
+        for (section, extra) in [
+            ("kafka.consumer_properties", &self.consumer_properties),
+            ("kafka.producer_properties", &self.producer_properties),
+        ] {
+            // Where an effective property comes from: the client's own section wins.
+            let lookup = |key: &str| {
+                extra
+                    .get(key)
+                    .map(|v| (format!("{section}.{key}"), v.trim()))
+                    .or_else(|| {
+                        self.properties
+                            .get(key)
+                            .map(|v| (format!("kafka.properties.{key}"), v.trim()))
+                    })
+            };
+            let mechanism = lookup("sasl.mechanism").or_else(|| lookup("sasl.mechanisms"));
+            if !has("sasl_gssapi") {
+                let kerberos = match (&mechanism, lookup("security.protocol")) {
+                    (Some((field, m)), _) if m.eq_ignore_ascii_case("GSSAPI") => {
+                        Some((field.clone(), "asks for Kerberos (GSSAPI)".to_string(), ""))
+                    }
+                    (None, Some((field, p))) if p.to_ascii_uppercase().starts_with("SASL_") => {
+                        Some((
+                            field,
+                            format!(
+                                "is {p} without `sasl.mechanism`, which librdkafka then takes as \
+                                 Kerberos (GSSAPI)"
+                            ),
+                            ". If Kerberos is not meant, set `sasl.mechanism` (PLAIN, \
+                             SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)",
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some((field, what, otherwise)) = kerberos {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{what}, but this safeclock was built without Kerberos support. \
+                             Build it with `cargo build --release -p safeclock --features gssapi` \
+                             (needs the Cyrus SASL development files and its GSSAPI module: on \
+                             Debian, libsasl2-dev and libsasl2-modules-gssapi-mit; \
+                             docs/fresh-machine.md){otherwise}"
+                        ),
+                    ));
+                }
+            }
+            if !has("oidc") {
+                if let Some((field, m)) = lookup("sasl.oauthbearer.method") {
+                    if m.eq_ignore_ascii_case("oidc") {
+                        return Err(invalid(
+                            field,
+                            "asks for OAUTHBEARER tokens from an OIDC provider, but this \
+                             safeclock was built without it. Build it with `cargo build --release \
+                             -p safeclock --features oidc` (builds libcurl from source; \
+                             docs/fresh-machine.md)",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The largest record safeclock's producers send (`message.max.bytes` of the producer
     /// properties, else of the shared ones, else librdkafka's default).
     pub fn producer_message_max_bytes(&self) -> usize {
@@ -1306,6 +1381,8 @@ impl Settings {
                 ));
             }
         }
+        self.kafka
+            .check_client_features(&crate::kafka::builtin_features())?;
         if self.forces.is_empty() {
             return Err(invalid("forces", "must name at least one force"));
         }
@@ -1500,6 +1577,10 @@ mod tests {
                 (
                     "SAFECLOCK__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
                     "SASL_SSL",
+                ),
+                (
+                    "SAFECLOCK__KAFKA__PROPERTIES__SASL_MECHANISM",
+                    "SCRAM-SHA-512",
                 ),
                 ("SAFECLOCK__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
             ]),
@@ -1716,5 +1797,121 @@ secret = "env:HOOK_SECRET"
         let err = Settings::load_with_env(Some(Path::new("/nonexistent/safeclock.toml")), env(&[]))
             .unwrap_err();
         assert!(err.to_string().contains("--config"), "{err}");
+    }
+
+    fn kafka_with(props: &[(&str, &str)], consumer: &[(&str, &str)]) -> KafkaSettings {
+        let mut k = Settings::defaults().unwrap().kafka;
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        k.properties = map(props);
+        k.consumer_properties = map(consumer);
+        k
+    }
+
+    fn features(list: &str) -> Vec<String> {
+        list.split(',').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn kerberos_and_oidc_need_their_cargo_features_and_name_them() {
+        let without =
+            features("gzip,snappy,ssl,sasl,regex,lz4,sasl_plain,sasl_scram,zstd,sasl_oauthbearer");
+        let with =
+            features("gzip,ssl,sasl,sasl_gssapi,sasl_plain,sasl_scram,sasl_oauthbearer,oidc");
+        let field_of = |k: &KafkaSettings, b: &[String]| match k.check_client_features(b) {
+            Err(ConfigError::Invalid { field, message }) => Some((field, message)),
+            Err(e) => panic!("{e}"),
+            Ok(()) => None,
+        };
+        let cases = [
+            (
+                kafka_with(
+                    &[
+                        ("security.protocol", "SASL_SSL"),
+                        ("sasl.mechanism", "GSSAPI"),
+                    ],
+                    &[],
+                ),
+                Some(("kafka.properties.sasl.mechanism", "--features gssapi")),
+            ),
+            (
+                kafka_with(&[("sasl.mechanisms", "gssapi")], &[]),
+                Some(("kafka.properties.sasl.mechanisms", "--features gssapi")),
+            ),
+            // librdkafka's default mechanism is GSSAPI.
+            (
+                kafka_with(&[("security.protocol", "sasl_ssl")], &[]),
+                Some(("kafka.properties.security.protocol", "--features gssapi")),
+            ),
+            // The consumer's own section wins over the shared one.
+            (
+                kafka_with(
+                    &[
+                        ("security.protocol", "SASL_SSL"),
+                        ("sasl.mechanism", "SCRAM-SHA-512"),
+                    ],
+                    &[("sasl.mechanism", "GSSAPI")],
+                ),
+                Some((
+                    "kafka.consumer_properties.sasl.mechanism",
+                    "--features gssapi",
+                )),
+            ),
+            (
+                kafka_with(
+                    &[
+                        ("security.protocol", "SASL_SSL"),
+                        ("sasl.mechanism", "OAUTHBEARER"),
+                    ],
+                    &[("sasl.oauthbearer.method", "oidc")],
+                ),
+                Some((
+                    "kafka.consumer_properties.sasl.oauthbearer.method",
+                    "--features oidc",
+                )),
+            ),
+            (
+                kafka_with(
+                    &[
+                        ("security.protocol", "SASL_SSL"),
+                        ("sasl.mechanism", "SCRAM-SHA-512"),
+                    ],
+                    &[],
+                ),
+                None,
+            ),
+            (kafka_with(&[("security.protocol", "SSL")], &[]), None),
+            (kafka_with(&[], &[]), None),
+        ];
+        for (k, expected) in &cases {
+            let got = field_of(k, &without);
+            match expected {
+                Some((field, feature)) => {
+                    let (f, m) = got.unwrap_or_else(|| panic!("{k:?} passed"));
+                    assert_eq!(&f, field);
+                    assert!(m.contains(feature), "{m}");
+                }
+                None => assert!(got.is_none(), "{k:?}: {got:?}"),
+            }
+            assert!(field_of(k, &with).is_none(), "{k:?} with every feature");
+        }
+    }
+
+    #[test]
+    fn the_check_uses_what_librdkafka_was_really_built_with() {
+        let built = crate::kafka::builtin_features();
+        assert!(built.iter().any(|f| f == "ssl"), "{built:?}");
+        assert!(built.iter().any(|f| f == "sasl_scram"), "{built:?}");
+        assert!(built.iter().any(|f| f == "zstd"), "{built:?}");
+        let kerberos = kafka_with(&[("sasl.mechanism", "GSSAPI")], &[]);
+        assert_eq!(
+            kerberos.check_client_features(&built).is_ok(),
+            built.iter().any(|f| f == "sasl_gssapi"),
+            "{built:?}"
+        );
     }
 }

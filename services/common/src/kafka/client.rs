@@ -17,8 +17,39 @@ pub fn client_config(kafka: &KafkaSettings, extra: &BTreeMap<String, String>) ->
     for (k, v) in kafka.properties.iter().chain(extra.iter()) {
         cfg.set(k, v);
     }
+    // OpenSSL is built from source (openssl-src), so its own default CA directory is
+    // /usr/local/ssl, not the system's. Unless the operator names the CAs, librdkafka looks in
+    // the usual system places (/etc/ssl/certs/ca-certificates.crt and the like).
+    let tls = cfg
+        .get("security.protocol")
+        .is_some_and(|p| p.to_ascii_uppercase().ends_with("SSL"));
+    let names_ca = ["ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores"]
+        .iter()
+        .any(|k| cfg.get(k).is_some());
+    if tls && !names_ca {
+        cfg.set("ssl.ca.location", "probe");
+    }
     cfg
 }
+
+/// What librdkafka was compiled with: its `builtin.features` (`ssl`, `sasl_plain`, `sasl_scram`,
+/// `sasl_oauthbearer`, `zstd`, and `sasl_gssapi` or `oidc` only when safeclock was built with its
+/// cargo feature `gssapi` or `oidc`).
+pub fn builtin_features() -> Vec<String> {
+    ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .map(|f| f.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The optional parts of the Kafka client that need system libraries at build time, each an
+/// opt-in cargo feature of the `safeclock` crate: (librdkafka's builtin feature, cargo feature,
+/// what it is for).
+pub const OPTIONAL_FEATURES: [(&str, &str, &str); 2] = [
+    ("sasl_gssapi", "gssapi", "Kerberos (SASL GSSAPI)"),
+    ("oidc", "oidc", "OAUTHBEARER with OIDC token retrieval"),
+];
 
 /// A producer for outputs: `acks=all` and idempotent unless the operator overrides it.
 ///
@@ -117,5 +148,27 @@ mod tests {
         assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(cfg.get("ssl.ca.location"), Some("/etc/ssl/force-ca.pem"));
         assert_eq!(cfg.get("acks"), Some("1"), "operator overrides win");
+    }
+
+    #[test]
+    fn tls_without_named_cas_uses_the_system_cas_not_the_vendored_openssl_directory() {
+        let mut settings = Settings::defaults().unwrap();
+        let cfg = client_config(&settings.kafka, &BTreeMap::new());
+        assert_eq!(
+            cfg.get("ssl.ca.location"),
+            None,
+            "plaintext: nothing to verify"
+        );
+        settings
+            .kafka
+            .properties
+            .insert("security.protocol".into(), "sasl_ssl".into());
+        let cfg = client_config(&settings.kafka, &BTreeMap::new());
+        assert_eq!(cfg.get("ssl.ca.location"), Some("probe"));
+        // librdkafka accepts it, and with it the client can be created.
+        cfg.create_native_config().unwrap();
+        let pem = BTreeMap::from([("ssl.ca.pem".to_string(), "-----BEGIN".to_string())]);
+        let cfg = client_config(&settings.kafka, &pem);
+        assert_eq!(cfg.get("ssl.ca.location"), None, "the operator's CAs win");
     }
 }

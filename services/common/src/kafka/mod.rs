@@ -30,7 +30,7 @@ mod handover;
 mod offsets;
 mod topics;
 
-pub use client::{client_config, producer, producer_with};
+pub use client::{builtin_features, client_config, producer, producer_with, OPTIONAL_FEATURES};
 pub use compacted::{read_compacted_partition, LatestByKey};
 pub use consumer::{
     commit_stored, consumer, consumer_with, current_assignment, next_batch, or_shutdown, reconcile,
