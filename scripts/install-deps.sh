@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine, skipping what is already there:
-# the C toolchain pieces rdkafka's bundled librdkafka build needs, real Prometheus and Alertmanager,
-# and Apache Kafka (pinned, from Maven artifacts, scripts/kafka/install.sh), cached under
-# $SAFECLOCK_CACHE so a second run is instant.
+# real Prometheus and Alertmanager, and Apache Kafka (pinned, from Maven artifacts,
+# scripts/kafka/install.sh), cached under $SAFECLOCK_CACHE so a second run is instant.
 #
 # Prints what it installed as shell assignments, for `eval "$(bash scripts/install-deps.sh)"`:
 #   SAFECLOCK_KAFKA_LIBS=...   the class path directory of the Kafka broker and tools
@@ -13,8 +12,9 @@ export SAFECLOCK_CACHE
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
-apt_packages=(cmake libcurl4-openssl-dev libsasl2-dev libssl-dev zlib1g-dev pkg-config
-              prometheus prometheus-alertmanager curl)
+# safeclock itself needs no Debian package beyond a C and C++ compiler, make and perl: rdkafka
+# builds librdkafka, OpenSSL, zlib and zstd from source (docs/fresh-machine.md).
+apt_packages=(prometheus prometheus-alertmanager curl)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
