@@ -249,8 +249,8 @@ impl KafkaSettings {
                             field,
                             "asks for OAUTHBEARER tokens from an OIDC provider, but this \
                              safeclock was built without it. Build it with `cargo build --release \
-                             -p safeclock --features oidc` (builds libcurl from source; \
-                             docs/fresh-machine.md)",
+                             -p safeclock --features oidc` (needs cmake; builds libcurl from \
+                             source; docs/fresh-machine.md)",
                         ));
                     }
                 }

@@ -36,11 +36,18 @@ pub fn client_config(kafka: &KafkaSettings, extra: &BTreeMap<String, String>) ->
 /// `sasl_oauthbearer`, `zstd`, and `sasl_gssapi` or `oidc` only when safeclock was built with its
 /// cargo feature `gssapi` or `oidc`).
 pub fn builtin_features() -> Vec<String> {
-    ClientConfig::new()
+    let list = ClientConfig::new()
         .create_native_config()
         .and_then(|c| c.get("builtin.features"))
-        .map(|f| f.split(',').map(|s| s.trim().to_string()).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    list.split(',')
+        .map(str::trim)
+        // librdkafka built with cmake (the `oidc` feature does) defines WITH_SASL_CYRUS as 0,
+        // and its list tests only whether it is defined: it then claims `sasl_gssapi` although
+        // no GSSAPI provider was compiled. Only the `gssapi` feature builds one.
+        .filter(|f| !f.is_empty() && (*f != "sasl_gssapi" || cfg!(feature = "gssapi")))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The optional parts of the Kafka client that need system libraries at build time, each an
