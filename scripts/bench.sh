@@ -46,7 +46,7 @@ java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_K
   org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
   --topic perf-raw --num-records 500000 --show-detailed-stats --reporting-interval 60000 | tail -n 2
 
-cargo bench -p safeclock-tests --bench e2e
+SAFECLOCK_BENCH_EVENTS=${E2E_EVENTS:-100000} cargo bench -p safeclock-tests --bench e2e
 cargo bench -p safeclock-tests --bench escalator
 cargo bench -p safeclock-intake --bench intake
 if [ "${SKIP_SCALE:-0}" != 1 ]; then
