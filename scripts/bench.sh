@@ -44,7 +44,7 @@ java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_K
   --command-property acks=all linger.ms=5 compression.type=lz4 | tail -n 1
 java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \
   org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
-  --topic perf-raw --num-records 500000 --show-detailed-stats --reporting-interval 60000 | tail -n 2
+  --topic perf-raw --num-records 500000 | tail -n 2
 
 SAFECLOCK_BENCH_EVENTS=${E2E_EVENTS:-100000} cargo bench -p safeclock-tests --bench e2e
 cargo bench -p safeclock-tests --bench escalator
