@@ -5,7 +5,7 @@
 //! before the cleaner ran (same referrals, same clocks and deadlines, so the same next outputs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,6 @@ use jiff::SignedDuration;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock_common::config::Settings;
@@ -27,35 +26,13 @@ const GONE: usize = 30;
 
 /// Every record of `topic` (all `partitions`) from the beginning, read to the end of each.
 fn scan(brokers: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("scan-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut at_end = BTreeSet::new();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while at_end.len() < partitions as usize {
-        assert!(Instant::now() < deadline, "{topic} not read to its end");
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => got.push(m.detach()),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => eprintln!("scan error: {e}"),
-            None => {}
-        }
-    }
-    got
+    safeclock_tests::read_to_end(
+        brokers,
+        topic,
+        partitions,
+        "read_uncommitted",
+        Duration::from_secs(60),
+    )
 }
 
 fn key(m: &OwnedMessage) -> String {

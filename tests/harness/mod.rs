@@ -268,19 +268,7 @@ pub async fn read_all(brokers: &str, topic: &str, quiet: Duration) -> Vec<OwnedM
 /// How many records `topic` holds in its first `partitions` partitions, and their key and value
 /// bytes (read from the beginning until quiet for a second).
 pub fn topic_volume(brokers: &str, topic: &str, partitions: i32) -> (usize, usize) {
-    use rdkafka::consumer::BaseConsumer;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("volume-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = assigned_from_beginning(brokers, topic, partitions, &[]);
     let (mut records, mut bytes) = (0, 0);
     while let Some(Ok(m)) = consumer.poll(Duration::from_secs(1)) {
         records += 1;
@@ -458,4 +446,70 @@ impl InProcess {
         self.shutdown.cancel();
         self.running.wait().await.unwrap();
     }
+}
+
+/// A consumer of its own (no group to join, committing nothing) assigned every partition of
+/// `topic` from the beginning, with the extra client properties in `props`.
+pub fn assigned_from_beginning(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    props: &[(&str, &str)],
+) -> rdkafka::consumer::BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("scan-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false");
+    for (k, v) in props {
+        config.set(*k, *v);
+    }
+    let consumer: rdkafka::consumer::BaseConsumer = config.create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    consumer
+}
+
+/// Every record of `topic` (all `partitions`) from the beginning at `isolation`
+/// (`read_committed` or `read_uncommitted`), read until the end of every partition (bounded by
+/// `within`).
+pub fn read_to_end(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+    within: Duration,
+) -> Vec<OwnedMessage> {
+    let consumer = assigned_from_beginning(
+        brokers,
+        topic,
+        partitions,
+        &[
+            ("enable.partition.eof", "true"),
+            ("isolation.level", isolation),
+            ("fetch.wait.max.ms", "50"),
+        ],
+    );
+    let mut at_end = std::collections::BTreeSet::new();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + within;
+    while at_end.len() < partitions as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} not read to its end within {within:?}"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => got.push(m.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("scan error: {e}"),
+            None => {}
+        }
+    }
+    got
 }

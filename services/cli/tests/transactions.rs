@@ -27,42 +27,9 @@ use safeclock_tests::{committed_total, free_port, isolated_settings, real_broker
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
 const PARTITIONS: i32 = 3;
 
-/// Every record of `topic` (all partitions) from the beginning at `isolation`, read until the
-/// consumer reaches the end of every partition (bounded by `within`).
+/// Every record of `topic` from the beginning at `isolation`, to the end of every partition.
 fn read_topic(brokers: &str, topic: &str, isolation: &str, within: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("scan-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut at_end = BTreeSet::new();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + within;
-    while at_end.len() < PARTITIONS as usize {
-        assert!(
-            Instant::now() < deadline,
-            "{topic} not read to its end within {within:?}"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => got.push(m.detach()),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => eprintln!("scan error: {e}"),
-            None => {}
-        }
-    }
-    got
+    safeclock_tests::read_to_end(brokers, topic, PARTITIONS, isolation, within)
 }
 
 /// The SLA event ids of `records` with how often each appears.
