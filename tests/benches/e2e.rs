@@ -94,18 +94,7 @@ async fn run(brokers: &str, kind: &str, n: usize, transactional: bool) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     // For profiling where the time goes: producer properties for the clock (and the loader),
-    // e.g. SAFECLOCK_BENCH_PRODUCER="linger.ms=20,compression.type=zstd".
-    if let Ok(props) = std::env::var("SAFECLOCK_BENCH_PRODUCER") {
-        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .expect("SAFECLOCK_BENCH_PRODUCER: key=value,...");
-            settings
-                .kafka
-                .producer_properties
-                .insert(k.trim().into(), v.trim().into());
-        }
-    }
+    safeclock_tests::apply_bench_producer_properties(&mut settings);
     let settings = Arc::new(settings);
     kafka::ensure_topics(&settings, &Topic::ALL).await.unwrap();
     let input_topic = settings.topic(Topic::ReferralEvents);

@@ -108,6 +108,26 @@ pub fn isolated_settings(brokers: &str) -> Settings {
     s
 }
 
+/// Producer properties a benchmark run asks for in `SAFECLOCK_BENCH_PRODUCER` (`key=value,...`,
+/// e.g. `linger.ms=20,compression.type=zstd`), applied over `settings`' own.
+///
+/// # Panics
+/// On an entry without `=`: a benchmark run with a typo must not measure the defaults silently.
+pub fn apply_bench_producer_properties(settings: &mut Settings) {
+    let Ok(props) = std::env::var("SAFECLOCK_BENCH_PRODUCER") else {
+        return;
+    };
+    for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
+        let Some((k, v)) = kv.split_once('=') else {
+            panic!("SAFECLOCK_BENCH_PRODUCER: expected key=value,..., got {kv:?}");
+        };
+        settings
+            .kafka
+            .producer_properties
+            .insert(k.trim().into(), v.trim().into());
+    }
+}
+
 /// Produces one raw record and waits for the broker's acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
     produce_to(brokers, topic, key, payload, None).await;

@@ -10,7 +10,7 @@
 //! user text and are skipped. The check walks the event's generated `Serialize` implementation
 //! (no JSON is built) and stops at the first field over its limit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::ser::{self, Serialize};
 
@@ -20,8 +20,9 @@ use crate::schema::AttributeType;
 /// The string fields of the contract and their limits.
 #[derive(Debug, Clone)]
 pub struct StringLimits {
-    /// `kindJsonName.attributeJsonName` of every string attribute of an event kind.
-    kind_strings: HashSet<String>,
+    /// The JSON names of every string attribute, by the JSON name of its event kind (two levels,
+    /// so that a lookup while walking an event allocates nothing).
+    kind_strings: HashMap<String, HashSet<String>>,
     max_id: usize,
     max_ref: usize,
     max_code: usize,
@@ -49,11 +50,14 @@ impl StringLimits {
         let kind_strings = crate::schema::event_kinds()
             .unwrap_or_default()
             .into_iter()
-            .flat_map(|k| {
-                k.attributes
+            .map(|k| {
+                let strings = k
+                    .attributes
                     .into_iter()
                     .filter(|a| a.kind == AttributeType::String)
-                    .map(move |a| format!("{}.{}", k.json_name, a.json_name))
+                    .map(|a| a.json_name)
+                    .collect();
+                (k.json_name, strings)
             })
             .collect();
         Self {
@@ -81,7 +85,10 @@ impl StringLimits {
     fn limit(&self, parent: Option<&str>, key: &str) -> Option<(usize, &'static str)> {
         let is_string = match parent {
             None => ID_FIELDS.contains(&key) || TOP_STRINGS.contains(&key),
-            Some(kind) => self.kind_strings.contains(&format!("{kind}.{key}")),
+            Some(kind) => self
+                .kind_strings
+                .get(kind)
+                .is_some_and(|strings| strings.contains(key)),
         };
         if !is_string {
             None

@@ -2,10 +2,11 @@
 //! validation, produce, wait for the broker's acknowledgement) beside the broker's raw produce
 //! rate for the same records with the same producer settings, measured in one run.
 //!
-//! Run with `bash scripts/bench.sh` (starts tansu on a free loopback port), or against any broker:
+//! Run with `bash scripts/bench.sh` (starts a Kafka node on a free loopback port), or against any broker:
 //! `SAFECLOCK_TEST_BROKERS=host:port cargo bench -p safeclock-intake --bench intake`.
 //! `SAFECLOCK_BENCH_EVENTS` sets the number of events (default 100,000), `SAFECLOCK_BENCH_CLIENTS`
-//! the concurrent HTTP clients (default 16).
+//! the concurrent HTTP clients (default 16), `SAFECLOCK_BENCH_PRODUCER` producer properties for
+//! both measurements (`key=value,...`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -102,16 +103,17 @@ async fn main() {
         .tokens
         .insert("bench".into(), Secret::new(TOKEN));
     settings.intake.delivery_timeout_ms = 30_000;
-    // Same producer settings for both measurements (the defaults: linger 5 ms, lz4).
+    // Same producer for both measurements: intake's own (linger 1 ms, lz4, acks=all).
     settings.kafka.producer_properties.clear();
+    safeclock_tests::apply_bench_producer_properties(&mut settings);
     let settings = Arc::new(settings);
     kafka::ensure_topics(&settings, &[Topic::ReferralEvents, Topic::DeadLetter])
         .await
         .unwrap();
     let topic = settings.topic(Topic::ReferralEvents);
 
-    // Raw produce: the same canonical records, the same idempotent acks=all producer.
-    let producer = kafka::producer(&settings).unwrap();
+    // Raw produce: the same canonical records, the same producer settings.
+    let producer = safeclock_intake::producer(&settings).unwrap();
     let payloads: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let e = event("RAW", i);
@@ -159,7 +161,9 @@ async fn main() {
     ));
     let url = format!("http://{addr}");
     through_intake(&url, "WARM", 100, 100, 1).await;
+    eprintln!("phase: batches of 100");
     let batch100 = through_intake(&url, "B100", n, 100, clients).await;
+    eprintln!("phase: one event per request");
     let singles = (n / 4).max(1);
     let batch1 = through_intake(&url, "B1", singles, 1, clients).await;
     shutdown.cancel();
