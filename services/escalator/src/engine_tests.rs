@@ -509,3 +509,49 @@ fn events_that_route_nowhere_open_nothing() {
     assert!(e.on_sla_event(&breach(), at(0)).is_empty());
     assert!(e.stats().escalations == 0);
 }
+
+#[test]
+fn each_escalation_is_visited_when_due_and_forgotten_after_its_retention() {
+    let mut e = engine();
+    let of = |i: usize, transition: SlaTransition, id: &str| SlaEvent {
+        clock_id: format!("c-{i}"),
+        ..sla(transition, &format!("{id}-{i}"))
+    };
+    // 600 escalations opened over an hour, ten a minute.
+    for i in 0..600 {
+        let opened = at(i64::try_from(i / 10).unwrap());
+        let a = e.on_sla_event(&of(i, SlaTransition::Breached, "b"), opened);
+        deliver_all(&mut e, &a, opened);
+    }
+    // Level 2 pages 15 min after each opened: ten a minute, each exactly once, none early.
+    for minute in 0..=80 {
+        let a = e.on_tick(at(minute));
+        let paged = deliveries(&a)
+            .into_iter()
+            .filter(|x| *x == d("inspector", Trigger, 2, 0))
+            .count();
+        let expected = if (15..75).contains(&minute) { 10 } else { 0 };
+        assert_eq!(paged, expected, "level 2 pages at minute {minute}");
+        deliver_all(&mut e, &a, at(minute));
+    }
+    // Every clock met: resolved, each paged receiver told, then kept a day and forgotten.
+    for i in 0..600 {
+        let a = e.on_sla_event(&of(i, SlaTransition::Met, "m"), at(100));
+        deliver_all(&mut e, &a, at(100));
+    }
+    e.take_dirty();
+    let day = SignedDuration::from_hours(24);
+    e.on_tick(at(99) + day);
+    assert_eq!(e.stats().escalations, 600, "kept for the retention");
+    e.on_tick(at(100) + day);
+    assert_eq!(e.stats().escalations, 0, "forgotten after the retention");
+    assert_eq!(
+        e.take_dirty().len(),
+        600,
+        "each forgotten one is written (a tombstone)"
+    );
+    assert!(
+        e.timers.is_empty() && e.due.is_empty(),
+        "nothing left in the timer index"
+    );
+}

@@ -257,6 +257,9 @@ async fn sync_assignment(
     Ok(())
 }
 
+/// How often the tick recounts the open escalations for the gauges (a full scan).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
 fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
     metrics
         .partitions
@@ -452,6 +455,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(esc.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reports = Vec::new();
+    let mut gauges_updated: Option<Instant> = None;
     tracing::info!(
         input,
         log_topic = effects.log_topic,
@@ -488,7 +492,11 @@ pub async fn run(
                         dispatcher.submit(job);
                     }
                 }
-                update_gauges(&engines, &metrics);
+                // A full scan of the escalations: every few seconds, not every tick.
+                if gauges_updated.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
+                    update_gauges(&engines, &metrics);
+                    gauges_updated = Some(Instant::now());
+                }
             }
             revoked = handover.revoked() => {
                 let partitions = kafka::Handover::partitions(&revoked, &input);
