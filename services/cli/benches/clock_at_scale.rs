@@ -316,16 +316,21 @@ group_id = "scale-{tag}-exporter"
     while pages.0.lock().unwrap().len() < clocks && Instant::now() < page_deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut page_lateness: Vec<f64> = pages
+    // (deadline, lateness) of every page, to show where in the run lateness builds.
+    let paged: Vec<(Timestamp, f64)> = pages
         .0
         .lock()
         .unwrap()
         .iter()
         .filter_map(|(r, at)| {
             let i: usize = r.strip_prefix("R-S-")?.parse().ok()?;
-            Some(at.duration_since(deadline_of(i)).as_secs_f64())
+            Some((
+                deadline_of(i),
+                at.duration_since(deadline_of(i)).as_secs_f64(),
+            ))
         })
         .collect();
+    let mut page_lateness: Vec<f64> = paged.iter().map(|(_, l)| *l).collect();
     breach_lateness.sort_by(f64::total_cmp);
     page_lateness.sort_by(f64::total_cmp);
     let rss_peak = rss_mib(&clock);
@@ -362,4 +367,26 @@ group_id = "scale-{tag}-exporter"
         ms(percentile(&page_lateness, 0.99)),
         ms(page_lateness.last().copied().unwrap_or(f64::NAN))
     );
+    // By window of deadlines: a constant lateness, one that grows, or bursts.
+    let window = (spread / 10).max(1);
+    let mut windows: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for (deadline, late) in &paged {
+        let offset = deadline.duration_since(first_deadline).as_secs().max(0) as u64;
+        windows.entry(offset / window).or_default().push(*late);
+    }
+    let rows: Vec<String> = windows
+        .into_iter()
+        .map(|(w, mut late)| {
+            late.sort_by(f64::total_cmp);
+            format!(
+                "{}-{} s: p50 {:.0}, p99 {:.0}, max {:.0}",
+                w * window,
+                (w + 1) * window,
+                ms(percentile(&late, 0.5)),
+                ms(percentile(&late, 0.99)),
+                ms(late.last().copied().unwrap_or(f64::NAN))
+            )
+        })
+        .collect();
+    println!("page lateness (ms) by deadline window: {}", rows.join("; "));
 }

@@ -144,7 +144,9 @@ fn secs_ms(s: u64) -> i64 {
 pub struct Engine {
     partition: i32,
     routing: Arc<Routing>,
-    escalations: HashMap<String, EscalationState>,
+    /// Boxed: a state is about a kilobyte, and growing a map of a million of them inline moved
+    /// a gigabyte in one go, stalling the loop for seconds.
+    escalations: HashMap<String, Box<EscalationState>>,
     dirty: HashSet<String>,
     closed_retention_ms: i64,
     /// (due instant in unix ms, escalation id) of every escalation with something due.
@@ -283,15 +285,14 @@ impl Engine {
         if policies.is_empty() {
             return;
         }
-        let st = self
-            .escalations
-            .entry(id.clone())
-            .or_insert_with(|| EscalationState {
+        let st = self.escalations.entry(id.clone()).or_insert_with(|| {
+            Box::new(EscalationState {
                 escalation_id: id.clone(),
                 partition: self.partition,
                 opened_at_ms: now,
                 ..EscalationState::default()
-            });
+            })
+        });
         st.event = Some(event.clone());
         st.seen_sla_event_ids.push(event.sla_event_id.clone());
         st.set_status(EscalationStatus::Open);
@@ -566,11 +567,12 @@ impl Engine {
     pub fn open(&self) -> impl Iterator<Item = &EscalationState> {
         self.escalations
             .values()
+            .map(|s| &**s)
             .filter(|s| s.status() != EscalationStatus::Resolved)
     }
 
     pub fn get(&self, id: &str) -> Option<&EscalationState> {
-        self.escalations.get(id)
+        self.escalations.get(id).map(|s| &**s)
     }
 
     pub fn stats(&self) -> Stats {
@@ -600,14 +602,15 @@ impl Engine {
 
     /// The state to write for `id`; `None` means a tombstone.
     pub fn export(&self, id: &str) -> Option<EscalationState> {
-        self.escalations.get(id).cloned()
+        self.escalations.get(id).map(|s| (**s).clone())
     }
 
     /// Adopts a restored state.
     pub fn import(&mut self, mut state: EscalationState) {
         state.partition = self.partition;
         self.unscheduled.insert(state.escalation_id.clone());
-        self.escalations.insert(state.escalation_id.clone(), state);
+        self.escalations
+            .insert(state.escalation_id.clone(), Box::new(state));
     }
 }
 
