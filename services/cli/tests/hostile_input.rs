@@ -71,6 +71,8 @@ struct Letter {
     payload_len: usize,
     truncated: bool,
     original_length: Option<String>,
+    /// The error message header, in words.
+    error: String,
 }
 
 fn collect(consumer: StreamConsumer, seen: Arc<Mutex<Seen>>, dead_letters: bool) {
@@ -95,6 +97,7 @@ fn collect(consumer: StreamConsumer, seen: Arc<Mutex<Seen>>, dead_letters: bool)
                     payload_len: m.payload().map_or(0, <[u8]>::len),
                     truncated: header(&m, dlq_headers::PAYLOAD_TRUNCATED).is_some(),
                     original_length: header(&m, dlq_headers::PAYLOAD_LENGTH),
+                    error: header(&m, dlq_headers::ERROR).unwrap_or_default(),
                 });
             } else if let Ok(e) = decode_sla_event(m.payload().unwrap_or_default()) {
                 s.sla.push(e);
@@ -152,6 +155,9 @@ name = "default"
 levels = [{{ receivers = ["duty"] }}]
 [exporter]
 group_id = "hostile-{tag}-exporter"
+[validation.force_codes.nottinghamshire]
+area = ["city", "county"]
+team = ["mash", "pvp-city"]
 [intake]
 listen = "{intake}"
 [intake.tokens]
@@ -414,6 +420,7 @@ async fn nothing_a_source_system_sends_stops_the_pipeline() {
     sys.still_serves("before any case", "-").await;
 
     large_references(&mut sys).await;
+    free_text_in_code_fields(&mut sys).await;
     many_instances(&mut sys, "suspects", 5000, |i| {
         json!({"suspectIdentified": {"suspectRef": format!("S-{i:05}"), "suspectHasAccessToChildren": true}})
     }, "suspect-with-access")
@@ -528,6 +535,107 @@ async fn large_references(sys: &mut System) {
         "400 `field_too_long` (intake); dead letter `field_too_long` x48 (topic)",
     )
     .await;
+}
+
+/// Names, addresses and free text typed into code and reference fields, and a code the force
+/// does not list: refused by intake (400 naming the field) and dead-lettered by the clock
+/// (straight to the topic), never quoting the value anywhere, and never reaching the pager.
+async fn free_text_in_code_fields(sys: &mut System) {
+    let at = now() - SignedDuration::from_mins(5);
+    let with_area = |area: &str| {
+        json!({"referralReceived": {"category": "CATEGORY_GROOMING", "risk": "RISK_GRADE_HIGH",
+            "area": area, "team": "mash"}})
+    };
+    // (kind, sourceSystem, field, reason) of each bad event.
+    let cases = [
+        (
+            with_area("Jane Smith, 12 Acacia Avenue"),
+            "hostile-suite",
+            "referralReceived.area",
+            "not_a_code",
+        ),
+        (
+            with_area("suburb"),
+            "hostile-suite",
+            "referralReceived.area",
+            "unlisted_code",
+        ),
+        (
+            json!({"deviceSeized": {"deviceRef": "Jane's phone"}}),
+            "hostile-suite",
+            "deviceSeized.deviceRef",
+            "not_a_code",
+        ),
+        (
+            with_area("city"),
+            "Jane Smith",
+            "sourceSystem",
+            "not_a_code",
+        ),
+    ];
+    let secrets = ["Jane", "Acacia", "suburb"];
+    let quotes = |text: &str| secrets.iter().any(|s| text.contains(s));
+    let events = |referral: &str| -> Vec<Value> {
+        cases
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, source, _, _))| {
+                let mut e = event(&format!("{referral}-{i}"), referral, at, kind.clone());
+                e["sourceSystem"] = json!(source);
+                e
+            })
+            .collect()
+    };
+    // Through intake: each refused, naming its field and reason; nothing stored.
+    let (status, body) = sys.post_events(TOKEN_A, &events("R-FREE-I")).await;
+    assert_eq!(status, 400, "{body}");
+    let errors = body["errors"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e["field"].as_str().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
+    let want: Vec<(&str, &str)> = cases.iter().map(|c| (c.2, c.3)).collect();
+    assert_eq!(got, want, "{body}");
+    assert!(!quotes(&body.to_string()), "a value is quoted: {body}");
+    assert!(body
+        .to_string()
+        .contains("validation.force_codes.nottinghamshire.area"));
+    // Straight to the topic: each dead-lettered by the clock with its reason; no clock starts.
+    let referral = "R-FREE-T";
+    sys.produce_events(&events(referral)).await;
+    sys.wait("free text dead-lettered", Duration::from_secs(60), |s| {
+        s.letters(referral, "clock").len() >= cases.len()
+    })
+    .await;
+    let letters = sys.letters(referral, "clock");
+    let mut reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["not_a_code", "not_a_code", "not_a_code", "unlisted_code"]
+    );
+    for l in &letters {
+        assert!(!quotes(&l.error) && !quotes(&l.reason), "{l:?}");
+        assert!(
+            l.error.contains("field `"),
+            "the error names the field: {l:?}"
+        );
+    }
+    assert!(sys
+        .sla_of(referral, "victim-contact", SlaTransition::Started)
+        .is_empty());
+    sys.still_serves(
+        "a name in `area`, an unlisted area, a name in `deviceRef` and in `sourceSystem`",
+        "400 `not_a_code` / `unlisted_code` naming the field (intake); dead letters with the same reasons (topic)",
+    )
+    .await;
+    assert!(
+        sys.pager
+            .pages()
+            .iter()
+            .all(|p| !p.referral_id.starts_with("R-FREE")),
+        "nothing of it reached the pager"
+    );
 }
 
 /// `n` events of one referral that each open another clock of `rule`.

@@ -4,6 +4,7 @@
 //! that one service rejects is rejected by all of them for the same [`Rejection`] reason, and the
 //! reason is what lands in the dead-letter headers and the invalid-records counter.
 
+use crate::event_strings::StringProblem;
 use crate::schema::to_jiff;
 use crate::schema::v1::{referral_event::Kind, ReferralEvent, SlaEvent, SlaTransition};
 
@@ -44,6 +45,12 @@ pub enum Rejection {
         max: usize,
         setting: &'static str,
     },
+    /// A code or reference field holding something else (free text, a name).
+    #[error("field `{field}` is refused: {rule}")]
+    NotACode { field: String, rule: &'static str },
+    /// A code not among the values configured for its field.
+    #[error("field `{field}` is not one of the values configured in `{setting}`")]
+    UnlistedCode { field: String, setting: String },
     /// The event would take the referral's state past a limit of `[clock.limits]`; it is
     /// refused whole and the referral's other clocks run on.
     #[error("{message}")]
@@ -66,6 +73,8 @@ impl Rejection {
             Rejection::ImplausibleTime { .. } => "implausible_time",
             Rejection::UnknownForce => "unknown_force",
             Rejection::FieldTooLong { .. } => "field_too_long",
+            Rejection::NotACode { .. } => "not_a_code",
+            Rejection::UnlistedCode { .. } => "unlisted_code",
             Rejection::OverLimit { reason, .. } => reason,
         }
     }
@@ -99,15 +108,11 @@ fn check_id(field: &'static str, value: &str) -> Result<(), Rejection> {
             detail: format!("longer than {MAX_ID_LEN} characters"),
         });
     }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/')))
-    {
+    if !crate::event_strings::is_reference(value) {
+        // The character is not quoted: it may be part of a name typed into the wrong field.
         return Err(Rejection::InvalidField {
             field,
-            detail: format!(
-                "character {c:?} not allowed (ids are pseudonymous references: letters, digits, - _ . : /)"
-            ),
+            detail: "ids are pseudonymous references: letters, digits and - _ . : / only".into(),
         });
     }
     Ok(())
@@ -201,10 +206,12 @@ impl Plausibility {
                 .map(|d| jiff::SignedDuration::from_hours(i64::from(d) * 24)),
             forces: (v.unknown_forces == crate::config::UnknownForces::Reject)
                 .then(|| settings.forces.iter().cloned().collect()),
-            strings: crate::event_strings::StringLimits::new(
+            strings: crate::event_strings::StringLimits::with_codes(
                 v.max_id_chars,
                 v.max_ref_chars,
                 v.max_code_chars,
+                &v.codes,
+                &v.force_codes,
             ),
         }
     }
@@ -220,20 +227,30 @@ impl Plausibility {
         Ok(event)
     }
 
-    /// Checks `event` (already shape-validated): the length of every string field, then event
-    /// times against the window around `now`, then the force.
+    /// Checks `event` (already shape-validated): the length and alphabet of every string field
+    /// (codes against their configured lists), then event times against the window around
+    /// `now`, then the force.
     ///
     /// # Errors
-    /// [`Rejection::FieldTooLong`] or [`Rejection::ImplausibleTime`] naming the field, or
-    /// [`Rejection::UnknownForce`].
+    /// [`Rejection::FieldTooLong`], [`Rejection::NotACode`], [`Rejection::UnlistedCode`] or
+    /// [`Rejection::ImplausibleTime`] naming the field, or [`Rejection::UnknownForce`].
     pub fn check(&self, event: &ReferralEvent, now: jiff::Timestamp) -> Result<(), Rejection> {
-        if let Err(t) = self.strings.check(event) {
-            return Err(Rejection::FieldTooLong {
-                field: t.field,
-                chars: t.chars,
-                max: t.max,
-                setting: t.setting,
-            });
+        match self.strings.check(event) {
+            Ok(()) => {}
+            Err(StringProblem::TooLong(t)) => {
+                return Err(Rejection::FieldTooLong {
+                    field: t.field,
+                    chars: t.chars,
+                    max: t.max,
+                    setting: t.setting,
+                })
+            }
+            Err(StringProblem::NotACode { field, rule }) => {
+                return Err(Rejection::NotACode { field, rule })
+            }
+            Err(StringProblem::Unlisted { field, setting }) => {
+                return Err(Rejection::UnlistedCode { field, setting })
+            }
         }
         for (field, ts) in [
             ("occurredAt", event.occurred_at.as_ref()),

@@ -172,6 +172,14 @@ pub struct ValidationSettings {
     /// Longest code or other string field (`area`, `team`, `referrer`, `outcome`, ...) in
     /// characters.
     pub max_code_chars: usize,
+    /// The allowed values of code fields, by the field's JSON name (`area`, `team`,
+    /// `sourceSystem`, ...), for every force. A field not listed takes any code.
+    #[serde(default)]
+    pub codes: crate::event_strings::CodeLists,
+    /// Per force, lists that replace those of `codes` for the fields they name (the areas and
+    /// teams of each force).
+    #[serde(default)]
+    pub force_codes: std::collections::BTreeMap<String, crate::event_strings::CodeLists>,
 }
 
 impl ValidationSettings {
@@ -201,6 +209,48 @@ impl ValidationSettings {
         ] {
             if !(8..=max).contains(&value) {
                 return Err(invalid(field, format!("must be between 8 and {max}")));
+            }
+        }
+        let fields = crate::event_strings::StringLimits::new(8, 8, 8);
+        let fields = fields.code_fields();
+        let lists = self
+            .codes
+            .iter()
+            .map(|l| ("validation.codes".to_string(), l));
+        let force_lists = self.force_codes.iter().flat_map(|(force, lists)| {
+            lists
+                .iter()
+                .map(move |l| (format!("validation.force_codes.{force}"), l))
+        });
+        for (section, (field, values)) in lists.chain(force_lists) {
+            let setting = format!("{section}.{field}");
+            if !fields.contains(field.as_str()) {
+                return Err(invalid(
+                    &setting,
+                    format!(
+                        "`{field}` is not a code field of the contract; code fields are: {}",
+                        fields.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if values.is_empty() {
+                return Err(invalid(
+                    &setting,
+                    "is empty: list the allowed codes, or remove it to allow any code",
+                ));
+            }
+            if let Some(i) = values
+                .iter()
+                .position(|v| !crate::event_strings::is_code(v) || v.len() > self.max_code_chars)
+            {
+                return Err(invalid(
+                    &setting,
+                    format!(
+                        "value number {} is not a code (lower-case letters, digits, - _ . only, \
+                         at most validation.max_code_chars)",
+                        i + 1
+                    ),
+                ));
             }
         }
         Ok(())

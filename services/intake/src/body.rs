@@ -47,7 +47,7 @@ pub struct FieldError {
     /// Path of the offending field inside the event (`referralReceived.category`); empty for
     /// the event (or body) as a whole.
     pub field: String,
-    /// Fixed reason code (the dead-letter reason codes, plus `batch_too_large`).
+    /// Fixed reason code (the dead-letter reason codes of referral events).
     pub reason: &'static str,
     /// Human message naming the field, without the offending value.
     pub message: String,
@@ -354,7 +354,9 @@ pub fn rejection_field(r: &Rejection) -> String {
         | Rejection::InvalidField { field, .. }
         | Rejection::ImplausibleTime { field, .. } => (*field).to_string(),
         Rejection::UnknownForce => "forceId".into(),
-        Rejection::FieldTooLong { field, .. } => field.clone(),
+        Rejection::FieldTooLong { field, .. }
+        | Rejection::NotACode { field, .. }
+        | Rejection::UnlistedCode { field, .. } => field.clone(),
         Rejection::Empty
         | Rejection::Oversized { .. }
         | Rejection::InvalidJson { .. }
