@@ -120,6 +120,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
     let mut am_receiver = ReceiverSettings::new("alertmanager", ReceiverKind::Alertmanager);
     am_receiver.url = Some(am.clone());
     settings.escalator.receivers = vec![am_receiver];
+    settings.escalator.log_receiver = true;
     settings.escalator.policies = vec![policy("default", &["log", "alertmanager"])];
     let api_addr = format!("127.0.0.1:{}", free_port());
     settings.escalator.api.listen = api_addr.parse().unwrap();

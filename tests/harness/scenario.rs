@@ -59,6 +59,8 @@ fn sample(metrics_text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
     let brokers = settings.kafka.brokers.clone();
     let webhook = RecordingWebhook::default();
+    // Every page also as a log line: the scenario checks both receivers.
+    settings.escalator.log_receiver = true;
     settings.escalator.webhooks.push(WebhookSettings {
         name: "duty-inspector".into(),
         url: webhook.start().await,

@@ -108,6 +108,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .insert("linger.ms".into(), "1".into());
     settings.clock.tick_interval_ms = 100;
     settings.escalator.tick_interval_ms = 100;
+    // The demo shows every notification as a log line (off by default elsewhere).
+    settings.escalator.log_receiver = true;
     settings.shutdown.grace_period_secs = 3;
     for topic in Topic::ALL {
         mock.create_topic(&settings.topic(topic), settings.kafka.partitions, 1)

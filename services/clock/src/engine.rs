@@ -853,7 +853,7 @@ impl Engine {
         referral.clocks.reserve_exact(state.clocks.len());
         for c in state.clocks {
             let Some(&rule) = rule_index.get(c.rule_id.as_str()) else {
-                tracing::warn!(rule = %c.rule_id, referral_id = %state.referral_id, "restored clock of an unknown rule dropped");
+                tracing::warn!(rule = %c.rule_id, "restored clock of an unknown rule dropped");
                 continue;
             };
             let (Some(started_at), Some(base_deadline)) = (

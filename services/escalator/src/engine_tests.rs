@@ -507,7 +507,7 @@ fn events_that_route_nowhere_open_nothing() {
         60,
     );
     assert!(e.on_sla_event(&breach(), at(0)).is_empty());
-    assert!(e.stats().escalations == 0);
+    assert_eq!(e.stats().escalations, 0);
 }
 
 #[test]
@@ -534,6 +534,34 @@ fn each_escalation_is_visited_when_due_and_forgotten_after_its_retention() {
         assert_eq!(paged, expected, "level 2 pages at minute {minute}");
         deliver_all(&mut e, &a, at(minute));
     }
+    // The gauges' counts, kept as escalations change, agree with a count of the states.
+    let stats = e.stats();
+    assert_eq!(stats.open_by_level.values().sum::<usize>(), 600);
+    assert_eq!(stats.pending, 0, "every notification delivered");
+    let by_level = |level: u32| {
+        e.open()
+            .filter(|st| st.tracks.iter().map(|t| t.level).max() == Some(level))
+            .count()
+    };
+    for ((level, acked), n) in &stats.open_by_level {
+        assert!(!acked);
+        assert_eq!(*n, by_level(*level), "level {level}");
+    }
+    // Acknowledged: counted as such, its notifications pending until delivered.
+    let first = escalation_id(&of(0, SlaTransition::Breached, "b"));
+    let a = e.acknowledge(&first, "duty", "", at(81)).unwrap();
+    let stats = e.stats();
+    let acked: usize = stats
+        .open_by_level
+        .iter()
+        .filter(|((_, acked), _)| *acked)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(acked, 1);
+    assert!(stats.pending > 0);
+    assert_eq!(stats.pending, jobs(&a).len());
+    deliver_all(&mut e, &a, at(81));
+    assert_eq!(e.stats().pending, 0);
     // Every clock met: resolved, each paged receiver told, then kept a day and forgotten.
     for i in 0..600 {
         let a = e.on_sla_event(&of(i, SlaTransition::Met, "m"), at(100));
@@ -544,7 +572,9 @@ fn each_escalation_is_visited_when_due_and_forgotten_after_its_retention() {
     e.on_tick(at(99) + day);
     assert_eq!(e.stats().escalations, 600, "kept for the retention");
     e.on_tick(at(100) + day);
-    assert_eq!(e.stats().escalations, 0, "forgotten after the retention");
+    let stats = e.stats();
+    assert_eq!(stats.escalations, 0, "forgotten after the retention");
+    assert!(stats.open_by_level.is_empty() && stats.pending == 0);
     assert_eq!(
         e.take_dirty().len(),
         600,

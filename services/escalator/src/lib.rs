@@ -257,16 +257,13 @@ async fn sync_assignment(
     Ok(())
 }
 
-/// How often the tick recounts the open escalations for the gauges (a full scan).
-const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
-
-fn update_gauges(engines: &BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
+fn update_gauges(engines: &mut BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
     metrics
         .partitions
         .set(i64::try_from(engines.len()).unwrap_or(i64::MAX));
     metrics.open.reset();
     let mut pending = 0usize;
-    for engine in engines.values() {
+    for engine in engines.values_mut() {
         let s = engine.stats();
         pending += s.pending;
         for ((level, acked), n) in s.open_by_level {
@@ -455,7 +452,6 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(esc.tick_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reports = Vec::new();
-    let mut gauges_updated: Option<Instant> = None;
     tracing::info!(
         input,
         log_topic = effects.log_topic,
@@ -492,17 +488,13 @@ pub async fn run(
                         dispatcher.submit(job);
                     }
                 }
-                // A full scan of the escalations: every few seconds, not every tick.
-                if gauges_updated.is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL) {
-                    update_gauges(&engines, &metrics);
-                    gauges_updated = Some(Instant::now());
-                }
+                update_gauges(&mut engines, &metrics);
             }
             revoked = handover.revoked() => {
                 let partitions = kafka::Handover::partitions(&revoked, &input);
                 or_stop!(hand_over(&partitions, &consumer, &mut engines, &dispatcher, &mut report_rx, &effects, || deps.time.now(), settle).await);
                 handover.release(&revoked);
-                update_gauges(&engines, &metrics);
+                update_gauges(&mut engines, &metrics);
             }
             n = report_rx.recv_many(&mut reports, 1000) => {
                 if n == 0 {

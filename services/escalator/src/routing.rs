@@ -243,13 +243,15 @@ fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safeclock_common::config::{LevelSettings, Settings};
+    use safeclock_common::config::Settings;
     use safeclock_common::schema::v1::{Severity, SlaLabels};
 
+    /// Escalator settings from `toml`, with the `log` receiver on (the tests route to it).
     fn settings(toml: &str) -> EscalatorSettings {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::io::Write::write_all(&mut f, toml.as_bytes()).unwrap();
-        Settings::load_with_env(Some(f.path()), Vec::new())
+        let log = ("SAFECLOCK__ESCALATOR__LOG_RECEIVER".into(), "true".into());
+        Settings::load_with_env(Some(f.path()), vec![log])
             .unwrap()
             .escalator
     }
@@ -350,10 +352,6 @@ warning_policy = "queue"
             r.policy("default").unwrap().levels[0].receivers,
             vec!["log".to_string()]
         );
-        let _ = LevelSettings {
-            delay_secs: 0,
-            receivers: vec![],
-        };
     }
 
     #[test]
