@@ -17,7 +17,9 @@
 //! Bounded: every wait has a deadline, and the run ends when every breach was paged or
 //! `SPREAD + LEAD + 300` seconds have passed. Prints figures; checks no targets.
 //!
-//! `SAFECLOCK_TEST_BROKERS=host:port cargo bench -p safeclock --bench clock_at_scale`
+//! `SAFECLOCK_TEST_BROKERS=host:port cargo bench -p safeclock --bench clock_at_scale`; the services run
+//! with their default producer settings unless `SAFECLOCK_BENCH_PRODUCER` (`key=value,...`) says
+//! otherwise.
 //! (`scripts/bench.sh` starts an Apache Kafka node and runs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,6 +137,14 @@ async fn main() {
     let hook = webhook(pages.clone()).await;
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
     let config = dir.path().join("safeclock.toml");
+    // The services' own producer settings, unless a run asks for others
+    // (`SAFECLOCK_BENCH_PRODUCER="linger.ms=5,..."`).
+    let producer: String = std::env::var("SAFECLOCK_BENCH_PRODUCER")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| format!("{:?} = {:?}\n", k.trim(), v.trim()))
+        .collect();
     let mut f = std::fs::File::create(&config).unwrap();
     write!(
         f,
@@ -144,7 +154,7 @@ brokers = "{brokers}"
 topic_prefix = "scale-{tag}."
 partitions = {PARTITIONS}
 [kafka.producer_properties]
-"linger.ms" = "5"
+{producer}
 [kafka.consumer_properties]
 "fetch.wait.max.ms" = "50"
 # A restarted member joins once the killed one's session has expired (librdkafka's default is
