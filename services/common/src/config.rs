@@ -1689,7 +1689,7 @@ to = ["c@d"]
             ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"env:NOT_SET_ANYWHERE\"\n", "escalator.receivers[0].url"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = []\n", "escalator.policies[0].levels"),
             ("[[escalator.policies]]\nname = \"p\"\nlevels = [{ receivers = [\"ghost\"] }]\n", "escalator.policies[0].levels[0].receivers"),
-            ("[[escalator.policies]]\nname = \"p\"\nrepeat_limit = 3\nlevels = [{ receivers = [\"log\"] }]\n", "escalator.policies[0].repeat_interval_secs"),
+            ("[escalator]\nlog_receiver = true\n[[escalator.policies]]\nname = \"p\"\nrepeat_limit = 3\nlevels = [{ receivers = [\"log\"] }]\n", "escalator.policies[0].repeat_interval_secs"),
             ("[[escalator.routes]]\npolicy = \"ghost\"\n", "escalator.routes[0].policy"),
             ("[[escalator.routes]]\n[[escalator.routes.routes]]\nmatch = { threshold = [\"breached\"] }\n", "escalator.routes[0].routes[0].match.threshold"),
             ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
