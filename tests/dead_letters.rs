@@ -319,7 +319,10 @@ fn bad_sla_records(now: Timestamp) -> Vec<(&'static str, Vec<u8>)> {
 async fn each_kind_of_bad_sla_record_is_dead_lettered_by_the_escalator_and_good_ones_are_escalated()
 {
     let brokers = real_broker();
-    let settings = Arc::new(isolated_settings(&brokers));
+    let mut settings = isolated_settings(&brokers);
+    // Escalations go to the log receiver (off by default), whose pages the test reads.
+    settings.escalator.log_receiver = true;
+    let settings = Arc::new(settings);
     let input = settings.topic(Topic::SlaEvents);
     let shutdown = CancellationToken::new();
     let running = app::start(
@@ -984,6 +987,8 @@ async fn a_broker_stopped_for_a_while_stops_no_service() {
     });
     let brokers = broker.bootstrap().to_string();
     let mut s = isolated_settings(&brokers);
+    // Escalations go to the log receiver (off by default), whose pages the test reads.
+    s.escalator.log_receiver = true;
     s.kafka
         .producer_properties
         .insert("message.timeout.ms".into(), "2000".into());
