@@ -223,14 +223,13 @@ impl StringLimits {
         }
     }
 
-    /// The configured values of code field `key` for `force`, and the setting that lists them.
-    fn listed(&self, force: &str, key: &str) -> Option<(&HashSet<String>, String)> {
+    /// The configured values of code field `key` for `force`, and whether they are the force's
+    /// own list (rather than `validation.codes`).
+    fn listed(&self, force: &str, key: &str) -> Option<(&HashSet<String>, bool)> {
         if let Some(values) = self.force_codes.get(force).and_then(|l| l.get(key)) {
-            return Some((values, format!("validation.force_codes.{force}.{key}")));
+            return Some((values, true));
         }
-        self.codes
-            .get(key)
-            .map(|values| (values, format!("validation.codes.{key}")))
+        self.codes.get(key).map(|values| (values, false))
     }
 
     /// Checks one string value of class `class` (empty: the field is absent, nothing to check).
@@ -275,9 +274,14 @@ impl StringLimits {
                 rule: CODE_RULE,
             }),
             Class::Code => match self.listed(force, key) {
-                Some((values, setting)) if !values.contains(v) => Err(StringProblem::Unlisted {
+                // The setting is named (formatted) only for a refusal, not for every code read.
+                Some((values, by_force)) if !values.contains(v) => Err(StringProblem::Unlisted {
                     field: path(),
-                    setting,
+                    setting: if by_force {
+                        format!("validation.force_codes.{force}.{key}")
+                    } else {
+                        format!("validation.codes.{key}")
+                    },
                 }),
                 _ => Ok(()),
             },
