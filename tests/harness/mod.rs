@@ -114,18 +114,31 @@ pub fn isolated_settings(brokers: &str) -> Settings {
 /// # Panics
 /// On an entry without `=`: a benchmark run with a typo must not measure the defaults silently.
 pub fn apply_bench_producer_properties(settings: &mut Settings) {
+    settings
+        .kafka
+        .producer_properties
+        .extend(bench_producer_properties());
+}
+
+/// The (property, value) pairs of `SAFECLOCK_BENCH_PRODUCER`, for a benchmark that writes a
+/// configuration file rather than building [`Settings`].
+///
+/// # Panics
+/// As [`apply_bench_producer_properties`].
+pub fn bench_producer_properties() -> Vec<(String, String)> {
     let Ok(props) = std::env::var("SAFECLOCK_BENCH_PRODUCER") else {
-        return;
+        return Vec::new();
     };
-    for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
-        let Some((k, v)) = kv.split_once('=') else {
-            panic!("SAFECLOCK_BENCH_PRODUCER: expected key=value,..., got {kv:?}");
-        };
-        settings
-            .kafka
-            .producer_properties
-            .insert(k.trim().into(), v.trim().into());
-    }
+    props
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            let Some((k, v)) = kv.split_once('=') else {
+                panic!("SAFECLOCK_BENCH_PRODUCER: expected key=value,..., got {kv:?}");
+            };
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
 }
 
 /// Produces one raw record and waits for the broker's acknowledgement.

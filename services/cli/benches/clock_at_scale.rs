@@ -139,11 +139,9 @@ async fn main() {
     let config = dir.path().join("safeclock.toml");
     // The services' own producer settings, unless a run asks for others
     // (`SAFECLOCK_BENCH_PRODUCER="linger.ms=5,..."`).
-    let producer: String = std::env::var("SAFECLOCK_BENCH_PRODUCER")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| format!("{:?} = {:?}\n", k.trim(), v.trim()))
+    let producer: String = safeclock_tests::bench_producer_properties()
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}\n"))
         .collect();
     let mut f = std::fs::File::create(&config).unwrap();
     write!(
