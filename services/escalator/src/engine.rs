@@ -152,7 +152,7 @@ pub struct Engine {
     /// (due instant in unix ms, escalation id) of every escalation with something due.
     timers: BTreeSet<(i64, String)>,
     /// How each escalation is filed: its due instant in `timers` and what it adds to `counts`.
-    due: HashMap<String, Filed>,
+    filed: HashMap<String, Filed>,
     /// Escalations changed since they were last filed.
     unscheduled: HashSet<String>,
     /// The gauges' counts, kept as escalations are filed (a scan of every escalation took half
@@ -206,7 +206,7 @@ impl Engine {
             dirty: HashSet::new(),
             closed_retention_ms: secs_ms(closed_retention_secs),
             timers: BTreeSet::new(),
-            due: HashMap::new(),
+            filed: HashMap::new(),
             unscheduled: HashSet::new(),
             counts: Counts::default(),
         }
@@ -221,7 +221,7 @@ impl Engine {
     /// Files every changed escalation under its next due instant (or nowhere), and counts it.
     fn schedule(&mut self) {
         for id in std::mem::take(&mut self.unscheduled) {
-            if let Some(old) = self.due.remove(&id) {
+            if let Some(old) = self.filed.remove(&id) {
                 if let Some(at) = old.due {
                     self.timers.remove(&(at, id.clone()));
                 }
@@ -247,7 +247,7 @@ impl Engine {
                 self.timers.insert((at, id.clone()));
             }
             self.counts.add(&filed);
-            self.due.insert(id, filed);
+            self.filed.insert(id, filed);
         }
     }
 
@@ -258,10 +258,8 @@ impl Engine {
         let mut at = |t: i64| due = Some(due.map_or(t, |d| d.min(t)));
         match st.status() {
             EscalationStatus::Acknowledged => {
-                let breached =
-                    st.event.as_ref().and_then(Threshold::of_opt) == Some(Threshold::Breach);
-                if st.ack_expires_at_ms > 0 && breached {
-                    at(st.ack_expires_at_ms);
+                if let Some(t) = ack_lapses_at(st) {
+                    at(t);
                 }
             }
             EscalationStatus::Open => {
@@ -387,7 +385,7 @@ impl Engine {
             let Some((_, id)) = self.timers.pop_first() else {
                 break;
             };
-            if let Some(filed) = self.due.get_mut(&id) {
+            if let Some(filed) = self.filed.get_mut(&id) {
                 // Out of `timers` now; filed again (and recounted) below.
                 filed.due = None;
             }
@@ -398,9 +396,7 @@ impl Engine {
             let mut changed = false;
             match st.status() {
                 EscalationStatus::Acknowledged => {
-                    let breached =
-                        st.event.as_ref().and_then(Threshold::of_opt) == Some(Threshold::Breach);
-                    if st.ack_expires_at_ms > 0 && now >= st.ack_expires_at_ms && breached {
+                    if ack_lapses_at(st).is_some_and(|t| now >= t) {
                         resume_after_ack(&self.routing, st, now, &mut actions);
                         changed = true;
                     }
@@ -880,6 +876,12 @@ fn resume_after_ack(
         let name = policy.name.clone();
         page_level(st, &name, level, repeat, &receivers, now, actions);
     }
+}
+
+/// When the acknowledgement of `st` lapses: only an acknowledged breach with an expiry lapses.
+fn ack_lapses_at(st: &EscalationState) -> Option<i64> {
+    let breached = st.event.as_ref().and_then(Threshold::of_opt) == Some(Threshold::Breach);
+    (st.ack_expires_at_ms > 0 && breached).then_some(st.ack_expires_at_ms)
 }
 
 fn is_alertmanager(routing: &Routing, receiver: &str) -> bool {

@@ -581,7 +581,7 @@ fn each_escalation_is_visited_when_due_and_forgotten_after_its_retention() {
         "each forgotten one is written (a tombstone)"
     );
     assert!(
-        e.timers.is_empty() && e.due.is_empty(),
+        e.timers.is_empty() && e.filed.is_empty(),
         "nothing left in the timer index"
     );
 }
