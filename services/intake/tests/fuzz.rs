@@ -12,7 +12,9 @@ use proptest::prelude::*;
 use safeclock_common::event::{decode_referral_event, Plausibility};
 use safeclock_common::rules::RuleSet;
 
-const REASONS: [&str; 8] = [
+/// Every reason the decoder can give. `field_too_long`, `not_a_code` and `unlisted_code` were
+/// missing once, and random inputs found them in CI.
+const REASONS: [&str; 11] = [
     "empty",
     "oversized",
     "invalid_json",
@@ -21,6 +23,9 @@ const REASONS: [&str; 8] = [
     "unknown_event_kind",
     "implausible_time",
     "unknown_force",
+    "field_too_long",
+    "not_a_code",
+    "unlisted_code",
 ];
 
 const VALID: &str = r#"{"eventId":"e-1","referralId":"R-1","forceId":"nottinghamshire",
