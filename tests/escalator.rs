@@ -10,7 +10,8 @@ use std::time::Duration;
 use prometheus::Registry;
 use rdkafka::message::Message;
 use safeclock_common::config::{
-    LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings, Secret, Settings,
+    ApiScope, LevelSettings, OperatorGrant, PolicySettings, ReceiverKind, ReceiverSettings, Secret,
+    Settings,
 };
 use safeclock_common::kafka::{self, dlq_headers, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789abcdef";
+const DERBY_TOKEN: &str = "derby-token-0123456789abcdef";
 
 fn sla_event(referral: &str, transition: SlaTransition, id: &str) -> Vec<u8> {
     let now = safeclock_tests::now();
@@ -124,11 +126,24 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
     settings.escalator.policies = vec![policy("default", &["log", "alertmanager"])];
     let api_addr = format!("127.0.0.1:{}", free_port());
     settings.escalator.api.listen = api_addr.parse().unwrap();
-    settings
-        .escalator
-        .api
-        .tokens
-        .insert("duty-desk".into(), Secret::new(TOKEN));
+    // A token per person: the id is who acknowledged. Another force's desk sees and acts on
+    // nothing of Nottinghamshire's.
+    settings.escalator.api.add_operator(
+        "op-1234",
+        Secret::new(TOKEN),
+        OperatorGrant {
+            scopes: vec![ApiScope::Read, ApiScope::Acknowledge, ApiScope::Resolve],
+            forces: vec!["nottinghamshire".into()],
+        },
+    );
+    settings.escalator.api.add_operator(
+        "derby-desk",
+        Secret::new(DERBY_TOKEN),
+        OperatorGrant {
+            scopes: vec![ApiScope::Read, ApiScope::Acknowledge, ApiScope::Resolve],
+            forces: vec!["derbyshire".into()],
+        },
+    );
     let sla_topic = settings.topic(Topic::SlaEvents);
     let log_topic = settings.topic(Topic::EscalationLog);
     let (shutdown, task, registry) = start(settings).await;
@@ -205,17 +220,38 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
             .any(|e| e["escalationId"] == escalation_id.as_str() && e["status"] == "open"),
         "{listed}"
     );
+    let derby: serde_json::Value = client
+        .get(&api)
+        .bearer_auth(DERBY_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        derby["escalations"],
+        serde_json::json!([]),
+        "another force's list"
+    );
+    let derby_ack = client
+        .post(format!("{api}/{escalation_id}/ack"))
+        .bearer_auth(DERBY_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(derby_ack.status(), 403);
     let acked = client
         .post(format!("{api}/{escalation_id}/ack"))
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"by": "op-1234", "note": "inspector on the way"}))
+        .json(&serde_json::json!({"note": "inspector on the way"}))
         .send()
         .await
         .unwrap();
     assert_eq!(acked.status(), 200);
     let acked: serde_json::Value = acked.json().await.unwrap();
     assert_eq!(acked["status"], "acknowledged");
-    assert_eq!(acked["acknowledgedBy"], "duty-desk/op-1234");
+    assert_eq!(acked["acknowledgedBy"], "op-1234");
     let missing = client
         .post(format!("{api}/no-such-id/ack"))
         .bearer_auth(TOKEN)
@@ -271,6 +307,8 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
             .collect();
         actions.contains(&(EscalationAction::Resolved as i32))
             && actions.contains(&(EscalationAction::Acknowledged as i32))
+            && actions.contains(&(EscalationAction::Listed as i32))
+            && actions.contains(&(EscalationAction::Denied as i32))
             && m.iter()
                 .filter(|m| {
                     serde_json::from_slice::<EscalationRecord>(m.payload().unwrap())
@@ -290,8 +328,34 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
         .iter()
         .find(|r| r.action() == EscalationAction::Acknowledged)
         .unwrap();
-    assert_eq!(ack.actor, "duty-desk/op-1234");
+    assert_eq!(ack.actor, "op-1234");
     assert_eq!(ack.note, "inspector on the way");
+    // Every API action is audited: the lists (by whom, how many) and the refused acknowledgement.
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action() == EscalationAction::Listed
+                && r.actor == "op-1234"
+                && r.count >= 1),
+        "no audit record of the list"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action() == EscalationAction::Listed
+                && r.actor == "derby-desk"
+                && r.count == 0),
+        "no audit record of the other force's list"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action() == EscalationAction::Denied
+                && r.actor == "derby-desk"
+                && r.escalation_id == escalation_id
+                && r.error == "force_not_granted"),
+        "no audit record of the refused acknowledgement"
+    );
     let res = records
         .iter()
         .find(|r| r.action() == EscalationAction::Resolved)

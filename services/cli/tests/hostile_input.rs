@@ -163,6 +163,10 @@ listen = "{intake}"
 [intake.tokens]
 client-a = "{TOKEN_A}"
 client-b = "{TOKEN_B}"
+[intake.clients.client-a]
+forces = ["*"]
+[intake.clients.client-b]
+forces = ["nottinghamshire"]
 [shutdown]
 grace_period_secs = 10
 "#

@@ -36,6 +36,44 @@ use subtle::ConstantTimeEq;
 
 use crate::secret::Secret;
 
+/// In a token's list of forces: every force.
+pub const ALL_FORCES: &str = "*";
+
+/// Whether a token granted `granted` forces may act for `force`.
+pub fn force_permitted(granted: &[String], force: &str) -> bool {
+    granted.iter().any(|f| f == ALL_FORCES || f == force)
+}
+
+/// A token's list of forces is not empty and names only configured forces (or `*`).
+///
+/// # Errors
+/// [`crate::config::ConfigError::Invalid`] for `field`.
+pub fn validate_forces(
+    field: &str,
+    granted: &[String],
+    known: &[String],
+) -> Result<(), crate::config::ConfigError> {
+    let invalid = |message: String| crate::config::ConfigError::Invalid {
+        field: field.to_string(),
+        message,
+    };
+    if granted.is_empty() {
+        return Err(invalid(
+            "is empty: name the forces this token may act for (or \"*\" for every force)".into(),
+        ));
+    }
+    if let Some(i) = granted
+        .iter()
+        .position(|f| f != ALL_FORCES && !known.contains(f))
+    {
+        return Err(invalid(format!(
+            "entry number {} is not a force listed in `forces`",
+            i + 1
+        )));
+    }
+    Ok(())
+}
+
 /// Failures between two clean-ups of the limiter's memory of peers.
 pub const HOUSEKEEPING_EVERY: u64 = 1024;
 /// Most peers remembered as refused at once.

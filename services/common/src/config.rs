@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::intake_config::{IntakeSettings, UnknownForces, ValidationSettings};
+pub use crate::intake_config::{
+    IntakeClientGrant, IntakeSettings, UnknownForces, ValidationSettings,
+};
 pub use crate::secret::Secret;
 pub use crate::server::ServerSettings;
 pub use crate::state_limits::ClockLimits;
@@ -593,8 +595,9 @@ pub struct PolicySettings {
     #[serde(default)]
     pub repeat_limit: u32,
     /// An acknowledgement lapses after this long and escalation resumes if the clock is still
-    /// breached (0: acknowledgements never lapse).
-    #[serde(default)]
+    /// breached. Four hours unless set: an acknowledged breach nobody acts on is paged again
+    /// rather than forgotten. 0 makes acknowledgements never lapse (say so on purpose).
+    #[serde(default = "default_ack_expiry_secs")]
     pub ack_expiry_secs: u64,
 }
 
@@ -674,15 +677,141 @@ pub struct ApiSettings {
     /// Where the API listens. It is served only when at least one token is configured.
     pub listen: SocketAddr,
     /// Operator id -> bearer token. The operator id is recorded as who acknowledged; the token
-    /// is a [`Secret`], never printed.
+    /// is a [`Secret`], never printed. Give each person (or tool) a token of their own: the id
+    /// is the only "who" the audit log has.
     #[serde(default)]
     pub tokens: BTreeMap<String, Secret>,
+    /// Operator id -> what that token may do and for which forces; every token has one, kept
+    /// apart from the tokens so the grants can be reviewed without the secrets.
+    #[serde(default)]
+    pub operators: BTreeMap<String, OperatorGrant>,
     /// Failed authentications a peer may make at once before it is refused (429) ...
     pub auth_failure_burst: u32,
     /// ... and how many more it may make per minute after that.
     pub auth_failures_per_minute: u32,
     /// Connection and request limits, timeouts and optional TLS of the API's listener.
     pub server: ServerSettings,
+}
+
+/// [`PolicySettings::ack_expiry_secs`] when a policy does not set it: four hours.
+pub const DEFAULT_ACK_EXPIRY_SECS: u64 = 4 * 3600;
+
+fn default_ack_expiry_secs() -> u64 {
+    DEFAULT_ACK_EXPIRY_SECS
+}
+
+/// What an acknowledgement-API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiScope {
+    /// List open escalations (`GET /v1/escalations`).
+    Read,
+    /// Acknowledge one (`POST /v1/escalations/{id}/ack`).
+    Acknowledge,
+    /// Resolve one by hand (`POST /v1/escalations/{id}/resolve`).
+    Resolve,
+}
+
+impl ApiScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiScope::Read => "read",
+            ApiScope::Acknowledge => "acknowledge",
+            ApiScope::Resolve => "resolve",
+        }
+    }
+}
+
+impl std::str::FromStr for ApiScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(ApiScope::Read),
+            "acknowledge" => Ok(ApiScope::Acknowledge),
+            "resolve" => Ok(ApiScope::Resolve),
+            _ => Err("a scope is read, acknowledge or resolve".to_string()),
+        }
+    }
+}
+
+/// What one operator's API token may do, and for which forces' escalations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorGrant {
+    /// `read`, `acknowledge`, `resolve`: a list, or one comma-separated string.
+    #[serde(deserialize_with = "scopes")]
+    pub scopes: Vec<ApiScope>,
+    /// The forces whose escalations it sees and acts on; `["*"]` for every force.
+    #[serde(deserialize_with = "crate::intake_config::list_or_commas")]
+    pub forces: Vec<String>,
+}
+
+impl OperatorGrant {
+    /// Every scope, every force (tests, the demo).
+    pub fn everything() -> Self {
+        Self {
+            scopes: vec![ApiScope::Read, ApiScope::Acknowledge, ApiScope::Resolve],
+            forces: vec![crate::auth::ALL_FORCES.to_string()],
+        }
+    }
+
+    pub fn allows(&self, scope: ApiScope) -> bool {
+        self.scopes.contains(&scope)
+    }
+
+    pub fn permits_force(&self, force: &str) -> bool {
+        crate::auth::force_permitted(&self.forces, force)
+    }
+}
+
+fn scopes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<ApiScope>, D::Error> {
+    crate::intake_config::list_or_commas(deserializer)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+impl ApiSettings {
+    /// Adds operator `id` with `token` and `grant` (tests build settings in code).
+    pub fn add_operator(&mut self, id: &str, token: Secret, grant: OperatorGrant) {
+        self.tokens.insert(id.to_string(), token);
+        self.operators.insert(id.to_string(), grant);
+    }
+
+    /// Every token has a grant with at least one scope, every grant a token; granted forces
+    /// are known ones.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the operator.
+    pub fn validate_operators(&self, forces: &[String]) -> Result<(), ConfigError> {
+        for id in self.tokens.keys() {
+            if !self.operators.contains_key(id) {
+                return Err(invalid(
+                    format!("escalator.api.operators.{id}"),
+                    "is missing: say what this token may do and for which forces, e.g. \
+                     [escalator.api.operators.ID] scopes = [\"read\", \"acknowledge\"] \
+                     forces = [\"nottinghamshire\"]",
+                ));
+            }
+        }
+        for (id, grant) in &self.operators {
+            let field = format!("escalator.api.operators.{id}");
+            if !self.tokens.contains_key(id) {
+                return Err(invalid(
+                    field,
+                    format!("has no token: set escalator.api.tokens.{id} (or remove the grant)"),
+                ));
+            }
+            if grant.scopes.is_empty() {
+                return Err(invalid(
+                    format!("{field}.scopes"),
+                    "is empty: name at least one of read, acknowledge, resolve",
+                ));
+            }
+            crate::auth::validate_forces(&format!("{field}.forces"), &grant.forces, forces)?;
+        }
+        Ok(())
+    }
 }
 
 /// The name of the receiver `log_receiver` adds.
@@ -731,7 +860,7 @@ impl EscalatorSettings {
                 }],
                 repeat_interval_secs: 0,
                 repeat_limit: 0,
-                ack_expiry_secs: 0,
+                ack_expiry_secs: DEFAULT_ACK_EXPIRY_SECS,
             });
         }
         out
@@ -1430,7 +1559,9 @@ impl Settings {
                 "must differ from ops.listen: the acknowledgement API has a listener of its own",
             ));
         }
+        self.escalator.api.validate_operators(&self.forces)?;
         self.intake.validate()?;
+        self.intake.validate_clients(&self.forces)?;
         self.validation.validate()?;
         self.time
             .validate()
@@ -1695,6 +1826,10 @@ to = ["c@d"]
             ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
             ("[escalator.default_route]\nbreach_policy = \"ghost\"\n", "escalator.default_route.breach_policy"),
             ("[escalator.api.tokens]\nduty = \"short\"\n", "escalator.api.tokens.duty"),
+            ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n", "escalator.api.operators.duty"),
+            ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = [\"admin\"]\nforces = [\"*\"]\n", "read, acknowledge or resolve"),
+            ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = []\nforces = [\"*\"]\n", "escalator.api.operators.duty.scopes"),
+            ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = [\"read\"]\nforces = [\"atlantis\"]\n", "escalator.api.operators.duty.forces"),
             // Outbound: https except on loopback, a real HMAC key, no SMTP password in clear.
             ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://hooks.example/t0ps3cret\"\n", "escalator.receivers[0].url"),
             ("[[escalator.receivers]]\nname = \"w\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1.example/x\"\n", "escalator.receivers[0].url"),
@@ -1771,9 +1906,20 @@ secret = "env:HOOK_SECRET"
                     "SAFECLOCK__ESCALATOR__API__TOKENS__DUTY_DESK",
                     "api-token-from-env-0123456789",
                 ),
+                (
+                    "SAFECLOCK__ESCALATOR__API__OPERATORS__DUTY_DESK__SCOPES",
+                    "read,acknowledge",
+                ),
+                (
+                    "SAFECLOCK__ESCALATOR__API__OPERATORS__DUTY_DESK__FORCES",
+                    "nottinghamshire",
+                ),
             ]),
         )
         .unwrap();
+        let grant = &s.escalator.api.operators["duty_desk"];
+        assert!(grant.allows(ApiScope::Acknowledge) && !grant.allows(ApiScope::Resolve));
+        assert!(grant.permits_force("nottinghamshire") && !grant.permits_force("derbyshire"));
         let r = &s.escalator.receivers;
         assert_eq!(r[0].routing_key.as_deref(), Some("pd-key-from-env-123"));
         assert_eq!(r[1].secret.as_deref(), Some("hmac-secret-from-env"));

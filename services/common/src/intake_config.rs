@@ -41,6 +41,10 @@ pub struct IntakeSettings {
     /// `safeclock run intake` refuses to start with no token.
     #[serde(default)]
     pub tokens: BTreeMap<String, Secret>,
+    /// Client name -> what that client may send: every token has a grant here, kept apart from
+    /// the tokens so the grants can be reviewed (and versioned) without the secrets.
+    #[serde(default)]
+    pub clients: BTreeMap<String, IntakeClientGrant>,
     /// Largest request body accepted; larger requests get 413 before any of it is parsed.
     pub max_body_bytes: usize,
     /// Most events in one batch request.
@@ -57,7 +61,105 @@ pub struct IntakeSettings {
     pub dedup_window: usize,
 }
 
+/// What one intake client may send. An event naming another force, or another source system
+/// when `source_systems` is set, is refused with 403 and nothing of its request is produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeClientGrant {
+    /// The forces (`forceId`) whose referrals this client may post; `["*"]` for every force (a
+    /// regional hub that carries several forces' systems). A list, or one comma-separated
+    /// string (`SAFECLOCK__INTAKE__CLIENTS__NICHE-RMS__FORCES=nottinghamshire,derbyshire`).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub forces: Vec<String>,
+    /// The source systems (`sourceSystem`) it may post as; empty for any.
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub source_systems: Vec<String>,
+}
+
+/// A list of strings, or one string of comma-separated entries (what an environment variable
+/// can hold).
+pub(crate) fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCommas {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(match ListOrCommas::deserialize(deserializer)? {
+        ListOrCommas::List(list) => list,
+        ListOrCommas::Commas(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+impl IntakeClientGrant {
+    /// A grant for every force and source system (tests, the demo).
+    pub fn all_forces() -> Self {
+        Self {
+            forces: vec![crate::auth::ALL_FORCES.to_string()],
+            source_systems: Vec::new(),
+        }
+    }
+
+    pub fn permits_force(&self, force: &str) -> bool {
+        crate::auth::force_permitted(&self.forces, force)
+    }
+
+    pub fn permits_source_system(&self, system: &str) -> bool {
+        self.source_systems.is_empty() || self.source_systems.iter().any(|s| s == system)
+    }
+}
+
 impl IntakeSettings {
+    /// Adds client `name` with `token` and `grant` (tests and the demo build settings in code).
+    pub fn add_client(&mut self, name: &str, token: Secret, grant: IntakeClientGrant) {
+        self.tokens.insert(name.to_string(), token);
+        self.clients.insert(name.to_string(), grant);
+    }
+
+    /// Every token has a grant and every grant a token; granted forces are known ones.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the client.
+    pub fn validate_clients(&self, forces: &[String]) -> Result<(), ConfigError> {
+        for name in self.tokens.keys() {
+            if !self.clients.contains_key(name) {
+                return Err(invalid(
+                    format!("intake.clients.{name}"),
+                    "is missing: say which forces this client may send for, e.g. \
+                     [intake.clients.NAME] forces = [\"nottinghamshire\"] (or [\"*\"] for every force)",
+                ));
+            }
+        }
+        for (name, grant) in &self.clients {
+            let field = format!("intake.clients.{name}");
+            if !self.tokens.contains_key(name) {
+                return Err(invalid(
+                    field,
+                    format!("has no token: set intake.tokens.{name} (or remove the grant)"),
+                ));
+            }
+            crate::auth::validate_forces(&format!("{field}.forces"), &grant.forces, forces)?;
+            if let Some(i) = grant
+                .source_systems
+                .iter()
+                .position(|s| !crate::event_strings::is_code(s))
+            {
+                return Err(invalid(
+                    format!("{field}.source_systems"),
+                    format!("entry number {} is not a code", i + 1),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
@@ -272,10 +374,13 @@ mod tests {
     fn tokens_come_from_the_environment_and_never_print() {
         let s = Settings::load_with_env(
             None,
-            env(&[(
-                "SAFECLOCK__INTAKE__TOKENS__NICHE-RMS",
-                "s3cret-token-0123456789",
-            )]),
+            env(&[
+                (
+                    "SAFECLOCK__INTAKE__TOKENS__NICHE-RMS",
+                    "s3cret-token-0123456789",
+                ),
+                ("SAFECLOCK__INTAKE__CLIENTS__NICHE-RMS__FORCES", "*"),
+            ]),
         )
         .unwrap();
         assert_eq!(
@@ -285,6 +390,56 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("niche-rms"), "{shown}");
+    }
+
+    #[test]
+    fn every_intake_token_needs_a_grant_of_known_forces() {
+        let token = (
+            "SAFECLOCK__INTAKE__TOKENS__NICHE-RMS",
+            "s3cret-token-0123456789",
+        );
+        let err = Settings::load_with_env(None, env(&[token]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intake.clients.niche-rms"), "{err}");
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                token,
+                (
+                    "SAFECLOCK__INTAKE__CLIENTS__NICHE-RMS__FORCES",
+                    "nottinghamshire, derbyshire",
+                ),
+                (
+                    "SAFECLOCK__INTAKE__CLIENTS__NICHE-RMS__SOURCE_SYSTEMS",
+                    "niche",
+                ),
+            ]),
+        )
+        .unwrap();
+        let grant = &s.intake.clients["niche-rms"];
+        assert!(grant.permits_force("derbyshire") && !grant.permits_force("kent"));
+        assert!(grant.permits_source_system("niche") && !grant.permits_source_system("rms"));
+        for (forces, wrong) in [("atlantis", "not a force"), ("", "is empty")] {
+            let err = Settings::load_with_env(
+                None,
+                env(&[
+                    token,
+                    ("SAFECLOCK__INTAKE__CLIENTS__NICHE-RMS__FORCES", forces),
+                ]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("intake.clients.niche-rms.forces"), "{err}");
+            assert!(err.contains(wrong), "{err}");
+        }
+        let err = Settings::load_with_env(
+            None,
+            env(&[("SAFECLOCK__INTAKE__CLIENTS__ORPHAN__FORCES", "*")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("has no token"), "{err}");
     }
 
     #[test]

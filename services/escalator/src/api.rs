@@ -7,7 +7,9 @@
 //! connection and request limits, optional TLS: `[escalator.api.server]`).
 //!
 //! Every request needs `Authorization: Bearer <token>`; tokens come from configuration
-//! (`escalator.api.tokens`, one per operator or tool, whose id is recorded as who acknowledged),
+//! (`escalator.api.tokens`, one per operator or tool, whose id is recorded as who acknowledged,
+//! and `escalator.api.operators`, what each may do: scopes `read`, `acknowledge`, `resolve`, and
+//! the forces whose escalations it sees and acts on; anything else is 403 and audited),
 //! are [`Secret`]s and are compared in constant time (`safeclock_common::auth`). A peer that fails
 //! authentication `auth_failure_burst` times is answered 429 with `Retry-After`, without its
 //! token being checked, until its budget refills at `auth_failures_per_minute`; every failure is
@@ -20,6 +22,7 @@
 //! [`Command`] and wait for the answer; the loop answers only once the change is durable in the
 //! changelog and the audit log.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus::{IntCounterVec, Registry};
 use safeclock_common::auth::{AuthFailure, BearerAuth};
-use safeclock_common::config::ApiSettings;
+use safeclock_common::config::{ApiScope, ApiSettings, OperatorGrant};
 use safeclock_common::server::{self, BodyReadError, HttpServer, ServerError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -70,29 +73,47 @@ pub struct EscalationView {
     pub pending: usize,
 }
 
-/// What the API asks of the service loop.
+/// What the API asks of the service loop. Every command carries the operator (the token's id)
+/// and the forces the token is granted; the loop acts only within them and writes an audit
+/// record of each.
 #[derive(Debug)]
 pub enum Command {
     List {
+        actor: String,
+        forces: Vec<String>,
         reply: oneshot::Sender<Vec<EscalationView>>,
     },
     Acknowledge {
         id: String,
         actor: String,
+        forces: Vec<String>,
         note: String,
         reply: oneshot::Sender<Result<EscalationView, CommandError>>,
     },
     Resolve {
         id: String,
         actor: String,
+        forces: Vec<String>,
         note: String,
         reply: oneshot::Sender<Result<EscalationView, CommandError>>,
     },
+    /// A request refused for want of a scope: only audited.
+    Denied {
+        actor: String,
+        id: Option<String>,
+        reason: &'static str,
+    },
 }
+
+/// The `reason` of a request denied because the token lacks the scope (audit and metric).
+pub const SCOPE_NOT_GRANTED: &str = "scope_not_granted";
+/// The `reason` of a request denied because the escalation's force is not the token's.
+pub const FORCE_NOT_GRANTED: &str = "force_not_granted";
 
 #[derive(Clone)]
 struct ApiState {
     auth: Arc<BearerAuth>,
+    operators: Arc<BTreeMap<String, OperatorGrant>>,
     commands: mpsc::Sender<Command>,
     auth_failures: IntCounterVec,
 }
@@ -106,9 +127,9 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CommandBody {
-    /// The person behind a shared token (an operator id, not a name).
+    /// Refused: who acted is the token's operator id, never a claim in the body.
     #[serde(default)]
-    by: Option<String>,
+    by: Option<serde::de::IgnoredAny>,
     /// Free text for the audit log; never logged or sent to receivers.
     #[serde(default)]
     note: Option<String>,
@@ -128,6 +149,7 @@ pub fn router(
             settings.auth_failure_burst,
             settings.auth_failures_per_minute,
         )),
+        operators: Arc::new(settings.operators.clone()),
         commands,
         auth_failures,
     };
@@ -174,15 +196,52 @@ fn boxed_problem(status: StatusCode, message: impl Into<String>) -> Box<Response
     Box::new(problem(status, message))
 }
 
-/// The operator id of the bearer token (compared in constant time against every token), or
-/// 401, or 429 for a peer that failed too often; failures are counted by reason.
-fn authenticate(state: &ApiState, request: &Request) -> Result<String, Box<Response>> {
+/// Who is asking and what they may do.
+struct Operator {
+    id: String,
+    forces: Vec<String>,
+}
+
+/// The operator of the bearer token (compared in constant time against every token) if it is
+/// granted `scope`; else 401, 429 for a peer that failed too often, or 403 (audited) for a
+/// token without the scope. Failures are counted by reason.
+fn authorize(
+    state: &ApiState,
+    request: &Request,
+    scope: ApiScope,
+    id: Option<&str>,
+) -> Result<Operator, Box<Response>> {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     match state.auth.check(server::peer_of(request), authorization) {
-        Ok(actor) => Ok(actor.to_string()),
+        Ok(actor) => {
+            // Validated at start: every token has a grant; a missing one grants nothing.
+            let grant = state.operators.get(actor);
+            if let Some(grant) = grant.filter(|g| g.allows(scope)) {
+                return Ok(Operator {
+                    id: actor.to_string(),
+                    forces: grant.forces.clone(),
+                });
+            }
+            state
+                .auth_failures
+                .with_label_values(&[SCOPE_NOT_GRANTED])
+                .inc();
+            let _ = state.commands.try_send(Command::Denied {
+                actor: actor.to_string(),
+                id: id.map(str::to_string),
+                reason: SCOPE_NOT_GRANTED,
+            });
+            Err(boxed_problem(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this token is not granted `{}` (escalator.api.operators.{actor}.scopes)",
+                    scope.as_str()
+                ),
+            ))
+        }
         Err(failure) => {
             state
                 .auth_failures
@@ -210,11 +269,17 @@ fn unauthenticated(failure: AuthFailure) -> Response {
 }
 
 async fn list(State(state): State<ApiState>, request: Request) -> Response {
-    if let Err(r) = authenticate(&state, &request) {
-        return *r;
-    }
+    let operator = match authorize(&state, &request, ApiScope::Read, None) {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
     let (reply, rx) = oneshot::channel();
-    if state.commands.send(Command::List { reply }).await.is_err() {
+    let command = Command::List {
+        actor: operator.id,
+        forces: operator.forces,
+        reply,
+    };
+    if state.commands.send(command).await.is_err() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "the escalator is stopping");
     }
     match rx.await {
@@ -223,19 +288,24 @@ async fn list(State(state): State<ApiState>, request: Request) -> Response {
     }
 }
 
-fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Box<Response>> {
+fn parse_note(body: &Bytes) -> Result<String, Box<Response>> {
     let b: CommandBody = if body.iter().all(u8::is_ascii_whitespace) {
         CommandBody::default()
     } else {
         serde_json::from_slice(body).map_err(|e| {
             boxed_problem(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "the body must be JSON like {{\"by\": \"op-123\", \"note\": \"...\"}}: {e}"
-                ),
+                format!("the body must be JSON like {{\"note\": \"...\"}}: {e}"),
             )
         })?
     };
+    if b.by.is_some() {
+        return Err(boxed_problem(
+            StatusCode::BAD_REQUEST,
+            "`by` is not accepted: who acted is the operator id of your token \
+             (give each person a token of their own)",
+        ));
+    }
     let note = b.note.unwrap_or_default();
     if note.chars().count() > MAX_NOTE {
         return Err(boxed_problem(
@@ -243,38 +313,27 @@ fn parse_body(token_actor: &str, body: &Bytes) -> Result<(String, String), Box<R
             format!("note must be at most {MAX_NOTE} characters"),
         ));
     }
-    let actor = match b.by {
-        Some(by) if !by.is_empty() => {
-            let ok = by.len() <= 64
-                && by
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-            if !ok {
-                return Err(boxed_problem(
-                    StatusCode::BAD_REQUEST,
-                    "by must be an operator id (letters, digits, - _ . @, up to 64)",
-                ));
-            }
-            format!("{token_actor}/{by}")
-        }
-        _ => token_actor.to_string(),
-    };
-    Ok((actor, note))
+    Ok(note)
+}
+
+/// What an acknowledgement or resolution asks of the loop.
+struct CommandRequest {
+    id: String,
+    actor: String,
+    forces: Vec<String>,
+    note: String,
+    reply: oneshot::Sender<Result<EscalationView, CommandError>>,
 }
 
 async fn command(
     state: ApiState,
     id: String,
     request: Request,
-    make: impl FnOnce(
-        String,
-        String,
-        String,
-        oneshot::Sender<Result<EscalationView, CommandError>>,
-    ) -> Command,
+    scope: ApiScope,
+    make: impl FnOnce(CommandRequest) -> Command,
 ) -> Response {
-    let token_actor = match authenticate(&state, &request) {
-        Ok(a) => a,
+    let operator = match authorize(&state, &request, scope, Some(&id)) {
+        Ok(o) => o,
         Err(r) => return *r,
     };
     let (parts, body) = request.into_parts();
@@ -297,23 +356,32 @@ async fn command(
             return problem(StatusCode::BAD_REQUEST, e.to_string())
         }
     };
-    let (actor, note) = match parse_body(&token_actor, &body) {
+    let note = match parse_note(&body) {
         Ok(x) => x,
         Err(r) => return *r,
     };
     let (reply, rx) = oneshot::channel();
-    if state
-        .commands
-        .send(make(id, actor, note, reply))
-        .await
-        .is_err()
-    {
+    let request = CommandRequest {
+        id,
+        actor: operator.id,
+        forces: operator.forces,
+        note,
+        reply,
+    };
+    if state.commands.send(make(request)).await.is_err() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "the escalator is stopping");
     }
     match rx.await {
         Ok(Ok(view)) => Json(view).into_response(),
         Ok(Err(e @ CommandError::NotFound(_))) => problem(StatusCode::NOT_FOUND, e.to_string()),
         Ok(Err(e @ CommandError::Resolved(_))) => problem(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ CommandError::ForceNotGranted(_))) => {
+            state
+                .auth_failures
+                .with_label_values(&[FORCE_NOT_GRANTED])
+                .inc();
+            problem(StatusCode::FORBIDDEN, e.to_string())
+        }
         Err(_) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the escalator stopped before the change was durable; try again",
@@ -326,12 +394,13 @@ async fn acknowledge(
     Path(id): Path<String>,
     request: Request,
 ) -> Response {
-    command(state, id, request, |id, actor, note, reply| {
+    command(state, id, request, ApiScope::Acknowledge, |r| {
         Command::Acknowledge {
-            id,
-            actor,
-            note,
-            reply,
+            id: r.id,
+            actor: r.actor,
+            forces: r.forces,
+            note: r.note,
+            reply: r.reply,
         }
     })
     .await
@@ -342,12 +411,13 @@ async fn resolve(
     Path(id): Path<String>,
     request: Request,
 ) -> Response {
-    command(state, id, request, |id, actor, note, reply| {
+    command(state, id, request, ApiScope::Resolve, |r| {
         Command::Resolve {
-            id,
-            actor,
-            note,
-            reply,
+            id: r.id,
+            actor: r.actor,
+            forces: r.forces,
+            note: r.note,
+            reply: r.reply,
         }
     })
     .await

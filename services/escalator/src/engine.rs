@@ -120,6 +120,8 @@ pub enum CommandError {
     NotFound(String),
     #[error("escalation {0} is already resolved")]
     Resolved(String),
+    #[error("escalation {0} belongs to a force this token is not granted")]
+    ForceNotGranted(String),
 }
 
 /// Per-status and per-level counts, for gauges.
@@ -328,8 +330,11 @@ impl Engine {
         };
         if let Some(st) = self.escalations.get(&id) {
             let current = st.event.as_ref().and_then(Threshold::of_opt);
-            // Resolved stays resolved; a warning never downgrades a breach.
-            if st.status() == EscalationStatus::Resolved
+            // A warning never downgrades a breach, and a resolved escalation stays resolved,
+            // except that a breach reopens a resolved warning: resolving the warning ("seen,
+            // on it") must never silence the breach page that follows.
+            let raised = current == Some(Threshold::Warning) && threshold == Threshold::Breach;
+            if (st.status() == EscalationStatus::Resolved && !raised)
                 || (current == Some(Threshold::Breach) && threshold == Threshold::Warning)
             {
                 if let Some(st) = self.escalations.get_mut(&id) {
@@ -354,6 +359,9 @@ impl Engine {
         st.event = Some(event.clone());
         st.seen_sla_event_ids.push(event.sla_event_id.clone());
         st.set_status(EscalationStatus::Open);
+        st.resolved_by.clear();
+        st.resolution.clear();
+        st.resolved_at_ms = 0;
         st.acked_by.clear();
         st.ack_note.clear();
         st.acked_at_ms = 0;

@@ -309,6 +309,37 @@ fn warnings_do_not_lapse_and_a_breach_reopens_an_acknowledged_warning() {
 }
 
 #[test]
+fn resolving_a_warning_never_silences_the_breach_that_follows() {
+    let mut e = engine();
+    let w = sla(SlaTransition::Warning, "s-warn");
+    let id = escalation_id(&w);
+    let a = e.on_sla_event(&w, at(0));
+    deliver_all(&mut e, &a, at(0));
+    let a = e.resolve(&id, "op-7", "", at(5)).unwrap();
+    deliver_all(&mut e, &a, at(5));
+    assert_eq!(e.get(&id).unwrap().status(), EscalationStatus::Resolved);
+    // The breach pages from level 1 of the breach policy, as if the warning had not been seen.
+    let a = e.on_sla_event(&breach(), at(60));
+    assert_eq!(
+        deliveries(&a),
+        [d("team", Trigger, 1, 0), d("am", Trigger, 1, 0)]
+    );
+    let st = e.get(&id).unwrap();
+    assert_eq!(st.status(), EscalationStatus::Open);
+    assert!(st.resolved_by.is_empty() && st.resolution.is_empty());
+    deliver_all(&mut e, &a, at(60));
+    // ... and climbs its levels.
+    assert_eq!(
+        deliveries(&e.on_tick(at(75))),
+        [d("inspector", Trigger, 2, 0)]
+    );
+    // Resolving the breach itself does hold: a replay of it pages nobody.
+    let a = e.resolve(&id, "op-7", "", at(80)).unwrap();
+    deliver_all(&mut e, &a, at(80));
+    assert!(deliveries(&e.on_sla_event(&breach(), at(81))).is_empty());
+}
+
+#[test]
 fn met_met_late_and_cancelled_resolve_and_every_paged_receiver_hears_it() {
     for (t, label) in [
         (SlaTransition::Met, "met"),

@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
+use safeclock_common::auth::force_permitted;
 use safeclock_common::event::{transition_label, Plausibility};
 use safeclock_common::kafka::{
     self, BrokerWait, DeadLetters, OffsetBook, Output, ServiceConsumer, Topic,
@@ -63,7 +64,9 @@ use safeclock_common::kafka::{
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::ReadinessHandle;
 use safeclock_common::schema::enum_label;
-use safeclock_common::schema::v1::{EscalationAction, EscalationState, EscalationStatus};
+use safeclock_common::schema::v1::{
+    EscalationAction, EscalationRecord, EscalationState, EscalationStatus,
+};
 use safeclock_common::service::ServiceDeps;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -438,6 +441,9 @@ pub async fn run(
         tracing::info!("escalation API off (no escalator.api.tokens configured)");
         None
     } else {
+        esc.api
+            .validate_operators(&deps.settings.forces)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let (_, task) = api::bind(
             &esc.api,
             &deps.registry,
@@ -578,55 +584,120 @@ async fn handle_command(
     now: jiff::Timestamp,
 ) -> anyhow::Result<()> {
     match command {
-        Command::List { reply } => {
-            let mut views: Vec<EscalationView> =
-                engines.values().flat_map(|e| e.open().map(view)).collect();
+        Command::List {
+            actor,
+            forces,
+            reply,
+        } => {
+            let mut views: Vec<EscalationView> = engines
+                .values()
+                .flat_map(|e| e.open().map(view))
+                .filter(|v| force_permitted(&forces, &v.force))
+                .collect();
             views.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
+            let mut listed = api_record(EscalationAction::Listed, &actor, None, now);
+            listed.count = u32::try_from(views.len()).unwrap_or(u32::MAX);
+            effects
+                .write(vec![Action::Audit(Box::new(listed))], engines, Vec::new())
+                .await?;
             let _ = reply.send(views);
         }
         Command::Acknowledge {
             id,
             actor,
+            forces,
             note,
             reply,
         } => {
-            let result = apply_command(engines, &id, |e| e.acknowledge(&id, &actor, &note, now));
-            finish(result, &id, engines, effects, dispatcher, reply).await?;
+            let result = apply_command(engines, &id, &forces, |e| {
+                e.acknowledge(&id, &actor, &note, now)
+            });
+            finish(
+                result, &id, &actor, engines, effects, dispatcher, reply, now,
+            )
+            .await?;
         }
         Command::Resolve {
             id,
             actor,
+            forces,
             note,
             reply,
         } => {
-            let result = apply_command(engines, &id, |e| e.resolve(&id, &actor, &note, now));
-            finish(result, &id, engines, effects, dispatcher, reply).await?;
+            let result = apply_command(engines, &id, &forces, |e| {
+                e.resolve(&id, &actor, &note, now)
+            });
+            finish(
+                result, &id, &actor, engines, effects, dispatcher, reply, now,
+            )
+            .await?;
+        }
+        Command::Denied { actor, id, reason } => {
+            let mut denied = api_record(EscalationAction::Denied, &actor, id.as_deref(), now);
+            denied.error = reason.to_string();
+            effects
+                .write(vec![Action::Audit(Box::new(denied))], engines, Vec::new())
+                .await?;
         }
     }
     Ok(())
 }
 
+/// An audit record of an API request that is about no escalation's state change.
+fn api_record(
+    action: EscalationAction,
+    actor: &str,
+    escalation_id: Option<&str>,
+    now: jiff::Timestamp,
+) -> EscalationRecord {
+    let mut r = EscalationRecord {
+        escalation_id: escalation_id.unwrap_or_default().to_string(),
+        actor: actor.to_string(),
+        at: Some(safeclock_common::schema::from_jiff(now)),
+        ..EscalationRecord::default()
+    };
+    r.set_action(action);
+    r
+}
+
+/// Applies `f` to the engine holding escalation `id`, if its force is among `forces`.
 fn apply_command(
     engines: &mut BTreeMap<i32, Engine>,
     id: &str,
+    forces: &[String],
     f: impl FnOnce(&mut Engine) -> Result<Vec<Action>, engine::CommandError>,
 ) -> Result<Vec<Action>, engine::CommandError> {
     let engine = engines
         .values_mut()
         .find(|e| e.get(id).is_some())
         .ok_or_else(|| engine::CommandError::NotFound(id.to_string()))?;
+    let force = engine.get(id).map(|st| view(st).force).unwrap_or_default();
+    if !force_permitted(forces, &force) {
+        return Err(engine::CommandError::ForceNotGranted(id.to_string()));
+    }
     f(engine)
 }
 
+#[allow(clippy::too_many_arguments)] // goes when the loop becomes a struct (issue 17)
 async fn finish(
     result: Result<Vec<Action>, engine::CommandError>,
     id: &str,
+    actor: &str,
     engines: &mut BTreeMap<i32, Engine>,
     effects: &Effects,
     dispatcher: &Dispatcher,
     reply: tokio::sync::oneshot::Sender<Result<EscalationView, engine::CommandError>>,
+    now: jiff::Timestamp,
 ) -> anyhow::Result<()> {
     match result {
+        Err(e @ engine::CommandError::ForceNotGranted(_)) => {
+            let mut denied = api_record(EscalationAction::Denied, actor, Some(id), now);
+            denied.error = api::FORCE_NOT_GRANTED.to_string();
+            effects
+                .write(vec![Action::Audit(Box::new(denied))], engines, Vec::new())
+                .await?;
+            let _ = reply.send(Err(e));
+        }
         Err(e) => {
             let _ = reply.send(Err(e));
         }

@@ -32,7 +32,8 @@ pub struct EscalatorMetrics {
     pub partitions: prometheus::IntGauge,
     /// `safeclock_escalation_api_auth_failures_total{reason}`: acknowledgement-API requests
     /// refused for authentication: `missing`, `invalid` or `rate_limited` (the peer failed too
-    /// often and was refused without a check).
+    /// often and was refused without a check); and after it (403, audited): `scope_not_granted`,
+    /// `force_not_granted`.
     pub api_auth_failures: IntCounterVec,
 }
 
@@ -106,11 +107,14 @@ impl EscalatorMetrics {
         let api_auth_failures = IntCounterVec::new(
             Opts::new(
                 "safeclock_escalation_api_auth_failures_total",
-                "Acknowledgement-API requests refused for authentication, by reason: missing, invalid, rate_limited.",
+                "Acknowledgement-API requests refused, by reason: missing, invalid, rate_limited (401/429), scope_not_granted, force_not_granted (403).",
             ),
             &["reason"],
         )?;
-        for reason in safeclock_common::auth::AuthFailure::REASONS {
+        for reason in safeclock_common::auth::AuthFailure::REASONS
+            .into_iter()
+            .chain([crate::api::SCOPE_NOT_GRANTED, crate::api::FORCE_NOT_GRANTED])
+        {
             api_auth_failures.with_label_values(&[reason]);
         }
         registry.register(Box::new(api_auth_failures.clone()))?;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prometheus::Registry;
-use safeclock_common::config::{ApiSettings, Secret, Settings};
+use safeclock_common::config::{ApiScope, ApiSettings, OperatorGrant, Secret, Settings};
 use safeclock_escalator::api::{self, Command};
 use safeclock_escalator::engine::CommandError;
 use safeclock_escalator::metrics::EscalatorMetrics;
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "duty-desk-token-0123456789";
+const VIEWER: &str = "viewer-token-0123456789";
 
 struct Running {
     base: String,
@@ -23,12 +24,22 @@ struct Running {
     registry: Registry,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// What reached the stand-in loop: (command, actor, forces, reason of a denial).
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<String>, String)>>>,
 }
 
 fn settings() -> ApiSettings {
     let mut s = Settings::defaults().unwrap().escalator.api;
     s.listen = "127.0.0.1:0".parse().unwrap();
-    s.tokens.insert("duty-desk".into(), Secret::new(TOKEN));
+    s.add_operator("duty-desk", Secret::new(TOKEN), OperatorGrant::everything());
+    s.add_operator(
+        "viewer",
+        Secret::new(VIEWER),
+        OperatorGrant {
+            scopes: vec![ApiScope::Read],
+            forces: vec!["nottinghamshire".into()],
+        },
+    );
     s.auth_failure_burst = 2;
     s.auth_failures_per_minute = 1;
     s.server.header_read_timeout_ms = 500;
@@ -40,14 +51,39 @@ async fn start(settings: ApiSettings) -> Running {
     let registry = Registry::new();
     let metrics = EscalatorMetrics::register(&registry).unwrap();
     let (tx, mut rx) = mpsc::channel::<Command>(8);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
     tokio::spawn(async move {
         while let Some(command) = rx.recv().await {
+            let mut log = log.lock().unwrap();
             match command {
-                Command::List { reply } => {
+                Command::List {
+                    actor,
+                    forces,
+                    reply,
+                } => {
+                    log.push(("list".into(), actor, forces, String::new()));
                     let _ = reply.send(Vec::new());
                 }
-                Command::Acknowledge { id, reply, .. } | Command::Resolve { id, reply, .. } => {
+                Command::Acknowledge {
+                    id,
+                    actor,
+                    forces,
+                    reply,
+                    ..
+                }
+                | Command::Resolve {
+                    id,
+                    actor,
+                    forces,
+                    reply,
+                    ..
+                } => {
+                    log.push(("act".into(), actor, forces, String::new()));
                     let _ = reply.send(Err(CommandError::NotFound(id)));
+                }
+                Command::Denied { actor, reason, .. } => {
+                    log.push(("denied".into(), actor, Vec::new(), reason.into()));
                 }
             }
         }
@@ -74,6 +110,7 @@ async fn start(settings: ApiSettings) -> Running {
         registry,
         shutdown,
         task,
+        seen,
     }
 }
 
@@ -157,7 +194,7 @@ async fn bodies_are_bounded_and_commands_reach_the_loop() {
     let r = http
         .post(&ack)
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"by": "op-1", "note": "x".repeat(20_000)}))
+        .json(&serde_json::json!({"note": "x".repeat(20_000)}))
         .send()
         .await
         .unwrap();
@@ -165,11 +202,70 @@ async fn bodies_are_bounded_and_commands_reach_the_loop() {
     let r = http
         .post(&ack)
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"by": "op-1", "note": "on my way"}))
+        .json(&serde_json::json!({"note": "on my way"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "the stand-in loop knows no escalation");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_acts_only_within_its_scopes_and_as_itself() {
+    let api = start(settings()).await;
+    let http = from("127.0.0.1");
+    let ack = format!("{}/v1/escalations/e-1/ack", api.base);
+    let resolve = format!("{}/v1/escalations/e-1/resolve", api.base);
+    // A read-only token lists (its forces go with the command) but may not act: 403, audited.
+    let r = http
+        .get(format!("{}/v1/escalations", api.base))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for url in [&ack, &resolve] {
+        let r = http.post(url).bearer_auth(VIEWER).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("not granted"),
+            "{body}"
+        );
+    }
+    // `by` is not a claim a caller can make: the token is who acted.
+    let r = http
+        .post(&ack)
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"by": "someone-else", "note": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http.post(&ack).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // The loop audits the denials with a little delay (try_send): wait for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while api.seen.lock().unwrap().len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = api.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("list", "viewer", vec!["nottinghamshire"], ""),
+            ("denied", "viewer", vec![], "scope_not_granted"),
+            ("denied", "viewer", vec![], "scope_not_granted"),
+            ("act", "duty-desk", vec!["*"], ""),
+        ]
+        .map(|(c, a, f, r)| (
+            c.to_string(),
+            a.to_string(),
+            f.into_iter().map(String::from).collect::<Vec<_>>(),
+            r.to_string()
+        ))
+    );
+    assert_eq!(api.failures("scope_not_granted"), 2.0);
     api.stop().await;
 }
 

@@ -98,10 +98,11 @@ async fn main() {
     let n = env_usize("SAFECLOCK_BENCH_EVENTS", 100_000);
     let clients = env_usize("SAFECLOCK_BENCH_CLIENTS", 16);
     let mut settings = safeclock_tests::isolated_settings(&brokers);
-    settings
-        .intake
-        .tokens
-        .insert("bench".into(), Secret::new(TOKEN));
+    settings.intake.add_client(
+        "bench",
+        Secret::new(TOKEN),
+        safeclock_common::config::IntakeClientGrant::all_forces(),
+    );
     settings.intake.delivery_timeout_ms = 30_000;
     // Same producer for both measurements: intake's own (linger 1 ms, lz4, acks=all).
     settings.kafka.producer_properties.clear();

@@ -147,8 +147,13 @@ pub async fn serve(
     anyhow::ensure!(
         !auth.is_empty(),
         "invalid configuration: `intake.tokens` is empty; give each client a token \
-         (e.g. SAFECLOCK__INTAKE__TOKENS__NICHE-RMS=<at least 16 characters>)"
+         (e.g. SAFECLOCK__INTAKE__TOKENS__NICHE-RMS=<at least 16 characters>) and a grant \
+         ([intake.clients.niche-rms] forces = [\"nottinghamshire\"])"
     );
+    settings
+        .intake
+        .validate_clients(&settings.forces)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let http = HttpServer::from_listener(
         SERVICE,
         listener,
@@ -294,6 +299,41 @@ fn problem_with(
     (status, axum::Json(body)).into_response()
 }
 
+/// Whether the client's grant covers the event's force and source system; if not, the reason
+/// goes to `forbidden`. A client without a grant (settings changed in code after validation)
+/// is granted nothing.
+fn permitted(
+    grant: Option<&safeclock_common::config::IntakeClientGrant>,
+    event: &safeclock_common::schema::v1::ReferralEvent,
+    index: usize,
+    forbidden: &mut Vec<FieldError>,
+) -> bool {
+    let refusal = |field: &str, reason: &'static str, message: &str| FieldError {
+        index: Some(index),
+        event_id: Some(event.event_id.clone()),
+        field: field.to_string(),
+        reason,
+        message: message.to_string(),
+    };
+    if !grant.is_some_and(|g| g.permits_force(&event.force_id)) {
+        forbidden.push(refusal(
+            "forceId",
+            "force_not_granted",
+            "field `forceId` names a force this token may not send for",
+        ));
+        return false;
+    }
+    if !grant.is_some_and(|g| g.permits_source_system(&event.source_system)) {
+        forbidden.push(refusal(
+            "sourceSystem",
+            "source_system_not_granted",
+            "field `sourceSystem` names a source system this token may not send as",
+        ));
+        return false;
+    }
+    true
+}
+
 /// One event's result in a 202 answer.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -401,10 +441,13 @@ impl Intake {
             }
         };
         let now = self.time.now();
+        let grant = self.settings.intake.clients.get(client);
         let mut valid = Vec::with_capacity(parsed.events.len());
         let mut errors = Vec::new();
+        let mut forbidden = Vec::new();
         for (index, result) in parsed.events.into_iter().enumerate() {
             match result {
+                Ok(v) if !permitted(grant, &v.event, index, &mut forbidden) => {}
                 Ok(v) => match self.plausibility.check(&v.event, now) {
                     Ok(()) => valid.push((index, v)),
                     Err(r) => errors.push(FieldError {
@@ -417,6 +460,29 @@ impl Intake {
                 },
                 Err(e) => errors.push(e),
             }
+        }
+        if !forbidden.is_empty() {
+            self.metrics
+                .events
+                .with_label_values(&["forbidden"])
+                .inc_by((forbidden.len() + errors.len() + valid.len()) as u64);
+            tracing::warn!(
+                client,
+                forbidden = forbidden.len(),
+                events = forbidden.len() + errors.len() + valid.len(),
+                "request refused: events outside the client's grant (nothing produced)"
+            );
+            let message = format!(
+                "{} event(s) are for a force or source system this token is not granted \
+                 (intake.clients.{client}); nothing was stored",
+                forbidden.len()
+            );
+            return problem_with(
+                StatusCode::FORBIDDEN,
+                "forbidden_events",
+                message,
+                forbidden,
+            );
         }
         if !errors.is_empty() {
             self.count_refused(&errors);

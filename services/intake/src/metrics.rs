@@ -9,7 +9,8 @@ pub struct IntakeMetrics {
     /// `safeclock_intake_requests_total{code}`: requests answered, by HTTP status code.
     pub requests: IntCounterVec,
     /// `safeclock_intake_events_total{result}`: events by `accepted` (acknowledged by the
-    /// broker), `duplicate` (already accepted; not produced again), `refused` (invalid) and
+    /// broker), `duplicate` (already accepted; not produced again), `refused` (invalid),
+    /// `forbidden` (a request with an event outside its client's grant: every event of it) and
     /// `unavailable` (the broker did not acknowledge in time; the sender was told 503).
     pub events: IntCounterVec,
     /// `safeclock_intake_request_seconds{code}`: from request to answer.
@@ -34,7 +35,7 @@ impl IntakeMetrics {
         let events = IntCounterVec::new(
             Opts::new(
                 "safeclock_intake_events_total",
-                "Events posted to intake, by result: accepted, duplicate, refused, unavailable.",
+                "Events posted to intake, by result: accepted, duplicate, refused, forbidden, unavailable.",
             ),
             &["result"],
         )?;
@@ -62,7 +63,13 @@ impl IntakeMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
-        for result in ["accepted", "duplicate", "refused", "unavailable"] {
+        for result in [
+            "accepted",
+            "duplicate",
+            "refused",
+            "forbidden",
+            "unavailable",
+        ] {
             events.with_label_values(&[result]);
         }
         Ok(Self {

@@ -198,9 +198,11 @@ async fn one_client_posting_anothers_event_id_first_does_not_make_it_a_duplicate
     const SQUATTER: &str = "squatter-token-0123456789";
     let brokers = real_broker();
     let mut s = settings(&brokers);
-    s.intake
-        .tokens
-        .insert("squatter".into(), Secret::new(SQUATTER));
+    s.intake.add_client(
+        "squatter",
+        Secret::new(SQUATTER),
+        safeclock_common::config::IntakeClientGrant::all_forces(),
+    );
     let topic = s.topic(Topic::ReferralEvents);
     let intake = start(s, true).await;
     let http = client();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{client, event, post, settings, start, TOKEN};
 use rdkafka::message::Message;
+use safeclock_common::config::{IntakeClientGrant, Secret};
 use safeclock_common::kafka::Topic;
 use safeclock_tests::{header, read_until, reader, real_broker};
 
@@ -158,6 +159,103 @@ async fn invalid_events_get_400_per_event_with_field_and_reason_and_nothing_is_s
     let got = read_until(&consumer, TIMEOUT, |m| !m.is_empty()).await;
     let v: serde_json::Value = serde_json::from_slice(got[0].payload().unwrap()).unwrap();
     assert_eq!(v["eventId"], "good-1");
+    intake.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_sends_only_for_its_forces_and_source_systems_else_403_and_nothing_is_stored() {
+    const NOTTS: &str = "notts-only-token-0123456789";
+    let brokers = real_broker();
+    let mut s = settings(&brokers);
+    s.intake.add_client(
+        "notts-niche",
+        Secret::new(NOTTS),
+        IntakeClientGrant {
+            forces: vec!["nottinghamshire".into()],
+            source_systems: vec!["niche".into()],
+        },
+    );
+    let topic = s.topic(Topic::ReferralEvents);
+    let intake = start(s, true).await;
+    let http = client();
+    let send = |body: serde_json::Value| {
+        let http = http.clone();
+        let url = format!("{}/v1/events", intake.url);
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(NOTTS)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let mut own = event("own-1", "R-NOTTS");
+    own["sourceSystem"] = "niche".into();
+    let mut other_force = event("other-1", "R-DERBY");
+    other_force["forceId"] = "derbyshire".into();
+    other_force["sourceSystem"] = "niche".into();
+    let other_system = event("other-2", "R-NOTTS");
+
+    // One event for a force the token is not granted refuses the whole batch with 403.
+    let (status, body) = send(serde_json::json!([own.clone(), other_force, other_system])).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "forbidden_events");
+    let refused: Vec<(u64, &str, &str)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["field"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (1, "forceId", "force_not_granted"),
+            (2, "sourceSystem", "source_system_not_granted")
+        ]
+    );
+    assert!(
+        !body.to_string().contains("derbyshire"),
+        "values are never echoed: {body}"
+    );
+    assert_eq!(
+        intake.metric("safeclock_intake_events_total", ("result", "forbidden")),
+        3.0
+    );
+    // Its own force and system: stored, and the first record on the topic.
+    let (status, body) = send(own).await;
+    assert_eq!(status, 202, "{body}");
+    // The all-forces test token still sends for another force.
+    let mut derby = event("derby-1", "R-DERBY");
+    derby["forceId"] = "derbyshire".into();
+    let (status, body, _) = post(&http, &intake.url, &derby).await;
+    assert_eq!(status, 202, "{body}");
+    let consumer = reader(&brokers, &[&topic]);
+    let got = read_until(&consumer, TIMEOUT, |m| m.len() >= 2).await;
+    let ids: Vec<String> = got
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            v["eventId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        ids.contains(&"own-1".to_string()) && ids.contains(&"derby-1".to_string()),
+        "{ids:?}"
+    );
+    let more = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await;
+    assert!(more.is_err(), "a refused event was stored");
     intake.stop().await;
 }
 

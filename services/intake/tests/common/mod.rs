@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
-use safeclock_common::config::{Secret, Settings};
+use safeclock_common::config::{IntakeClientGrant, Secret, Settings};
 use safeclock_common::kafka::{self, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::Readiness;
@@ -19,9 +19,11 @@ pub const TOKEN: &str = "test-token-0123456789abcdef";
 /// Settings isolated for one test, with one client token.
 pub fn settings(brokers: &str) -> Settings {
     let mut s = safeclock_tests::isolated_settings(brokers);
-    s.intake
-        .tokens
-        .insert("test-rms".into(), Secret::new(TOKEN));
+    s.intake.add_client(
+        "test-rms",
+        Secret::new(TOKEN),
+        IntakeClientGrant::all_forces(),
+    );
     s.intake.delivery_timeout_ms = 3000;
     s
 }
