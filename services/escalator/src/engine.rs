@@ -36,7 +36,7 @@
 //! every escalation every tick took tens of milliseconds per 100,000, during which no SLA event
 //! was read: pages fell seconds behind their breaches at a million open escalations.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -147,14 +147,18 @@ pub struct Engine {
     partition: i32,
     routing: Arc<Routing>,
     /// Boxed: a state is about a kilobyte, and growing a map of a million of them inline moved
-    /// a gigabyte in one go, stalling the loop for seconds.
-    escalations: HashMap<String, Box<EscalationState>>,
+    /// a gigabyte in one go, stalling the loop for seconds. A B-tree, not a hash map: a hash
+    /// map grows by rehashing every entry at once, and with the partitions filling evenly all of
+    /// them did so in the same second (at 115,000 escalations each): the pages of that second
+    /// were up to a second late. A B-tree grows a node at a time.
+    escalations: BTreeMap<String, Box<EscalationState>>,
     dirty: HashSet<String>,
     closed_retention_ms: i64,
     /// (due instant in unix ms, escalation id) of every escalation with something due.
     timers: BTreeSet<(i64, String)>,
-    /// How each escalation is filed: its due instant in `timers` and what it adds to `counts`.
-    filed: HashMap<String, Filed>,
+    /// How each escalation is filed: its due instant in `timers` and what it adds to `counts`
+    /// (a B-tree for the same reason as `escalations`).
+    filed: BTreeMap<String, Filed>,
     /// Escalations changed since they were last filed.
     unscheduled: HashSet<String>,
     /// The gauges' counts, kept as escalations are filed (a scan of every escalation took half
@@ -204,11 +208,11 @@ impl Engine {
         Self {
             partition,
             routing,
-            escalations: HashMap::new(),
+            escalations: BTreeMap::new(),
             dirty: HashSet::new(),
             closed_retention_ms: secs_ms(closed_retention_secs),
             timers: BTreeSet::new(),
-            filed: HashMap::new(),
+            filed: BTreeMap::new(),
             unscheduled: HashSet::new(),
             counts: Counts::default(),
         }
