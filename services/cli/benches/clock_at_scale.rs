@@ -70,7 +70,7 @@ event = "victim_contacted"
 "#;
 
 /// When each page arrived, by referral.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 struct Pages(Arc<Mutex<HashMap<String, Timestamp>>>);
 
 async fn webhook(pages: Pages) -> String {
@@ -133,7 +133,9 @@ async fn main() {
     let spread = env_or("SAFECLOCK_BENCH_SPREAD_SECS", 300);
     let dir = tempfile::tempdir().unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let pages = Pages::default();
+    // Sized for every page up front: growing a map of a million entries under the lock stalls
+    // the receiver's threads, and that stall was counted as the escalator's lateness.
+    let pages = Pages(Arc::new(Mutex::new(HashMap::with_capacity(clocks))));
     let hook = webhook(pages.clone()).await;
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
     let config = dir.path().join("safeclock.toml");
@@ -170,6 +172,8 @@ max_batch = 2000
 [[escalator.receivers]]
 name = "duty"
 kind = "webhook"
+# The bench finds each page's deadline by its referral id.
+payload = "referral"
 url = "{hook}"
 concurrency = 32
 rate_per_sec = 100000
@@ -203,6 +207,7 @@ group_id = "scale-{tag}-exporter"
     //    seconds from LEAD seconds on.
     let t0 = Timestamp::now();
     let first_deadline = t0 + SignedDuration::from_secs(lead as i64);
+    eprintln!("first deadline at {first_deadline}");
     let step = spread as f64 / clocks as f64;
     let deadline_of = |i: usize| first_deadline + SignedDuration::from_secs_f64(step * i as f64);
     let producer: FutureProducer = ClientConfig::new()
