@@ -10,8 +10,8 @@ use std::time::Duration;
 use prometheus::Registry;
 use rdkafka::message::Message;
 use safeclock_common::config::{
-    ApiScope, LevelSettings, OperatorGrant, PolicySettings, ReceiverKind, ReceiverSettings, Secret,
-    Settings,
+    ApiScope, LevelSettings, OperatorGrant, Payload, PolicySettings, ReceiverKind,
+    ReceiverSettings, Secret, Settings,
 };
 use safeclock_common::kafka::{self, dlq_headers, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
@@ -121,6 +121,8 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
     let referral = format!("R-AM-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let mut am_receiver = ReceiverSettings::new("alertmanager", ReceiverKind::Alertmanager);
     am_receiver.url = Some(am.clone());
+    // This Alertmanager is the force's own: it may see the referral id.
+    am_receiver.payload = Some(Payload::Referral);
     settings.escalator.receivers = vec![am_receiver];
     settings.escalator.log_receiver = true;
     settings.escalator.policies = vec![policy("default", &["log", "alertmanager"])];
@@ -432,7 +434,17 @@ async fn an_unreachable_receiver_is_dead_lettered_with_the_reason_and_the_fallba
     .await;
     let body = &backup.bodies()[0];
     assert_eq!(body["fallbackFor"], "duty-inspector");
-    assert_eq!(body["slaEvent"]["referralId"], "R-DLQ-1");
+    // A webhook's default payload: codes and the opaque escalation id, no referral id.
+    assert!(body["slaEvent"].get("referralId").is_none(), "{body}");
+    assert!(
+        !body["summary"].as_str().unwrap().contains("R-DLQ-1"),
+        "{body}"
+    );
+    assert_eq!(
+        body["escalationId"].as_str().map(str::len),
+        Some(36),
+        "{body}"
+    );
 
     let dlq = reader(&brokers, &[&dlq_topic]);
     let dead = read_until(&dlq, TIMEOUT, |m| !m.is_empty()).await;

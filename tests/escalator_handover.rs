@@ -14,7 +14,9 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use safeclock::app::Service;
-use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings};
+use safeclock_common::config::{
+    LevelSettings, Payload, PolicySettings, ReceiverKind, ReceiverSettings,
+};
 use safeclock_common::kafka::Topic;
 use safeclock_tests::pager::TestPager;
 use safeclock_tests::{breach_record, isolated_settings, real_broker, wait_for, InProcess};
@@ -65,6 +67,8 @@ async fn two_escalators_never_both_page_for_one_escalation_around_a_rebalance() 
     duty.concurrency = 2;
     duty.rate_per_sec = 1000;
     duty.burst = 100;
+    // The pager harness counts pages per referral.
+    duty.payload = Some(Payload::Referral);
     settings.escalator.log_receiver = false;
     settings.escalator.receivers = vec![duty];
     settings.escalator.policies = vec![PolicySettings {

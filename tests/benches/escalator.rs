@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use prometheus::Registry;
 use rdkafka::producer::FutureRecord;
-use safeclock_common::config::{LevelSettings, PolicySettings, ReceiverKind, ReceiverSettings};
+use safeclock_common::config::{
+    LevelSettings, Payload, PolicySettings, ReceiverKind, ReceiverSettings,
+};
 use safeclock_common::kafka::{self, Topic};
 use safeclock_common::metrics::ConsumerMetrics;
 use safeclock_common::ops::Readiness;
@@ -94,6 +96,8 @@ async fn main() {
             .insert("fetch.wait.max.ms".into(), wait);
     }
     let mut hook = ReceiverSettings::new("bench", ReceiverKind::Webhook);
+    // Pages are matched to their breaches by referral id.
+    hook.payload = Some(Payload::Referral);
     hook.url = Some(url);
     hook.rate_per_sec = 1_000_000;
     hook.burst = 100_000;

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use safeclock::app::{self, Service};
-use safeclock_common::config::{Settings, WebhookSettings};
+use safeclock_common::config::{Payload, ReceiverSettings, Settings, WebhookSettings};
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::{dlq_headers, Topic};
 use safeclock_common::schema::v1::{
@@ -61,12 +61,16 @@ pub async fn end_to_end(mut settings: Settings, brokers_are_mock: bool) {
     let webhook = RecordingWebhook::default();
     // Every page also as a log line: the scenario checks both receivers.
     settings.escalator.log_receiver = true;
-    settings.escalator.webhooks.push(WebhookSettings {
-        name: "duty-inspector".into(),
-        url: webhook.start().await,
-        timeout_ms: 2000,
-        max_attempts: 3,
-        initial_backoff_ms: 10,
+    // The scenario checks pages by referral id: a receiver the force allows to see it.
+    settings.escalator.receivers.push(ReceiverSettings {
+        payload: Some(Payload::Referral),
+        ..ReceiverSettings::webhook(&WebhookSettings {
+            name: "duty-inspector".into(),
+            url: webhook.start().await,
+            timeout_ms: 2000,
+            max_attempts: 3,
+            initial_backoff_ms: 10,
+        })
     });
     let settings = Arc::new(settings);
     let input = settings.topic(Topic::ReferralEvents);

@@ -83,6 +83,8 @@ max_batch = 20
 [[escalator.receivers]]
 name = "duty"
 kind = "webhook"
+# The pager harness reads the referral id from each page.
+payload = "referral"
 url = "{url}"
 timeout_ms = 2000
 max_attempts = 100000

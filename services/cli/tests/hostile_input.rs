@@ -147,6 +147,8 @@ tick_interval_ms = 100
 [[escalator.receivers]]
 name = "duty"
 kind = "webhook"
+# The pager harness reads the referral id from each page.
+payload = "referral"
 url = "{pager}"
 max_attempts = 20
 initial_backoff_ms = 100

@@ -455,6 +455,32 @@ pub struct ReceiverSettings {
     /// notification, its signature and any routing key then cross that network unencrypted.
     #[serde(default)]
     pub allow_http: bool,
+    /// What the notification may carry: `codes` (rule, force, codes, times and the escalation
+    /// id, an opaque reference the acknowledgement API resolves) or `referral` (those and the
+    /// referral id, the clock's instance reference and clock id). Unset: `codes` for every kind
+    /// but `log`, because pagers, mailboxes and webhooks are often run by third parties.
+    #[serde(default)]
+    pub payload: Option<Payload>,
+}
+
+/// What a receiver's notifications may carry (`escalator.receivers[].payload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// Codes, times and the escalation id: nothing that names a referral.
+    Codes,
+    /// Codes and the referral id (with the clock id and its instance reference).
+    Referral,
+}
+
+impl ReceiverSettings {
+    /// The payload policy in force: as configured, else `codes` (`referral` for the log).
+    pub fn payload(&self) -> Payload {
+        self.payload.unwrap_or(match self.kind {
+            ReceiverKind::Log => Payload::Referral,
+            _ => Payload::Codes,
+        })
+    }
 }
 
 fn default_refresh_secs() -> u64 {
@@ -535,6 +561,7 @@ impl ReceiverSettings {
             breaker_cooldown_ms: default_breaker_cooldown_ms(),
             fallback: None,
             allow_http: false,
+            payload: None,
         }
     }
 
@@ -577,6 +604,7 @@ impl fmt::Debug for ReceiverSettings {
             .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
             .field("fallback", &self.fallback)
             .field("allow_http", &self.allow_http)
+            .field("payload", &self.payload())
             .finish()
     }
 }
@@ -1115,6 +1143,13 @@ fn validate_receiver(
             }
             if let Some(t) = &r.template {
                 check_template(t).map_err(|m| invalid(field("template"), m))?;
+                if r.payload() == Payload::Codes && t.contains("referral_id") {
+                    return Err(invalid(
+                        field("template"),
+                        "uses {{referral_id}}, but this receiver's payload is `codes`: set \
+                         payload = \"referral\" if the force allows it the referral id",
+                    ));
+                }
             }
         }
         ReceiverKind::Pagerduty => {

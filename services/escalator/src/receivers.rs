@@ -12,10 +12,15 @@
 //! ("redirects are not followed"), so the signed body, its signature and a PagerDuty routing key
 //! only ever go to the configured address. The configuration refuses `http://` URLs except to a
 //! loopback address (or with `allow_http` for a trusted private network), an empty HMAC secret,
-//! and an SMTP password without TLS (`config.rs`). Notification
-//! content carries pseudonymous ids and codes only; an acknowledgement's free-text note stays in
-//! the audit log and is never sent to a receiver.
+//! and an SMTP password without TLS (`config.rs`).
+//!
+//! **What a receiver sees is its payload policy** (`payload`, [`redact`]): by default codes,
+//! times and the opaque escalation id, never the referral id, because pagers, mailboxes and
+//! webhooks are often run by third parties; a force that allows a receiver the referral id says
+//! `payload = "referral"`. An acknowledgement's free-text note stays in the audit log and is
+//! never sent to a receiver.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -24,7 +29,9 @@ use jiff::Timestamp;
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use safeclock_common::config::{ReceiverKind, ReceiverSettings, SmtpTls, PAGERDUTY_EVENTS_URL};
+use safeclock_common::config::{
+    Payload, ReceiverKind, ReceiverSettings, SmtpTls, PAGERDUTY_EVENTS_URL,
+};
 use safeclock_common::event::transition_label;
 use safeclock_common::schema::v1::{NotificationKind, SlaEvent, SlaTransition};
 use safeclock_common::schema::{enum_label, to_jiff};
@@ -65,7 +72,7 @@ impl AttemptError {
     }
 }
 
-/// A one-line summary with codes only (no personal data).
+/// A one-line summary: codes, and the referral id when the event carries one (see [`redact`]).
 pub fn summary(event: &SlaEvent) -> String {
     let labels = event.labels.clone().unwrap_or_default();
     let deadline = event
@@ -74,17 +81,40 @@ pub fn summary(event: &SlaEvent) -> String {
         .and_then(to_jiff)
         .map(|t| t.to_string())
         .unwrap_or_default();
+    let referral = if event.referral_id.is_empty() {
+        String::new()
+    } else {
+        format!(" referral {}", event.referral_id)
+    };
     format!(
-        "{} {} ({}) referral {} force {} category {} risk {} deadline {}",
+        "{} {} ({}){referral} force {} category {} risk {} deadline {}",
         transition_label(event.transition()).to_uppercase(),
         event.rule_id,
         event.rule_title,
-        event.referral_id,
         labels.force_id,
         labels.category,
         labels.risk,
         deadline
     )
+}
+
+/// The job as a receiver with `payload` may see it. `codes` drops everything that names or
+/// points at the referral: its id, the clock id and instance (a reference such as a device or
+/// suspect), and the id of the source system's event. The escalation id stays: an opaque
+/// reference that the acknowledgement API resolves for those allowed to see it.
+pub fn redact(job: &Job, payload: Payload) -> Cow<'_, Job> {
+    match payload {
+        Payload::Referral => Cow::Borrowed(job),
+        Payload::Codes => {
+            let mut job = job.clone();
+            let e = &mut job.event;
+            e.referral_id.clear();
+            e.clock_id.clear();
+            e.instance.clear();
+            e.cause_event_id.clear();
+            Cow::Owned(job)
+        }
+    }
 }
 
 fn severity_label(event: &SlaEvent) -> String {
@@ -267,6 +297,8 @@ impl Receiver {
     /// # Errors
     /// [`AttemptError`] saying whether a retry may help.
     pub async fn attempt(&self, job: &Job, now: SendTime) -> Result<(), AttemptError> {
+        let job = redact(job, self.settings.payload());
+        let job = job.as_ref();
         match self.settings.kind {
             ReceiverKind::Log => {
                 log_line(job);
@@ -376,19 +408,7 @@ impl Receiver {
         };
         let s = &self.settings;
         let from = s.from.as_deref().unwrap_or_default();
-        let subject = match job.kind() {
-            NotificationKind::Resolve => format!(
-                "[safeclock] RESOLVED ({}) {} {}",
-                job.resolution, job.event.rule_id, job.event.referral_id
-            ),
-            _ => format!(
-                "[safeclock] {} {} {} level {}",
-                transition_label(job.event.transition()).to_uppercase(),
-                job.event.rule_id,
-                job.event.referral_id,
-                job.pending.level
-            ),
-        };
+        let subject = email_subject(job);
         let text = format!(
             "{}\n\nescalation {}\ndedup key {}\nlevel {} (repeat {}), policy {}\n",
             summary(&job.event),
@@ -420,6 +440,27 @@ impl Receiver {
                 AttemptError::retryable(format!("SMTP: {e}"))
             }
         })
+    }
+}
+
+/// The subject of an email: the referral id when the payload allows it, else the escalation id.
+pub fn email_subject(job: &Job) -> String {
+    let reference = if job.event.referral_id.is_empty() {
+        format!("escalation {}", job.escalation_id)
+    } else {
+        job.event.referral_id.clone()
+    };
+    match job.kind() {
+        NotificationKind::Resolve => format!(
+            "[safeclock] RESOLVED ({}) {} {reference}",
+            job.resolution, job.event.rule_id
+        ),
+        _ => format!(
+            "[safeclock] {} {} {reference} level {}",
+            transition_label(job.event.transition()).to_uppercase(),
+            job.event.rule_id,
+            job.pending.level
+        ),
     }
 }
 
@@ -473,7 +514,6 @@ pub fn pagerduty_body(routing_key: &str, job: &Job) -> Value {
             "class": transition_label(e.transition()),
             "custom_details": {
                 "escalation_id": job.escalation_id,
-                "referral_id": e.referral_id,
                 "rule_id": e.rule_id,
                 "level": job.pending.level,
                 "repeat": job.pending.repeat,
@@ -485,6 +525,9 @@ pub fn pagerduty_body(routing_key: &str, job: &Job) -> Value {
                 "deadline": e.deadline.as_ref().and_then(to_jiff).map(|t| t.to_string()),
             },
         });
+        if !e.referral_id.is_empty() {
+            body["payload"]["custom_details"]["referral_id"] = json!(e.referral_id);
+        }
     }
     body
 }
@@ -531,7 +574,6 @@ pub fn alertmanager_body(job: &Job, now: SendTime) -> Value {
         "labels": {
             "alertname": alertname,
             "escalation_id": job.escalation_id,
-            "referral_id": e.referral_id,
             // `rule` and `force`, as in the exporter's metrics and the Prometheus rules, so
             // Alertmanager groups both the same way.
             "rule": e.rule_id,
@@ -551,6 +593,9 @@ pub fn alertmanager_body(job: &Job, now: SendTime) -> Value {
         },
         "startsAt": starts.to_string(),
     });
+    if !e.referral_id.is_empty() {
+        alert["labels"]["referral_id"] = json!(e.referral_id);
+    }
     if job.kind() == NotificationKind::Resolve {
         alert["endsAt"] = json!(now.wall.to_string());
     }
@@ -595,6 +640,206 @@ mod tests {
         assert_eq!(sig, signature(b"key", 1, b"{}"));
         assert_ne!(sig, signature(b"key", 2, b"{}"));
         assert_ne!(sig, signature(b"other", 1, b"{}"));
+    }
+
+    /// A breach of "victim contact" for referral R-42, whose clock is about device D-9.
+    fn breach_job() -> Job {
+        let mut pending = safeclock_common::schema::v1::PendingNotification {
+            delivery_id: "d-1".into(),
+            dedup_key: "k-1".into(),
+            receiver: "duty".into(),
+            level: 2,
+            policy: "breach".into(),
+            ..safeclock_common::schema::v1::PendingNotification::default()
+        };
+        pending.set_kind(NotificationKind::Trigger);
+        Job {
+            escalation_id: "esc-1".into(),
+            partition: 0,
+            pending,
+            event: SlaEvent {
+                sla_event_id: "s-1".into(),
+                referral_id: "R-42".into(),
+                rule_id: "device-examined".into(),
+                rule_title: "Device examined".into(),
+                clock_id: "c-R-42-D-9".into(),
+                instance: "D-9".into(),
+                cause_event_id: "rms-event-77".into(),
+                transition: SlaTransition::Breached as i32,
+                severity: safeclock_common::schema::v1::Severity::High as i32,
+                labels: Some(safeclock_common::schema::v1::SlaLabels {
+                    force_id: "nottinghamshire".into(),
+                    category: "grooming".into(),
+                    risk: "high".into(),
+                    area: "city".into(),
+                    team: "pvp-city".into(),
+                    ..safeclock_common::schema::v1::SlaLabels::default()
+                }),
+                deadline: Some(safeclock_common::schema::from_jiff(
+                    "2014-09-09T09:40:00Z".parse().unwrap(),
+                )),
+                ..SlaEvent::default()
+            },
+            actor: String::new(),
+            resolution: String::new(),
+            opened_at_ms: 0,
+        }
+    }
+
+    const CODES_SUMMARY: &str = "BREACHED device-examined (Device examined) force nottinghamshire \
+                                 category grooming risk high deadline 2014-09-09T09:40:00Z";
+
+    #[test]
+    fn by_default_every_kind_but_the_log_gets_codes_and_the_escalation_id_only() {
+        for kind in [
+            ReceiverKind::Webhook,
+            ReceiverKind::Pagerduty,
+            ReceiverKind::Alertmanager,
+            ReceiverKind::Email,
+        ] {
+            assert_eq!(ReceiverSettings::new("r", kind).payload(), Payload::Codes);
+        }
+        let log = ReceiverSettings::new("log", ReceiverKind::Log);
+        assert_eq!(log.payload(), Payload::Referral);
+        let job = breach_job();
+        let codes = redact(&job, Payload::Codes);
+        let wall: Timestamp = "2014-09-09T09:41:00Z".parse().unwrap();
+        let now = SendTime {
+            service: wall,
+            wall,
+        };
+
+        assert_eq!(
+            webhook_body(&codes),
+            json!({
+                "version": "2",
+                "escalationId": "esc-1",
+                "dedupKey": "k-1",
+                "deliveryId": "d-1",
+                "notification": "trigger",
+                "receiver": "duty",
+                "level": 2,
+                "repeat": 0,
+                "policy": "breach",
+                "fallbackFor": "",
+                "actor": "",
+                "resolution": "",
+                "summary": CODES_SUMMARY,
+                "slaEvent": {
+                    "slaEventId": "s-1",
+                    "ruleId": "device-examined",
+                    "transition": "SLA_TRANSITION_BREACHED",
+                    "severity": "SEVERITY_HIGH",
+                    "labels": {
+                        "forceId": "nottinghamshire",
+                        "category": "grooming",
+                        "risk": "high",
+                        "area": "city",
+                        "team": "pvp-city"
+                    },
+                    // proto3 JSON as pbjson writes it
+                    "deadline": "2014-09-09T09:40:00+00:00",
+                    "ruleTitle": "Device examined"
+                }
+            })
+        );
+        assert_eq!(
+            pagerduty_body("RK", &codes),
+            json!({
+                "routing_key": "RK",
+                "event_action": "trigger",
+                "dedup_key": "k-1",
+                "payload": {
+                    "summary": CODES_SUMMARY,
+                    "source": "safeclock/nottinghamshire",
+                    "severity": "error",
+                    "component": "device-examined",
+                    "group": "nottinghamshire",
+                    "class": "breached",
+                    "custom_details": {
+                        "escalation_id": "esc-1",
+                        "rule_id": "device-examined",
+                        "level": 2,
+                        "repeat": 0,
+                        "policy": "breach",
+                        "category": "grooming",
+                        "risk": "high",
+                        "area": "city",
+                        "team": "pvp-city",
+                        "deadline": "2014-09-09T09:40:00Z"
+                    }
+                }
+            })
+        );
+        assert_eq!(
+            alertmanager_body(&codes, now),
+            json!([{
+                "labels": {
+                    "alertname": "SafeclockSlaBreach",
+                    "escalation_id": "esc-1",
+                    "rule": "device-examined",
+                    "force": "nottinghamshire",
+                    "area": "city",
+                    "category": "grooming",
+                    "risk": "high",
+                    "severity": "high",
+                    "threshold": "breached",
+                    "level": "2",
+                    "policy": "breach"
+                },
+                "annotations": {
+                    "summary": CODES_SUMMARY,
+                    "dedup_key": "k-1",
+                    "deadline": "2014-09-09T09:40:00Z"
+                },
+                "startsAt": "1970-01-01T00:00:00Z"
+            }])
+        );
+        assert_eq!(
+            email_subject(&codes),
+            "[safeclock] BREACHED device-examined escalation esc-1 level 2"
+        );
+        let ctx = template_context(&codes);
+        assert_eq!(ctx["referral_id"], json!(""));
+        for leak in ["R-42", "D-9", "rms-event-77"] {
+            for shown in [
+                webhook_body(&codes).to_string(),
+                pagerduty_body("RK", &codes).to_string(),
+                alertmanager_body(&codes, now).to_string(),
+                email_subject(&codes),
+                serde_json::to_string(&ctx).unwrap(),
+            ] {
+                assert!(!shown.contains(leak), "{leak} in {shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_receiver_the_force_allows_it_gets_the_referral_id_too() {
+        let job = breach_job();
+        let full = redact(&job, Payload::Referral);
+        let wall: Timestamp = "2014-09-09T09:41:00Z".parse().unwrap();
+        let now = SendTime {
+            service: wall,
+            wall,
+        };
+        let summary = "BREACHED device-examined (Device examined) referral R-42 force \
+                       nottinghamshire category grooming risk high deadline 2014-09-09T09:40:00Z";
+        let webhook = webhook_body(&full);
+        assert_eq!(webhook["summary"], summary);
+        assert_eq!(webhook["slaEvent"]["referralId"], "R-42");
+        assert_eq!(webhook["slaEvent"]["instance"], "D-9");
+        let pd = pagerduty_body("RK", &full);
+        assert_eq!(pd["payload"]["custom_details"]["referral_id"], "R-42");
+        assert_eq!(pd["payload"]["summary"], summary);
+        assert_eq!(
+            alertmanager_body(&full, now)[0]["labels"]["referral_id"],
+            "R-42"
+        );
+        assert_eq!(
+            email_subject(&full),
+            "[safeclock] BREACHED device-examined R-42 level 2"
+        );
     }
 
     #[test]

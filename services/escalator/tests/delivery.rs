@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use prometheus::Registry;
-use safeclock_common::config::{ReceiverKind, ReceiverSettings, SmtpTls};
+use safeclock_common::config::{Payload, ReceiverKind, ReceiverSettings, SmtpTls};
 use safeclock_common::schema::v1::{
     NotificationKind, PendingNotification, Severity, SlaEvent, SlaLabels, SlaTransition,
 };
@@ -580,6 +580,8 @@ async fn webhooks_are_signed_and_templates_shape_the_body() {
     let (url, seen) = receiver(answers(&[])).await;
     let mut plain = webhook("signed", &url);
     plain.secret = Some("a-shared-secret".into());
+    // A webhook the force allows the referral id; the templated one keeps the default (codes).
+    plain.payload = Some(Payload::Referral);
     let mut templated = webhook("chat", &url);
     templated.template = Some(
         r#"{"text": {{summary}}, "key": {{dedup_key}}, "level": {{level}}, "force": {{force}}}"#
@@ -620,6 +622,10 @@ async fn webhooks_are_signed_and_templates_shape_the_body() {
         .unwrap()
         .starts_with("BREACHED victim-contact"));
     assert!(
+        !String::from_utf8_lossy(&s[1].body).contains("R-2"),
+        "a codes payload names no referral"
+    );
+    assert!(
         !s[1].headers.contains_key(SIGNATURE_HEADER),
         "no secret, no signature"
     );
@@ -657,7 +663,11 @@ async fn pagerduty_gets_events_v2_trigger_acknowledge_and_resolve_with_one_dedup
         assert_eq!(b["dedup_key"], "k-7");
     }
     let p = &bodies[0]["payload"];
-    assert!(p["summary"].as_str().unwrap().contains("R-7"));
+    // PagerDuty is a third party: by default it gets codes and the escalation id only.
+    for b in &bodies {
+        assert!(!b.to_string().contains("R-7"), "{b}");
+    }
+    assert!(p["custom_details"].get("referral_id").is_none());
     assert_eq!(p["source"], "safeclock/nottinghamshire");
     assert_eq!(p["severity"], "critical");
     assert_eq!(p["custom_details"]["escalation_id"], "e-7");
@@ -739,11 +749,17 @@ async fn email_goes_over_smtp_with_a_subject_that_says_what_and_no_names() {
     let mails = mails.lock().unwrap();
     assert_eq!(mails.len(), 2);
     assert!(
-        mails[0].contains("Subject: [safeclock] BREACHED victim-contact R-3 level 1"),
+        mails[0].contains("Subject: [safeclock] BREACHED victim-contact escalation e-3 level 1"),
         "{}",
         mails[0]
     );
     assert!(mails[0].contains("To: duty-inspector@force.example"));
     assert!(mails[0].contains("k-3"), "the dedup key is in the body");
     assert!(mails[1].contains("RESOLVED (met_late)"), "{}", mails[1]);
+    for mail in mails.iter() {
+        assert!(
+            !mail.contains("R-3"),
+            "a mailbox gets no referral id by default: {mail}"
+        );
+    }
 }
