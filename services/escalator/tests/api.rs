@@ -24,9 +24,11 @@ struct Running {
     registry: Registry,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// What reached the stand-in loop: (command, actor, forces, reason of a denial).
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<String>, String)>>>,
+    seen: Seen,
 }
+
+/// What reached the stand-in loop: (command, actor, forces, reason of a denial).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<String>, String)>>>;
 
 fn settings() -> ApiSettings {
     let mut s = Settings::defaults().unwrap().escalator.api;
@@ -51,7 +53,7 @@ async fn start(settings: ApiSettings) -> Running {
     let registry = Registry::new();
     let metrics = EscalatorMetrics::register(&registry).unwrap();
     let (tx, mut rx) = mpsc::channel::<Command>(8);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen: Seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
     tokio::spawn(async move {
         while let Some(command) = rx.recv().await {
