@@ -634,6 +634,10 @@ struct State {
     next_generation: u64,
     /// Slots whose state changed since the last [`Engine::take_dirty`].
     dirty: HashSet<u32>,
+    /// Referrals forgotten since the last [`Engine::take_dirty`]: their tombstones are due.
+    forgotten: Vec<Box<str>>,
+    /// Where the next [`Engine::forget_closed`] sweep starts in the slab.
+    sweep_from: usize,
     deadlines: DeadlineMemo,
 }
 
@@ -713,6 +717,8 @@ impl Engine {
                 compact_timers_at: 1024,
                 next_generation: 0,
                 dirty: HashSet::default(),
+                forgotten: Vec::new(),
+                sweep_from: 0,
                 deadlines: DeadlineMemo::default(),
             },
         }
@@ -724,18 +730,24 @@ impl Engine {
 
     /// Whether any referral's state changed since the last [`Engine::take_dirty`].
     pub fn has_dirty(&self) -> bool {
-        !self.state.dirty.is_empty()
+        !self.state.dirty.is_empty() || !self.state.forgotten.is_empty()
     }
 
     /// The referrals whose state changed since the last call: their new state (or its absence)
     /// must reach the changelog before the inputs that changed them are committed.
     pub fn take_dirty(&mut self) -> Vec<String> {
         // Order does not matter: each referral's record is independent.
-        let State { dirty, slab, .. } = &mut self.state;
+        let State {
+            dirty,
+            slab,
+            forgotten,
+            ..
+        } = &mut self.state;
         dirty
             .drain()
             .filter_map(|slot| slab.get(slot as usize))
             .map(|r| r.id.to_string())
+            .chain(forgotten.drain(..).map(String::from))
             .collect()
     }
 
@@ -908,20 +920,62 @@ impl Engine {
         }
     }
 
-    /// Forgets a referral (a tombstone in the changelog).
+    /// Forgets a referral: [`Engine::take_dirty`] then names it, so its tombstone is written.
     pub fn forget(&mut self, referral_id: &str) {
         let State {
             index,
             slab,
             free,
             dirty,
+            forgotten,
             ..
         } = &mut self.state;
         if let Some(slot) = index.remove(slab, referral_id) {
             slab[slot as usize] = Referral::default();
             free.push(slot);
             dirty.remove(&slot);
+            forgotten.push(referral_id.into());
         }
+    }
+
+    /// Forgets the referrals that hold no clock and whose newest event occurred before
+    /// `before` (the retention of closed referrals): looks at `budget` slots of the slab from
+    /// where the last sweep stopped, so a sweep costs the same whatever the number of
+    /// referrals, and a whole pass takes `referrals / budget` sweeps. Returns how many it
+    /// forgot. Their tombstones come with the next [`Engine::take_dirty`].
+    ///
+    /// Safe only with an event-time horizon at least as recent as `before` (the configuration
+    /// refuses `clock.closed_retention_days` without `validation.max_past_days` at most as
+    /// long): an event older than it could otherwise start the forgotten referral's clocks again.
+    pub fn forget_closed(&mut self, before: Timestamp, budget: usize) -> usize {
+        let before = seen_seconds(before.as_second());
+        let len = self.state.slab.len();
+        if len == 0 {
+            return 0;
+        }
+        let mut closed = Vec::new();
+        let start = self.state.sweep_from.min(len);
+        for i in 0..budget.min(len) {
+            let r = &self.state.slab[(start + i) % len];
+            if r.id.is_empty() || !r.clocks.is_empty() {
+                continue;
+            }
+            let newest = r
+                .seen
+                .iter()
+                .map(|e| e.at)
+                .max()
+                .unwrap_or(0)
+                .max(r.horizon);
+            if newest < before {
+                closed.push(r.id.to_string());
+            }
+        }
+        self.state.sweep_from = (start + budget.min(len)) % len;
+        for id in &closed {
+            self.forget(id);
+        }
+        closed.len()
     }
 
     /// What the engine holds now.

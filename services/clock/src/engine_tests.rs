@@ -821,3 +821,54 @@ proptest::proptest! {
         proptest::prop_assert!(transitions(&at, "victim-contact").contains(&SlaTransition::Breached));
     }
 }
+
+#[test]
+fn closed_referrals_are_forgotten_after_their_retention_with_a_tombstone_and_open_ones_never() {
+    let mut e = engine();
+    let at = ts("2026-11-29T10:00:00Z");
+    for (referral, id) in [("R-CLOSED", "c1"), ("R-OPEN", "o1")] {
+        e.on_event(
+            &event_for(
+                referral,
+                "nottinghamshire",
+                id,
+                "2026-11-29T10:00:00Z",
+                RECEIVED,
+            ),
+            at,
+        )
+        .unwrap();
+    }
+    e.on_event(
+        &event_for(
+            "R-CLOSED",
+            "nottinghamshire",
+            "c2",
+            "2026-11-29T11:00:00Z",
+            r#""referralClosed":{}"#,
+        ),
+        at,
+    )
+    .unwrap();
+    e.take_dirty();
+    // Not yet: its last event (11:00) is not before the cut.
+    assert_eq!(e.forget_closed(ts("2026-11-29T11:00:00Z"), 100), 0);
+    assert!(!e.has_dirty());
+    // A sweep looks at `budget` slots at a time and goes round the slab.
+    let before = ts("2027-03-01T00:00:00Z");
+    let mut forgotten = 0;
+    for _ in 0..2 {
+        forgotten += e.forget_closed(before, 1);
+    }
+    assert_eq!(forgotten, 1);
+    assert!(e.has_dirty());
+    assert_eq!(e.take_dirty(), ["R-CLOSED"]);
+    assert!(
+        e.export("R-CLOSED").is_none(),
+        "its changelog record is a tombstone"
+    );
+    // The referral with a running clock stays, however old.
+    assert!(e.export("R-OPEN").is_some());
+    assert_eq!(e.forget_closed(ts("2030-01-01T00:00:00Z"), 100), 0);
+    assert_eq!(e.stats().referrals, 1);
+}

@@ -289,10 +289,35 @@ impl Core {
         now + real.min(idle)
     }
 
+    /// Forgets referrals with no clock past `clock.closed_retention_days`; their tombstones go
+    /// out with this tick's writes.
+    fn forget_closed(&mut self, now: jiff::Timestamp) {
+        let Some(days) = self.deps.settings.clock.closed_retention_days else {
+            return;
+        };
+        let before = now - jiff::SignedDuration::from_hours(24 * i64::from(days));
+        let forgotten: usize = self
+            .engines
+            .values_mut()
+            .map(|e| e.forget_closed(before, RETENTION_SWEEP_SLOTS))
+            .sum();
+        if forgotten > 0 {
+            self.metrics.referrals_forgotten.inc_by(forgotten as u64);
+            tracing::info!(
+                forgotten,
+                days,
+                "closed referrals forgotten after their retention"
+            );
+        }
+    }
+
     /// Fires what is due, writes it and the changed states.
     async fn on_tick(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<Flow> {
         self.sync_assignment(consumer).await?;
         let now = self.deps.time.now();
+        if self.last_census.elapsed() >= CENSUS_INTERVAL {
+            self.forget_closed(now);
+        }
         let mut plan = Plan::of_tick(
             self.engines
                 .values_mut()
@@ -913,6 +938,10 @@ const ABORT_ATTEMPTS: u32 = 10;
 
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Slab slots each engine looks at per census for referrals past their retention: a whole pass
+/// over a million referrals takes about four minutes and no sweep costs more than this many.
+const RETENTION_SWEEP_SLOTS: usize = 20_000;
 
 #[cfg(test)]
 mod tests {

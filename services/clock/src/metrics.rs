@@ -22,6 +22,9 @@ pub struct ClockMetrics {
     pub partitions: IntGauge,
     /// `safeclock_clock_state_writes_total`: referral states written to the changelog.
     pub state_writes: IntCounter,
+    /// `safeclock_clock_referrals_forgotten_total`: referrals with no clock forgotten after
+    /// `clock.closed_retention_days` (each a tombstone on the changelog).
+    pub referrals_forgotten: IntCounter,
     /// `safeclock_clock_restore_seconds`: time to restore one partition from the changelog.
     pub restore_seconds: Histogram,
     /// `safeclock_sla_open_clocks{force,rule,category,risk,state}`: open clocks by state
@@ -70,6 +73,11 @@ impl ClockMetrics {
         )?;
         registry.register(Box::new(partitions.clone()))?;
         registry.register(Box::new(state_writes.clone()))?;
+        let referrals_forgotten = IntCounter::new(
+            "safeclock_clock_referrals_forgotten_total",
+            "Referrals holding no clock forgotten after clock.closed_retention_days (a tombstone each).",
+        )?;
+        registry.register(Box::new(referrals_forgotten.clone()))?;
         registry.register(Box::new(restore_seconds.clone()))?;
         registry.register(Box::new(open_clocks.clone()))?;
         registry.register(Box::new(pending_timers.clone()))?;
@@ -110,6 +118,7 @@ impl ClockMetrics {
             emitted,
             partitions,
             state_writes,
+            referrals_forgotten,
             restore_seconds,
         })
     }

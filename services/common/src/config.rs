@@ -105,6 +105,53 @@ pub struct CalendarSettings {
     pub by_force: BTreeMap<String, String>,
 }
 
+/// Retention, in days, of the topics that are not compacted: explicit for each, so that the
+/// privacy inventory (docs/privacy.md) can say how long each kind of record is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRetention {
+    /// `referral-events`: the input, replayed by a new clock instance or a report.
+    pub referral_events_days: u32,
+    /// `sla-events`: every clock transition, for the escalator, the exporter and data platforms.
+    pub sla_events_days: u32,
+    /// `escalation-log`: the audit trail of pages, acknowledgements, resolutions and API requests.
+    pub escalation_log_days: u32,
+    /// `dead-letter`: refused records, whole; short, because a refused record may hold what the
+    /// contract refuses (free text, a name in the wrong field).
+    pub dead_letter_days: u32,
+}
+
+impl TopicRetention {
+    /// The retention of `topic` in days; `None` for the compacted topics.
+    pub fn days(&self, topic: crate::kafka::Topic) -> Option<u32> {
+        use crate::kafka::Topic;
+        match topic {
+            Topic::ReferralEvents => Some(self.referral_events_days),
+            Topic::SlaEvents => Some(self.sla_events_days),
+            Topic::EscalationLog => Some(self.escalation_log_days),
+            Topic::DeadLetter => Some(self.dead_letter_days),
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, days) in [
+            ("referral_events_days", self.referral_events_days),
+            ("sla_events_days", self.sla_events_days),
+            ("escalation_log_days", self.escalation_log_days),
+            ("dead_letter_days", self.dead_letter_days),
+        ] {
+            if !(1..=36_500).contains(&days) {
+                return Err(invalid(
+                    format!("kafka.retention.{field}"),
+                    "must be between 1 and 36500 days",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
@@ -135,6 +182,9 @@ pub struct KafkaSettings {
     /// `topic_configs`; `cleanup.policy=compact` is always set.
     #[serde(default)]
     pub compacted_topic_configs: BTreeMap<String, String>,
+    /// How long each topic that is not compacted keeps its records (its `retention.ms` at
+    /// creation; it wins over a `retention.ms` in `topic_configs`).
+    pub retention: TopicRetention,
 }
 
 /// Property names whose values are secrets and never printed.
@@ -178,6 +228,7 @@ impl fmt::Debug for KafkaSettings {
             .field("producer_properties", &redacted(&self.producer_properties))
             .field("topic_configs", &self.topic_configs)
             .field("compacted_topic_configs", &self.compacted_topic_configs)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -321,6 +372,13 @@ pub struct ClockSettings {
     pub transactional_id: Option<String>,
     /// How much the clock keeps per referral (`[clock.limits]`).
     pub limits: ClockLimits,
+    /// Forget a referral that holds no clock (closed, or every clock stopped) this many days
+    /// after its newest event: its state is tombstoned on `clock-state`. Needs
+    /// `validation.max_past_days` at most as long, so that no event older than that can start
+    /// its clocks again. Unset: closed referrals are kept (their state is small, but it names
+    /// the referral).
+    #[serde(default)]
+    pub closed_retention_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1537,6 +1595,7 @@ impl Settings {
                 }
             }
         }
+        self.kafka.retention.validate()?;
         if let Some(policy) = self.kafka.compacted_topic_configs.get("cleanup.policy") {
             if !policy.split(',').any(|p| p.trim() == "compact") {
                 return Err(invalid(
@@ -1586,6 +1645,22 @@ impl Settings {
             return Err(invalid("clock.max_batch", "must be at least 1"));
         }
         self.clock.limits.validate(&self.validation)?;
+        if let Some(days) = self.clock.closed_retention_days {
+            if !(1..=36_500).contains(&days) {
+                return Err(invalid(
+                    "clock.closed_retention_days",
+                    "must be between 1 and 36500 (or unset)",
+                ));
+            }
+            if self.validation.max_past_days.is_none_or(|p| p > days) {
+                return Err(invalid(
+                    "clock.closed_retention_days",
+                    "needs validation.max_past_days set and at most as long: otherwise a \
+                     replayed event older than the retention would start a forgotten referral's \
+                     clocks again",
+                ));
+            }
+        }
         self.ops.server.validate("ops.server")?;
         self.escalator.validate()?;
         if !self.escalator.api.tokens.is_empty() && self.escalator.api.listen == self.ops.listen {
@@ -1861,6 +1936,9 @@ to = ["c@d"]
             ("[[escalator.routes]]\nmatch = { colour = [\"red\"] }\n", "colour"),
             ("[escalator.default_route]\nbreach_policy = \"ghost\"\n", "escalator.default_route.breach_policy"),
             ("[escalator.api.tokens]\nduty = \"short\"\n", "escalator.api.tokens.duty"),
+            ("[clock]\nclosed_retention_days = 30\n", "clock.closed_retention_days"),
+            ("[clock]\nclosed_retention_days = 30\n[validation]\nmax_past_days = 31\n", "clock.closed_retention_days"),
+            ("[kafka.retention]\nreferral_events_days = 0\nsla_events_days = 1\nescalation_log_days = 1\ndead_letter_days = 1\n", "kafka.retention.referral_events_days"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n", "escalator.api.operators.duty"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = [\"admin\"]\nforces = [\"*\"]\n", "read, acknowledge or resolve"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = []\nforces = [\"*\"]\n", "escalator.api.operators.duty.scopes"),

@@ -47,4 +47,6 @@ pub use delivery::{
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
-pub use topics::{check_copartitioned, ensure_topics, topic_configs, Topic};
+pub use topics::{
+    check_copartitioned, ensure_topics, topic_configs, topic_configs_with_retention, Topic,
+};

@@ -85,16 +85,20 @@ pub async fn ensure_topics(settings: &Settings, topics: &[Topic]) -> anyhow::Res
     };
     let mut admin = admin_client()?;
     let names: Vec<String> = topics.iter().map(|t| settings.topic(*t)).collect();
+    let configs: Vec<BTreeMap<String, String>> = topics
+        .iter()
+        .map(|t| topic_configs_with_retention(settings, *t))
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .zip(topics)
-        .map(|(n, t)| {
+        .zip(&configs)
+        .map(|(n, configs)| {
             let mut topic = NewTopic::new(
                 n,
                 settings.kafka.partitions,
                 TopicReplication::Fixed(settings.kafka.replication_factor),
             );
-            for (k, v) in topic_configs(settings, *t) {
+            for (k, v) in configs {
                 topic = topic.set(k, v);
             }
             topic
@@ -146,6 +150,20 @@ pub fn topic_configs(settings: &Settings, topic: Topic) -> BTreeMap<&str, &str> 
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
         configs.entry("cleanup.policy").or_insert("compact");
+    }
+    configs
+}
+
+/// [`topic_configs`] as owned strings, with the topic's own retention (`kafka.retention`) as its
+/// `retention.ms` unless it is compacted.
+pub fn topic_configs_with_retention(settings: &Settings, topic: Topic) -> BTreeMap<String, String> {
+    let mut configs: BTreeMap<String, String> = topic_configs(settings, topic)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Some(days) = settings.kafka.retention.days(topic) {
+        let ms = u64::from(days) * 86_400_000;
+        configs.insert("retention.ms".into(), ms.to_string());
     }
     configs
 }
@@ -219,6 +237,25 @@ mod tests {
         let events = topic_configs(&settings, Topic::SlaEvents);
         assert_eq!(events.get("cleanup.policy"), Some(&"delete"));
         assert_eq!(events.get("segment.ms"), None);
+        // Each topic that is not compacted gets its own retention, over the shared one.
+        for (topic, days) in [
+            (Topic::ReferralEvents, 400u64),
+            (Topic::SlaEvents, 400),
+            (Topic::EscalationLog, 2190),
+            (Topic::DeadLetter, 30),
+        ] {
+            let configs = topic_configs_with_retention(&settings, topic);
+            assert_eq!(
+                configs.get("retention.ms"),
+                Some(&(days * 86_400_000).to_string()),
+                "{topic:?}"
+            );
+        }
+        assert_eq!(
+            topic_configs_with_retention(&settings, Topic::ClockState).get("retention.ms"),
+            Some(&"2592000000".to_string()),
+            "a compacted topic keeps the shared configs"
+        );
         settings
             .kafka
             .compacted_topic_configs
