@@ -856,7 +856,6 @@ async fn slowloris(sys: &mut System) {
     let at = now() - SignedDuration::from_mins(1);
     let body = serde_json::to_vec(&[event("slow-1", "R-SLOW", at, received())]).unwrap();
     let t0 = Instant::now();
-    let mut last = String::new();
     let mut attempts = 0;
     let served_after = loop {
         attempts += 1;
@@ -871,11 +870,11 @@ async fn slowloris(sys: &mut System) {
             .timeout(Duration::from_secs(10))
             .send()
             .await;
-        match r {
+        let last = match r {
             Ok(r) if r.status().as_u16() == 202 => break t0.elapsed(),
-            Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => last = format!("{e:?}"),
-        }
+            Ok(r) => format!("HTTP {}", r.status()),
+            Err(e) => format!("{e:?}"),
+        };
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "intake not serving under slowloris: {attempts} attempts in {:?}, the last: {last}",
