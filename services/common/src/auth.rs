@@ -74,6 +74,35 @@ pub fn validate_forces(
     Ok(())
 }
 
+/// Every token (`{tokens}.<name>`) has a grant (`{grants}.<name>`) and every grant a token;
+/// `example` shows the grant a missing one should look like.
+///
+/// # Errors
+/// [`crate::config::ConfigError::Invalid`] naming the first unpaired name.
+pub fn check_paired<G>(
+    tokens: &std::collections::BTreeMap<String, Secret>,
+    grants: &std::collections::BTreeMap<String, G>,
+    tokens_key: &str,
+    grants_key: &str,
+    example: &str,
+) -> Result<(), crate::config::ConfigError> {
+    let invalid =
+        |field: String, message: String| crate::config::ConfigError::Invalid { field, message };
+    if let Some(name) = tokens.keys().find(|n| !grants.contains_key(*n)) {
+        return Err(invalid(
+            format!("{grants_key}.{name}"),
+            format!("is missing: every token needs a grant, e.g. {example}"),
+        ));
+    }
+    if let Some(name) = grants.keys().find(|n| !tokens.contains_key(*n)) {
+        return Err(invalid(
+            format!("{grants_key}.{name}"),
+            format!("has no token: set {tokens_key}.{name} (or remove the grant)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Failures between two clean-ups of the limiter's memory of peers.
 pub const HOUSEKEEPING_EVERY: u64 = 1024;
 /// Most peers remembered as refused at once.

@@ -870,24 +870,16 @@ impl ApiSettings {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the operator.
     pub fn validate_operators(&self, forces: &[String]) -> Result<(), ConfigError> {
-        for id in self.tokens.keys() {
-            if !self.operators.contains_key(id) {
-                return Err(invalid(
-                    format!("escalator.api.operators.{id}"),
-                    "is missing: say what this token may do and for which forces, e.g. \
-                     [escalator.api.operators.ID] scopes = [\"read\", \"acknowledge\"] \
-                     forces = [\"nottinghamshire\"]",
-                ));
-            }
-        }
+        crate::auth::check_paired(
+            &self.tokens,
+            &self.operators,
+            "escalator.api.tokens",
+            "escalator.api.operators",
+            "[escalator.api.operators.ID] scopes = [\"read\", \"acknowledge\"] \
+             forces = [\"nottinghamshire\"]",
+        )?;
         for (id, grant) in &self.operators {
             let field = format!("escalator.api.operators.{id}");
-            if !self.tokens.contains_key(id) {
-                return Err(invalid(
-                    field,
-                    format!("has no token: set escalator.api.tokens.{id} (or remove the grant)"),
-                ));
-            }
             if grant.scopes.is_empty() {
                 return Err(invalid(
                     format!("{field}.scopes"),

@@ -128,23 +128,15 @@ impl IntakeSettings {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the client.
     pub fn validate_clients(&self, forces: &[String]) -> Result<(), ConfigError> {
-        for name in self.tokens.keys() {
-            if !self.clients.contains_key(name) {
-                return Err(invalid(
-                    format!("intake.clients.{name}"),
-                    "is missing: say which forces this client may send for, e.g. \
-                     [intake.clients.NAME] forces = [\"nottinghamshire\"] (or [\"*\"] for every force)",
-                ));
-            }
-        }
+        crate::auth::check_paired(
+            &self.tokens,
+            &self.clients,
+            "intake.tokens",
+            "intake.clients",
+            "[intake.clients.NAME] forces = [\"nottinghamshire\"] (or [\"*\"] for every force)",
+        )?;
         for (name, grant) in &self.clients {
             let field = format!("intake.clients.{name}");
-            if !self.tokens.contains_key(name) {
-                return Err(invalid(
-                    field,
-                    format!("has no token: set intake.tokens.{name} (or remove the grant)"),
-                ));
-            }
             crate::auth::validate_forces(&format!("{field}.forces"), &grant.forces, forces)?;
             if let Some(i) = grant
                 .source_systems

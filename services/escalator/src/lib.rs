@@ -671,8 +671,11 @@ fn apply_command(
         .values_mut()
         .find(|e| e.get(id).is_some())
         .ok_or_else(|| engine::CommandError::NotFound(id.to_string()))?;
-    let force = engine.get(id).map(|st| view(st).force).unwrap_or_default();
-    if !force_permitted(forces, &force) {
+    let force = engine
+        .get(id)
+        .and_then(|st| st.event.as_ref()?.labels.as_ref())
+        .map_or("", |l| l.force_id.as_str());
+    if !force_permitted(forces, force) {
         return Err(engine::CommandError::ForceNotGranted(id.to_string()));
     }
     f(engine)
