@@ -80,6 +80,23 @@ enum Command {
         #[arg(long, default_value_t = 2015)]
         seed: u64,
     },
+    /// Erase a referral: an erasure request every running service applies (its state dropped,
+    /// its records refused from then on), then tombstones for its keys on every compacted topic.
+    Erase {
+        /// The referral id, as the source system sent it.
+        #[arg(long)]
+        referral: String,
+        /// Why, as a code (e.g. subject_request, recorded_in_error); never free text.
+        #[arg(long)]
+        reason: String,
+        /// Who asks, as a code (default: the user running the command).
+        #[arg(long)]
+        by: Option<String>,
+        /// Seconds to let running services apply the request before the tombstones are
+        /// written (longer than their `tick_interval_ms`).
+        #[arg(long, default_value_t = 10.0)]
+        settle: f64,
+    },
     /// List dead letters with their reasons, or replay selected ones to their source topic.
     Dlq {
         #[command(subcommand)]
@@ -286,6 +303,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             running.wait().await
+        }
+        Command::Erase {
+            referral,
+            reason,
+            by,
+            settle,
+        } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let by = by.unwrap_or_else(|| {
+                std::env::var("USER")
+                    .unwrap_or_else(|_| "operator".into())
+                    .to_ascii_lowercase()
+            });
+            anyhow::ensure!(
+                settle.is_finite() && settle >= 0.0,
+                "--settle must be a number of seconds"
+            );
+            let settle = std::time::Duration::from_secs_f64(settle);
+            let erased =
+                safeclock::erase::erase(&settings, &referral, &reason, &by, settle).await?;
+            safeclock::erase::print(&settings, &erased);
+            Ok(())
         }
         Command::Dlq { command } => {
             let settings = Settings::load(cli.config.as_deref())?;

@@ -938,6 +938,22 @@ impl Engine {
         }
     }
 
+    /// Forgets every referral whose id `matches` (an erasure: open clocks too), queueing their
+    /// tombstones; returns how many. Looks at every referral once.
+    pub fn forget_matching(&mut self, mut matches: impl FnMut(&str) -> bool) -> usize {
+        let ids: Vec<String> = self
+            .state
+            .slab
+            .iter()
+            .filter(|r| !r.id.is_empty() && matches(&r.id))
+            .map(|r| r.id.to_string())
+            .collect();
+        for id in &ids {
+            self.forget(id);
+        }
+        ids.len()
+    }
+
     /// Forgets the referrals that hold no clock and whose newest event occurred before
     /// `before` (the retention of closed referrals): looks at `budget` slots of the slab from
     /// where the last sweep stopped, so a sweep costs the same whatever the number of

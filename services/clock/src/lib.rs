@@ -64,6 +64,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::TopicPartitionList;
+use safeclock_common::erasure::ErasureFeed;
 use safeclock_common::event::{transition_label, Plausibility};
 use safeclock_common::kafka::{
     self, BrokerWait, DeadLetters, Interrupted, OffsetBook, Output, ProduceError, Refusal,
@@ -132,7 +133,12 @@ struct Core {
     /// Not ready while partitions are being restored.
     restored: ReadinessHandle,
     last_census: Instant,
+    /// When the gauges were last counted (they visit every clock).
+    last_gauges: Instant,
     writer: Writer,
+    /// The erased referrals, followed on every tick: their state is dropped and their records
+    /// refused.
+    erasures: ErasureFeed,
 }
 
 impl ClockService {
@@ -168,6 +174,10 @@ impl ClockService {
         consumer.context().restores_state(restored.clone());
         let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
         kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ClockState).await?;
+        let erasures = {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || ErasureFeed::load(&settings, SERVICE)).await??
+        };
         let writer = Writer {
             producer: producer.clone(),
             topics: OutputTopics {
@@ -232,7 +242,11 @@ impl ClockService {
                 last_census: Instant::now()
                     .checked_sub(CENSUS_INTERVAL)
                     .unwrap_or_else(Instant::now),
+                last_gauges: Instant::now()
+                    .checked_sub(GAUGE_INTERVAL)
+                    .unwrap_or_else(Instant::now),
                 writer,
+                erasures,
             },
         })
     }
@@ -311,9 +325,36 @@ impl Core {
         }
     }
 
+    /// Drops the state of the referrals erased since the last tick; their tombstones go out
+    /// with this tick's writes.
+    fn apply_erasures(&mut self) {
+        let new = self.erasures.poll_new();
+        if new.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let erased = self.erasures.erased();
+        let forgotten: usize = self
+            .engines
+            .values_mut()
+            .map(|e| e.forget_matching(|id| new.iter().any(|h| erased.names(h, id))))
+            .sum();
+        self.consumer_metrics
+            .erasures_applied
+            .with_label_values(&[SERVICE])
+            .inc_by(u64::try_from(new.len()).unwrap_or(u64::MAX));
+        tracing::info!(
+            erasures = new.len(),
+            referrals_held = forgotten,
+            seconds = started.elapsed().as_secs_f64(),
+            "erasures applied: the referrals' state dropped and tombstoned, their records refused from now on"
+        );
+    }
+
     /// Fires what is due, writes it and the changed states.
     async fn on_tick(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<Flow> {
         self.sync_assignment(consumer).await?;
+        self.apply_erasures();
         let now = self.deps.time.now();
         if self.last_census.elapsed() >= CENSUS_INTERVAL {
             self.forget_closed(now);
@@ -336,7 +377,10 @@ impl Core {
         } else {
             Flow::Continue
         };
-        update_gauges(&self.engines, &self.metrics);
+        if self.last_gauges.elapsed() >= GAUGE_INTERVAL {
+            update_gauges(&self.engines, &self.metrics);
+            self.last_gauges = Instant::now();
+        }
         if self.last_census.elapsed() >= CENSUS_INTERVAL {
             update_census(&self.engines, &self.metrics, &self.bounds, now);
             self.last_census = Instant::now();
@@ -428,6 +472,9 @@ impl Core {
             .decode(message.payload().unwrap_or_default(), now)
         {
             Err(rejection) => Fate::Refused(self.writer.dead_letters.letter(message, &rejection)),
+            Ok(event) if self.erasures.erased().contains(&event.referral_id) => {
+                Fate::Refused(self.writer.dead_letters.letter_for_erased(message))
+            }
             Ok(event) => {
                 tracing::debug!(referral_id = %event.referral_id, event_id = %event.event_id, "event");
                 plan.remember(engine, message.partition(), &event.referral_id);
@@ -462,9 +509,15 @@ impl Core {
         }
         for p in missing {
             let started = Instant::now();
-            let (engine, records) =
+            let (mut engine, records) =
                 restore::restore_partition(self.deps.settings.clone(), self.policy.clone(), p)
                     .await?;
+            // A referral erased while this partition was elsewhere (or before a crash wrote
+            // its tombstone): dropped now, its tombstone written with the next writes.
+            let erased = self.erasures.erased();
+            if !erased.is_empty() {
+                engine.forget_matching(|id| erased.contains(id));
+            }
             let stats = engine.stats();
             self.metrics
                 .restore_seconds
@@ -938,6 +991,12 @@ const ABORT_ATTEMPTS: u32 = 10;
 
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often a tick counts the gauges (open, paused and breached clocks, timers): counting
+/// visits every clock, about 10 ms at a million, and the clock ticks at every deadline, so
+/// counting on every tick delayed every breach behind it by that much while deadlines were
+/// dense. Prometheus reads them every 15 s or so.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Slab slots each engine looks at per census for referrals past their retention: a whole pass
 /// over a million referrals takes about four minutes and no sweep costs more than this many.

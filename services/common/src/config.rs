@@ -63,6 +63,20 @@ pub struct Settings {
     pub time: TimeSettings,
     /// Bounds on what a dead letter carries of the record it stands for.
     pub dead_letters: DeadLetterSettings,
+    /// Erasing a referral (`safeclock erase`).
+    pub erasure: ErasureSettings,
+}
+
+/// Erasing a referral: how the `erasures` topic names it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureSettings {
+    /// The HMAC key under which erasure requests name a referral, the same for every service
+    /// and `safeclock erase`. Unset, the hash is unkeyed and anyone who reads the `erasures`
+    /// topic can test a guessed referral id against it: set it (from a secret store) in
+    /// production. Changing it forgets which referrals were erased.
+    #[serde(default)]
+    pub key: Option<Secret>,
 }
 
 /// Bounds on a dead letter: every one must fit in a record the producer (and the broker) takes,
@@ -119,6 +133,9 @@ pub struct TopicRetention {
     /// `dead-letter`: refused records, whole; short, because a refused record may hold what the
     /// contract refuses (free text, a name in the wrong field).
     pub dead_letter_days: u32,
+    /// `erasures`: the erasure requests, which are also the erasure audit records and the list
+    /// of referrals whose replayed records are refused; as long as the audit trail.
+    pub erasures_days: u32,
 }
 
 impl TopicRetention {
@@ -130,6 +147,7 @@ impl TopicRetention {
             Topic::SlaEvents => Some(self.sla_events_days),
             Topic::EscalationLog => Some(self.escalation_log_days),
             Topic::DeadLetter => Some(self.dead_letter_days),
+            Topic::Erasures => Some(self.erasures_days),
             _ => None,
         }
     }
@@ -140,6 +158,7 @@ impl TopicRetention {
             ("sla_events_days", self.sla_events_days),
             ("escalation_log_days", self.escalation_log_days),
             ("dead_letter_days", self.dead_letter_days),
+            ("erasures_days", self.erasures_days),
         ] {
             if !(1..=36_500).contains(&days) {
                 return Err(invalid(

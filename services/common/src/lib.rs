@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod config;
 pub mod dedup;
+pub mod erasure;
 pub mod event;
 mod event_strings;
 pub mod ids;

@@ -93,6 +93,9 @@ pub struct ConsumerMetrics {
     /// `safeclock_broker_waits_total{service}`: pauses while the broker could not take this
     /// service's records (it writes them all again after each; nothing is skipped).
     pub broker_waits: IntCounterVec,
+    /// `safeclock_erasures_applied_total{service}`: erasure requests this service has applied
+    /// (its state of the referral dropped and tombstoned) since it started.
+    pub erasures_applied: IntCounterVec,
 }
 
 impl ConsumerMetrics {
@@ -181,8 +184,16 @@ impl ConsumerMetrics {
             ),
             &["service"],
         )?;
+        let erasures_applied = IntCounterVec::new(
+            Opts::new(
+                "safeclock_erasures_applied_total",
+                "Erasure requests applied since start: the referral's state dropped and tombstoned, its records refused.",
+            ),
+            &["service"],
+        )?;
         registry.register(Box::new(outputs_refused.clone()))?;
         registry.register(Box::new(broker_waits.clone()))?;
+        registry.register(Box::new(erasures_applied.clone()))?;
         Ok(Self {
             consumed,
             invalid,
@@ -192,6 +203,7 @@ impl ConsumerMetrics {
             lag,
             outputs_refused,
             broker_waits,
+            erasures_applied,
         })
     }
 }

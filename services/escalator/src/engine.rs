@@ -440,6 +440,24 @@ impl Engine {
         actions
     }
 
+    /// Forgets every escalation of a referral that `matches` (an erasure), open or resolved,
+    /// with its pending notifications; their tombstones come with the next
+    /// [`Engine::take_dirty`]. Returns how many. Looks at every escalation once.
+    pub fn forget_matching(&mut self, mut matches: impl FnMut(&str) -> bool) -> usize {
+        let ids: Vec<String> = self
+            .escalations
+            .iter()
+            .filter(|(_, st)| st.event.as_ref().is_some_and(|e| matches(&e.referral_id)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.escalations.remove(id);
+            self.touch(id.clone());
+        }
+        self.schedule();
+        ids.len()
+    }
+
     /// Acknowledges escalation `id`: no further levels or repeats until it lapses.
     ///
     /// # Errors

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use safeclock_common::auth::force_permitted;
+use safeclock_common::erasure::ErasureFeed;
 use safeclock_common::event::{transition_label, Plausibility};
 use safeclock_common::kafka::{
     self, BrokerWait, DeadLetters, OffsetBook, Output, ServiceConsumer, Topic,
@@ -212,6 +213,7 @@ async fn sync_assignment(
     engines: &mut BTreeMap<i32, Engine>,
     dispatcher: &Dispatcher,
     restored: &ReadinessHandle,
+    erasures: &ErasureFeed,
 ) -> anyhow::Result<()> {
     let Some(assigned) = kafka::current_assignment(consumer) else {
         return Ok(());
@@ -242,6 +244,12 @@ async fn sync_assignment(
         for s in states {
             engine.import(s);
         }
+        // A referral erased while this partition was elsewhere (or before a crash wrote its
+        // tombstones): dropped before anything of it is re-driven.
+        let erased = erasures.erased();
+        if !erased.is_empty() {
+            engine.forget_matching(|id| erased.contains(id));
+        }
         let pending = engine.pending_jobs();
         tracing::info!(
             partition = p,
@@ -258,6 +266,33 @@ async fn sync_assignment(
     }
     restored.set(true);
     Ok(())
+}
+
+/// Drops the escalations of the referrals erased since the last tick (deliveries already under
+/// way finish); their tombstones go out with the tick's writes.
+fn apply_erasures(
+    erasures: &mut ErasureFeed,
+    engines: &mut BTreeMap<i32, Engine>,
+    metrics: &ConsumerMetrics,
+) {
+    let new = erasures.poll_new();
+    if new.is_empty() {
+        return;
+    }
+    let erased = erasures.erased();
+    let forgotten: usize = engines
+        .values_mut()
+        .map(|e| e.forget_matching(|id| new.iter().any(|h| erased.names(h, id))))
+        .sum();
+    metrics
+        .erasures_applied
+        .with_label_values(&[SERVICE])
+        .inc_by(u64::try_from(new.len()).unwrap_or(u64::MAX));
+    tracing::info!(
+        erasures = new.len(),
+        escalations_held = forgotten,
+        "erasures applied: the referrals' escalations dropped and tombstoned, their SLA events refused from now on"
+    );
 }
 
 fn update_gauges(engines: &mut BTreeMap<i32, Engine>, metrics: &EscalatorMetrics) {
@@ -413,6 +448,10 @@ pub async fn run(
     ) + Duration::from_secs(2);
     let producer = kafka::producer(&settings)?;
     kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::EscalationState).await?;
+    let mut erasures = {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || ErasureFeed::load(&settings, SERVICE)).await??
+    };
     let effects = Effects {
         log_topic: settings.topic(Topic::EscalationLog),
         state_topic: settings.topic(Topic::EscalationState),
@@ -486,7 +525,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored).await?;
+                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored, &erasures).await?;
+                apply_erasures(&mut erasures, &mut engines, &consumer_metrics);
                 let now = deps.time.now();
                 let actions: Vec<Action> = engines.values_mut().flat_map(|e| e.on_tick(now)).collect();
                 if !actions.is_empty() || engines.values().any(Engine::has_dirty) {
@@ -516,7 +556,7 @@ pub async fn run(
             }
             batch = kafka::next_batch(&consumer, esc.max_batch) => {
                 let started = Instant::now();
-                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored).await?;
+                sync_assignment(&consumer, &input, &deps, &routing, &mut engines, &dispatcher, &restored, &erasures).await?;
                 let mut dead = Vec::new();
                 let mut actions = Vec::new();
                 let mut offsets = OffsetBook::default();
@@ -531,6 +571,9 @@ pub async fn run(
                         Err(rejection) => {
                             let _enter = span.enter();
                             dead.push(effects.dead_letters.letter(message, &rejection));
+                        }
+                        Ok(event) if erasures.erased().contains(&event.referral_id) => {
+                            dead.push(effects.dead_letters.letter_for_erased(message));
                         }
                         Ok(event) => {
                             let _enter = span.enter();

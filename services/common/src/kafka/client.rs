@@ -116,7 +116,7 @@ pub(super) const BROKER_WAIT: Duration = Duration::from_secs(120);
 
 /// Calls `attempt` until it succeeds or `give_up_after` has passed, pausing `pause` after each
 /// failure and logging it as `what`: for blocking calls to a broker that may be restarting.
-pub(super) fn retry_blocking<T>(
+pub(crate) fn retry_blocking<T>(
     give_up_after: Duration,
     pause: Duration,
     what: &str,

@@ -303,9 +303,33 @@ impl DeadLetters {
         )
     }
 
+    /// The dead letter of `message`, a record of a referral that was erased (reason `erased`):
+    /// where it was read and why it was refused, but **neither its key, value nor headers**, so
+    /// that refusing it does not write the referral back. Replay cannot re-publish it.
+    pub fn letter_for_erased(&self, message: &impl Message) -> Output {
+        self.letter_with(
+            message,
+            Original::default(),
+            crate::erasure::ERASED,
+            "this record's referral was erased; its content is not kept",
+            &[],
+        )
+    }
+
     fn input_letter(
         &self,
         message: &impl Message,
+        reason: &str,
+        error: &str,
+        more: &[(&str, &str)],
+    ) -> Output {
+        self.letter_with(message, Original::of(message), reason, error, more)
+    }
+
+    fn letter_with(
+        &self,
+        message: &impl Message,
+        original: Original<'_>,
         reason: &str,
         error: &str,
         more: &[(&str, &str)],
@@ -338,7 +362,7 @@ impl DeadLetters {
             .dead_letters
             .with_label_values(&[self.service])
             .inc();
-        build_letter(self.bounds, &self.topic, &Original::of(message), &ours)
+        build_letter(self.bounds, &self.topic, &original, &ours)
     }
 
     /// The dead letter for a record this service produced itself and the broker refuses for good

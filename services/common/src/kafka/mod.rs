@@ -30,6 +30,7 @@ mod handover;
 mod offsets;
 mod topics;
 
+pub(crate) use client::retry_blocking;
 pub use client::{builtin_features, client_config, producer, producer_with, OPTIONAL_FEATURES};
 pub use compacted::{read_compacted_partition, LatestByKey};
 pub use consumer::{

@@ -35,11 +35,14 @@ pub enum Topic {
     /// The exporter's totals and the input offsets they reflect (compacted; JSON). Key: the
     /// exporter's consumer group.
     ExporterState,
+    /// Requests to erase a referral, each naming it by a keyed hash (JSON). Key: erasure id.
+    /// Read whole by every clock and escalator.
+    Erasures,
 }
 
 impl Topic {
     /// Every topic, for creating them at start.
-    pub const ALL: [Topic; 8] = [
+    pub const ALL: [Topic; 9] = [
         Topic::ReferralEvents,
         Topic::SlaEvents,
         Topic::SlaOutcomes,
@@ -48,6 +51,7 @@ impl Topic {
         Topic::ClockState,
         Topic::EscalationState,
         Topic::ExporterState,
+        Topic::Erasures,
     ];
 
     /// Whether only the latest record per key matters (the topic is compacted).
@@ -69,6 +73,7 @@ impl Topic {
             Topic::SlaOutcomes => "sla-outcomes.v1",
             Topic::EscalationState => "escalation-state.v1",
             Topic::ExporterState => "exporter-state.v1",
+            Topic::Erasures => "erasures.v1",
         }
     }
 }
