@@ -13,10 +13,13 @@
 #   - accepted events/s through intake beside the raw produce rate of the same records;
 #   - the running clock with 1,000,000 open clocks: breach lateness (deadline to the broker's
 #     append, and to the page), its resident set, and its restore after SIGKILL
-#     (services/cli/benches/clock_at_scale.rs; about 15 minutes).
+#     (services/cli/benches/clock_at_scale.rs; about 15 minutes);
+#   - the retention soak: 2,000,000 referrals opened and closed with a short retention, the
+#     clock's resident set and its compacted state on disk over time
+#     (services/cli/benches/retention_soak.rs; about 8 minutes).
 #
 #   bash scripts/bench.sh
-#   SKIP_SCALE=1 bash scripts/bench.sh              # everything but the million-clock run
+#   SKIP_SCALE=1 bash scripts/bench.sh              # without the million-clock run and the soak
 #   SAFECLOCK_BENCH_CLOCKS=100000 bash scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ cargo bench -p safeclock-clock --bench engine
 cargo bench -p safeclock-escalator --bench delivery
 cargo bench -p safeclock-exporter --bench recorder
 cargo bench --no-run -p safeclock-tests --bench e2e --bench escalator -p safeclock-intake \
-  --bench intake -p safeclock --bench clock_at_scale
+  --bench intake -p safeclock --bench clock_at_scale --bench retention_soak
 
 # One Apache Kafka node for every benchmark that needs a broker, so their figures compare.
 started=$(KAFKA_LIBS="$SAFECLOCK_KAFKA_LIBS" bash scripts/kafka/start.sh -n 1 --partitions 3 \
@@ -54,4 +57,5 @@ cargo bench -p safeclock-tests --bench escalator
 SAFECLOCK_BENCH_EVENTS=${INTAKE_EVENTS:-400000} cargo bench -p safeclock-intake --bench intake
 if [ "${SKIP_SCALE:-0}" != 1 ]; then
   cargo bench -p safeclock --bench clock_at_scale
+  SAFECLOCK_BENCH_KAFKA_DIR="$kafka_dir" cargo bench -p safeclock --bench retention_soak
 fi

@@ -246,7 +246,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
     let acked = client
         .post(format!("{api}/{escalation_id}/ack"))
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"note": "inspector on the way"}))
+        .json(&serde_json::json!({"note": "officer_attending"}))
         .send()
         .await
         .unwrap();
@@ -340,7 +340,7 @@ async fn a_breach_fires_in_alertmanager_is_acknowledged_through_the_api_and_reso
         .find(|r| r.action() == EscalationAction::Acknowledged)
         .unwrap();
     assert_eq!(ack.actor, "op-1234");
-    assert_eq!(ack.note, "inspector on the way");
+    assert_eq!(ack.note, "officer_attending");
     // Every API action is audited: the lists (by whom, how many) and the refused acknowledgement.
     assert!(
         records

@@ -4,6 +4,9 @@
 //! a replay of the forgotten referral's old events is refused as implausible (older than
 //! `validation.max_past_days`) instead of starting its clocks again. Time is a [`ManualTime`]
 //! moved a month on; nothing waits a month.
+//!
+//! And the retention of `sla-outcomes` (compacted, so per record, per force): `safeclock outcomes
+//! expire` tombstones closed clocks' outcomes past their force's period and never an open one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -126,4 +129,111 @@ async fn a_closed_referral_is_forgotten_after_its_retention_and_its_old_events_c
 
     shutdown.cancel();
     running.wait().await.unwrap();
+}
+
+/// An outcome record as the clock writes it (proto3 JSON).
+fn outcome(referral: &str, force: &str, status: &str, stopped: Option<jiff::Timestamp>) -> String {
+    let stopped = stopped.map_or(String::new(), |t| format!(r#""stoppedAt":"{t}","#));
+    format!(
+        r#"{{"outcomeId":"{referral}/victim-contact/c1","referralId":"{referral}","ruleId":"victim-contact","clockId":"c1","labels":{{"forceId":"{force}","category":"grooming","risk":"high"}},"status":"{status}",{stopped}"startedAt":"2014-09-08T09:40:00Z","updatedAt":"2014-09-08T12:00:00Z"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_outcomes_expire_after_their_forces_retention_and_open_ones_never() {
+    let brokers = real_broker();
+    let mut settings = isolated_settings(&brokers);
+    // Nottinghamshire keeps the default (six years); Derbyshire keeps ten.
+    settings
+        .kafka
+        .retention
+        .sla_outcomes_days_by_force
+        .insert("derbyshire".into(), 3650);
+    settings.validate().unwrap();
+    let settings = Arc::new(settings);
+    safeclock_common::kafka::ensure_topics(&settings, &[Topic::SlaOutcomes])
+        .await
+        .unwrap();
+    let topic = settings.topic(Topic::SlaOutcomes);
+    // A fixed "now": nothing here depends on the day the test runs.
+    let now: jiff::Timestamp = "2030-06-01T00:00:00Z".parse().unwrap();
+    let years_ago = |y: i64| now - SignedDuration::from_hours(24 * 365 * y);
+    let records = [
+        (
+            "R-OLD-MET",
+            "nottinghamshire",
+            "OUTCOME_STATUS_MET",
+            Some(years_ago(7)),
+        ),
+        (
+            "R-OLD-LATE",
+            "nottinghamshire",
+            "OUTCOME_STATUS_MET_LATE",
+            Some(years_ago(7)),
+        ),
+        (
+            "R-RECENT",
+            "nottinghamshire",
+            "OUTCOME_STATUS_MET",
+            Some(years_ago(3)),
+        ),
+        (
+            "R-DERBY-OLD",
+            "derbyshire",
+            "OUTCOME_STATUS_CANCELLED",
+            Some(years_ago(7)),
+        ),
+        (
+            "R-DERBY-OLDER",
+            "derbyshire",
+            "OUTCOME_STATUS_MET",
+            Some(years_ago(11)),
+        ),
+        (
+            "R-STILL-OPEN",
+            "nottinghamshire",
+            "OUTCOME_STATUS_OPEN_BREACHED",
+            None,
+        ),
+    ];
+    for (referral, force, status, stopped) in &records {
+        let key = format!("{referral}/victim-contact/c1");
+        produce(
+            &brokers,
+            &topic,
+            &key,
+            outcome(referral, force, status, *stopped).as_bytes(),
+        )
+        .await;
+    }
+    let live = || -> std::collections::BTreeSet<String> {
+        latest_states(&brokers, &topic)
+            .into_iter()
+            .filter(|(_, v)| *v)
+            .map(|(k, _)| k.split('/').next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(live().len(), records.len());
+
+    let counted = safeclock::outcomes::expire(&settings, now, true)
+        .await
+        .unwrap();
+    assert_eq!(counted["nottinghamshire"], (1, 2), "kept, expired");
+    assert_eq!(counted["derbyshire"], (1, 1));
+    assert_eq!(live().len(), records.len(), "a dry run writes nothing");
+
+    safeclock::outcomes::expire(&settings, now, false)
+        .await
+        .unwrap();
+    let expected: std::collections::BTreeSet<String> = ["R-RECENT", "R-DERBY-OLD", "R-STILL-OPEN"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(live(), expected);
+    // Idempotent: a second run finds nothing more to expire.
+    let again = safeclock::outcomes::expire(&settings, now, false)
+        .await
+        .unwrap();
+    assert_eq!(again["nottinghamshire"], (1, 0));
+    assert_eq!(again["derbyshire"], (1, 0));
 }

@@ -97,6 +97,11 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         settle: f64,
     },
+    /// The retention of `sla-outcomes`: expire closed clocks' outcomes past their force's period.
+    Outcomes {
+        #[command(subcommand)]
+        command: safeclock::outcomes::OutcomesCommand,
+    },
     /// List dead letters with their reasons, or replay selected ones to their source topic.
     Dlq {
         #[command(subcommand)]
@@ -325,6 +330,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 safeclock::erase::erase(&settings, &referral, &reason, &by, settle).await?;
             safeclock::erase::print(&settings, &erased);
             Ok(())
+        }
+        Command::Outcomes { command } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            safeclock::outcomes::run(&settings, command).await
         }
         Command::Dlq { command } => {
             let settings = Settings::load(cli.config.as_deref())?;

@@ -121,7 +121,7 @@ pub struct CalendarSettings {
 
 /// Retention, in days, of the topics that are not compacted: explicit for each, so that the
 /// privacy inventory (docs/privacy.md) can say how long each kind of record is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicRetention {
     /// `referral-events`: the input, replayed by a new clock instance or a report.
@@ -136,6 +136,12 @@ pub struct TopicRetention {
     /// `erasures`: the erasure requests, which are also the erasure audit records and the list
     /// of referrals whose replayed records are refused; as long as the audit trail.
     pub erasures_days: u32,
+    /// `sla-outcomes` (compacted, so not a topic retention): a closed clock's outcome is
+    /// tombstoned this long after the clock stopped by `safeclock outcomes expire`.
+    pub sla_outcomes_days: u32,
+    /// The same for one force, by force id (its records-management policy).
+    #[serde(default)]
+    pub sla_outcomes_days_by_force: BTreeMap<String, u32>,
 }
 
 impl TopicRetention {
@@ -152,6 +158,14 @@ impl TopicRetention {
         }
     }
 
+    /// How long a closed clock's outcome of `force` is kept.
+    pub fn sla_outcomes_days_for(&self, force: &str) -> u32 {
+        self.sla_outcomes_days_by_force
+            .get(force)
+            .copied()
+            .unwrap_or(self.sla_outcomes_days)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         for (field, days) in [
             ("referral_events_days", self.referral_events_days),
@@ -159,7 +173,14 @@ impl TopicRetention {
             ("escalation_log_days", self.escalation_log_days),
             ("dead_letter_days", self.dead_letter_days),
             ("erasures_days", self.erasures_days),
-        ] {
+            ("sla_outcomes_days", self.sla_outcomes_days),
+        ]
+        .into_iter()
+        .chain(
+            self.sla_outcomes_days_by_force
+                .values()
+                .map(|d| ("sla_outcomes_days_by_force", *d)),
+        ) {
             if !(1..=36_500).contains(&days) {
                 return Err(invalid(
                     format!("kafka.retention.{field}"),
@@ -1607,6 +1628,18 @@ impl Settings {
             }
         }
         self.kafka.retention.validate()?;
+        if let Some(force) = self
+            .kafka
+            .retention
+            .sla_outcomes_days_by_force
+            .keys()
+            .find(|f| !self.forces.contains(f))
+        {
+            return Err(invalid(
+                format!("kafka.retention.sla_outcomes_days_by_force.{force}"),
+                "is not a force listed in `forces`",
+            ));
+        }
         if let Some(policy) = self.kafka.compacted_topic_configs.get("cleanup.policy") {
             if !policy.split(',').any(|p| p.trim() == "compact") {
                 return Err(invalid(

@@ -15,7 +15,7 @@
 //! token being checked, until its budget refills at `auth_failures_per_minute`; every failure is
 //! counted in `safeclock_escalation_api_auth_failures_total{reason}`. Tokens are never logged.
 //!
-//! Bodies are tiny (an operator id and a note): at most [`MAX_BODY_BYTES`], read within
+//! Bodies are tiny (a note code at most): at most [`MAX_BODY_BYTES`], read within
 //! [`BODY_TIMEOUT`], so a client that trickles a body gets 408 instead of holding a request slot.
 //!
 //! The state belongs to the service loop (one engine per partition), so handlers send it a
@@ -130,12 +130,15 @@ struct CommandBody {
     /// Refused: who acted is the token's operator id, never a claim in the body.
     #[serde(default)]
     by: Option<serde::de::IgnoredAny>,
-    /// Free text for the audit log; never logged or sent to receivers.
+    /// A code for the audit log (`officer_attending`, `allocated`, `duplicate`): never free
+    /// text, which could carry a name into a log kept for years; never logged or sent to
+    /// receivers.
     #[serde(default)]
     note: Option<String>,
 }
 
-const MAX_NOTE: usize = 2000;
+/// The longest note code.
+const MAX_NOTE: usize = 64;
 
 /// The API router. `auth_failures` is `safeclock_escalation_api_auth_failures_total`.
 pub fn router(
@@ -295,7 +298,7 @@ fn parse_note(body: &Bytes) -> Result<String, Box<Response>> {
         serde_json::from_slice(body).map_err(|e| {
             boxed_problem(
                 StatusCode::BAD_REQUEST,
-                format!("the body must be JSON like {{\"note\": \"...\"}}: {e}"),
+                format!("the body must be JSON like {{\"note\": \"officer_attending\"}}: {e}"),
             )
         })?
     };
@@ -307,10 +310,13 @@ fn parse_note(body: &Bytes) -> Result<String, Box<Response>> {
         ));
     }
     let note = b.note.unwrap_or_default();
-    if note.chars().count() > MAX_NOTE {
+    if note.len() > MAX_NOTE || !(note.is_empty() || safeclock_common::erasure::is_code(&note)) {
+        // The value is never quoted: it is what may hold a name.
         return Err(boxed_problem(
             StatusCode::BAD_REQUEST,
-            format!("note must be at most {MAX_NOTE} characters"),
+            format!(
+                "note must be a code of at most {MAX_NOTE} characters (lower-case letters, digits, - _ and ., e.g. officer_attending), not free text"
+            ),
         ));
     }
     Ok(note)

@@ -204,7 +204,18 @@ async fn bodies_are_bounded_and_commands_reach_the_loop() {
     let r = http
         .post(&ack)
         .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"note": "on my way"}))
+        .json(&serde_json::json!({"note": "Spoke to Jane Smith at 12 Acacia Avenue"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a note is a code, not free text");
+    let text = r.text().await.unwrap();
+    assert!(text.contains("note must be a code"), "{text}");
+    assert!(!text.contains("Jane") && !text.contains("Acacia"), "{text}");
+    let r = http
+        .post(&ack)
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"note": "officer_attending"}))
         .send()
         .await
         .unwrap();
