@@ -11,9 +11,10 @@
 //!
 //! Every `SAMPLE` seconds it prints the referrals produced and committed, the clock's resident
 //! set, `safeclock_clock_referrals_forgotten_total`, and the bytes of `clock-state` on disk
-//! (`SAFECLOCK_BENCH_KAFKA_DIR`, the broker's data directory, which `scripts/bench.sh` sets);
-//! then the first and last third's figures. Bounded: producing is paced (`RATE` referrals a
-//! second) and the run ends `DRAIN` seconds after the last referral. Prints; checks no targets.
+//! (blocks in use; `SAFECLOCK_BENCH_KAFKA_DIR`, the broker's data directory, which
+//! `scripts/bench.sh` sets); then the second and last third's figures. Bounded: producing is
+//! paced (`SAFECLOCK_BENCH_SOAK_RATE` referrals a second) and the run ends `DRAIN` seconds after
+//! the last referral. Prints; checks no targets.
 //!
 //! `SAFECLOCK_TEST_BROKERS=host:port SAFECLOCK_BENCH_KAFKA_DIR=dir cargo bench -p safeclock
 //! --bench retention_soak`; `SAFECLOCK_BENCH_SOAK_REFERRALS` (2,000,000) and
@@ -80,7 +81,11 @@ fn topic_bytes(dir: &Path, topic: &str) -> u64 {
             if p.is_dir() {
                 walk(&p, topic, inside || is_partition, total);
             } else if inside {
-                *total += entry.metadata().map_or(0, |m| m.len());
+                // Blocks in use: the index files are preallocated (10 MiB each) and sparse.
+                *total += entry.metadata().map_or(0, |m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                });
             }
         }
     }
@@ -133,12 +138,13 @@ async fn main() {
 brokers = "{brokers}"
 topic_prefix = "soak-{tag}."
 partitions = {PARTITIONS}
+# Underscores for dots, as in the defaults these override.
 [kafka.compacted_topic_configs]
-"segment.ms" = "10000"
-"min.cleanable.dirty.ratio" = "0.1"
-"delete.retention.ms" = "10000"
-"min.compaction.lag.ms" = "0"
-"file.delete.delay.ms" = "1000"
+segment_ms = "10000"
+min_cleanable_dirty_ratio = "0.1"
+delete_retention_ms = "10000"
+min_compaction_lag_ms = "0"
+file_delete_delay_ms = "1000"
 [kafka.consumer_properties]
 "fetch.wait.max.ms" = "50"
 [rules]
@@ -257,7 +263,9 @@ closed_retention_days = 1
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let invalid = metric(&ops, "safeclock_records_invalid_total").await;
+    let invalid = metric(&ops, "safeclock_records_invalid_total")
+        .await
+        .max(0.0);
     // Warm-up: the first third of the producing phase. Compare the second and last thirds.
     let producing: Vec<&Sample> = samples.iter().filter(|s| s.produced < referrals).collect();
     let third = producing.len() / 3;

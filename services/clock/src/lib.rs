@@ -135,6 +135,8 @@ struct Core {
     last_census: Instant,
     /// When the gauges were last counted (they visit every clock).
     last_gauges: Instant,
+    /// The latest the next tick comes, due or not: `clock.tick_interval_ms` after the last.
+    idle_tick_at: tokio::time::Instant,
     writer: Writer,
     /// The erased referrals, followed on every tick: their state is dropped and their records
     /// refused.
@@ -242,6 +244,7 @@ impl ClockService {
                 last_census: Instant::now()
                     .checked_sub(CENSUS_INTERVAL)
                     .unwrap_or_else(Instant::now),
+                idle_tick_at: tokio::time::Instant::now(),
                 last_gauges: Instant::now()
                     .checked_sub(GAUGE_INTERVAL)
                     .unwrap_or_else(Instant::now),
@@ -287,9 +290,12 @@ impl Core {
     /// interval after its deadline; waking at the deadline fires it then.
     fn next_wake(&self) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
-        let idle = Duration::from_millis(self.deps.settings.clock.tick_interval_ms);
+        // From the last tick, not from now: counted from now, a steady input (a batch more often
+        // than the interval) pushed the tick away for ever, and with it the census, the gauges
+        // and the retention sweep.
+        let idle = self.idle_tick_at;
         let Some(due) = self.engines.values().filter_map(Engine::next_due).min() else {
-            return now + idle;
+            return idle;
         };
         // The engines run on the service's time source (simulated in the demo): its seconds
         // pass `speed` times faster than real ones.
@@ -297,10 +303,11 @@ impl Core {
         if ahead.is_negative() || ahead.is_zero() {
             return now;
         }
+        let interval = Duration::from_millis(self.deps.settings.clock.tick_interval_ms);
         let real = Duration::try_from(ahead)
-            .unwrap_or(idle)
+            .unwrap_or(interval)
             .div_f64(self.deps.time.speed().max(1.0));
-        now + real.min(idle)
+        (now + real).min(idle)
     }
 
     /// Forgets referrals with no clock past `clock.closed_retention_days`; their tombstones go
@@ -353,6 +360,8 @@ impl Core {
 
     /// Fires what is due, writes it and the changed states.
     async fn on_tick(&mut self, consumer: &ServiceConsumer) -> anyhow::Result<Flow> {
+        self.idle_tick_at = tokio::time::Instant::now()
+            + Duration::from_millis(self.deps.settings.clock.tick_interval_ms);
         self.sync_assignment(consumer).await?;
         self.apply_erasures();
         let now = self.deps.time.now();
