@@ -1787,6 +1787,28 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_config_set_in_the_file_or_the_environment_wins_over_the_default() {
+        let quoted = file("[kafka.compacted_topic_configs]\n\"segment.ms\" = \"10000\"\n");
+        let s = Settings::load_with_env(Some(quoted.path()), env(&[])).unwrap();
+        assert_eq!(s.kafka.compacted_topic_configs["segment.ms"], "10000");
+        let underscored = file("[kafka.compacted_topic_configs]\nsegment_ms = \"20000\"\n");
+        let s = Settings::load_with_env(Some(underscored.path()), env(&[])).unwrap();
+        assert_eq!(s.kafka.compacted_topic_configs["segment.ms"], "20000");
+        let s = Settings::load_with_env(
+            None,
+            env(&[(
+                "SAFECLOCK__KAFKA__COMPACTED_TOPIC_CONFIGS__SEGMENT_MS",
+                "30000",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.compacted_topic_configs["segment.ms"], "30000");
+        let s = Settings::defaults().unwrap();
+        assert_eq!(s.kafka.compacted_topic_configs["segment.ms"], "21600000");
+        assert_eq!(s.kafka.compacted_topic_configs.len(), 2);
+    }
+
+    #[test]
     fn a_dead_letter_always_fits_in_what_the_producer_sends() {
         let s = Settings::defaults().unwrap();
         assert_eq!(s.dead_letters.max_payload_bytes, 256 * 1024);
@@ -1983,6 +2005,8 @@ to = ["c@d"]
             ("[clock]\nclosed_retention_days = 30\n", "clock.closed_retention_days"),
             ("[clock]\nclosed_retention_days = 30\n[validation]\nmax_past_days = 31\n", "clock.closed_retention_days"),
             ("[kafka.retention]\nreferral_events_days = 0\nsla_events_days = 1\nescalation_log_days = 1\ndead_letter_days = 1\n", "kafka.retention.referral_events_days"),
+            ("[kafka.retention.sla_outcomes_days_by_force]\natlantis = 3650\n", "kafka.retention.sla_outcomes_days_by_force.atlantis"),
+            ("[kafka.retention.sla_outcomes_days_by_force]\nderbyshire = 0\n", "kafka.retention.sla_outcomes_days_by_force"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n", "escalator.api.operators.duty"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = [\"admin\"]\nforces = [\"*\"]\n", "read, acknowledge or resolve"),
             ("[escalator.api.tokens]\nduty = \"long-enough-token-0123\"\n[escalator.api.operators.duty]\nscopes = []\nforces = [\"*\"]\n", "escalator.api.operators.duty.scopes"),

@@ -63,7 +63,8 @@ impl ErasureKey {
 
 /// One erasure request, as written to the `erasures` topic (JSON, keyed by `erasureId`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+// Unknown fields are ignored, as on every topic: a later version may add some.
+#[serde(rename_all = "camelCase")]
 pub struct Erasure {
     /// A new UUID per request.
     pub erasure_id: String,
