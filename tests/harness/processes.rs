@@ -128,3 +128,19 @@ pub async fn wait_ready(ops: &str, within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The sum of a metric's samples on the ops endpoint `ops` (e.g. a histogram's `_sum`, a counter
+/// over its labels); NaN when the endpoint does not answer.
+pub async fn metric_sum(ops: &str, name: &str) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://{ops}/metrics")).await else {
+        return f64::NAN;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

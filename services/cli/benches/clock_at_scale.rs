@@ -41,7 +41,7 @@ use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::Topic;
 use safeclock_common::schema::to_jiff;
 use safeclock_common::schema::v1::SlaTransition;
-use safeclock_tests::processes::{wait_ready, ServiceProcess};
+use safeclock_tests::processes::{metric_sum, wait_ready, ServiceProcess};
 use safeclock_tests::scenario::committed_offsets;
 use safeclock_tests::{free_port, reader};
 
@@ -99,23 +99,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-/// The sum of a metric's samples on an ops endpoint (e.g. a histogram's `_sum`).
-async fn metric_sum(ops: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{ops}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn rss_mib(p: &ServiceProcess) -> f64 {

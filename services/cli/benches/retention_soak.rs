@@ -32,7 +32,7 @@ use rdkafka::ClientConfig;
 use safeclock_common::config::Settings;
 use safeclock_common::kafka::Topic;
 use safeclock_tests::free_port;
-use safeclock_tests::processes::{wait_ready, ServiceProcess};
+use safeclock_tests::processes::{metric_sum, wait_ready, ServiceProcess};
 use safeclock_tests::scenario::committed_offsets;
 
 const BIN: &str = env!("CARGO_BIN_EXE_safeclock");
@@ -92,20 +92,6 @@ fn topic_bytes(dir: &Path, topic: &str) -> u64 {
     let mut total = 0;
     walk(dir, topic, false, &mut total);
     total
-}
-
-async fn metric(ops: &str, name: &str) -> f64 {
-    let Ok(r) = reqwest::get(format!("http://{ops}/metrics")).await else {
-        return f64::NAN;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 struct Sample {
@@ -246,7 +232,7 @@ closed_retention_days = 1
                 produced,
                 committed,
                 rss_mib: clock.rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0),
-                forgotten: metric(&ops, "safeclock_clock_referrals_forgotten_total").await,
+                forgotten: metric_sum(&ops, "safeclock_clock_referrals_forgotten_total").await,
                 state_mib: kafka_dir
                     .as_deref()
                     .map_or(f64::NAN, |d| topic_bytes(Path::new(d), &changelog) as f64)
@@ -263,7 +249,7 @@ closed_retention_days = 1
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let invalid = metric(&ops, "safeclock_records_invalid_total")
+    let invalid = metric_sum(&ops, "safeclock_records_invalid_total")
         .await
         .max(0.0);
     // Warm-up: the first third of the producing phase. Compare the second and last thirds.

@@ -39,7 +39,7 @@ pub struct Erased {
 }
 
 /// The partitions of `topic`.
-fn partitions(settings: &Settings, topic: &str) -> anyhow::Result<i32> {
+pub(crate) fn partitions(settings: &Settings, topic: &str) -> anyhow::Result<i32> {
     let client: BaseConsumer =
         kafka::client_config(&settings.kafka, &settings.kafka.consumer_properties).create()?;
     let md = client
@@ -148,23 +148,40 @@ pub async fn erase(
         erasure: Some(request),
         ..Erased::default()
     };
+    for (topic, _, _) in &found {
+        *erased.tombstones.entry(topic.clone()).or_default() += 1;
+    }
+    write_tombstones(
+        &producer,
+        found.iter().map(|(t, p, k)| (t.as_str(), *p, k.as_str())),
+    )
+    .await?;
+    Ok(erased)
+}
+
+/// Writes a tombstone for each (topic, partition, key) and waits for the broker to take them.
+///
+/// # Errors
+/// When a tombstone cannot be enqueued or is not acknowledged.
+pub(crate) async fn write_tombstones<'a>(
+    producer: &rdkafka::producer::FutureProducer,
+    keys: impl Iterator<Item = (&'a str, i32, &'a str)>,
+) -> anyhow::Result<()> {
     let mut deliveries = Vec::new();
-    for (topic, partition, key) in &found {
+    for (topic, partition, key) in keys {
         deliveries.push(
             kafka::try_enqueue(
-                &producer,
+                producer,
                 FutureRecord::<str, [u8]>::to(topic)
-                    .key(key.as_str())
-                    .partition(*partition),
+                    .key(key)
+                    .partition(partition),
             )
             .await?,
         );
-        *erased.tombstones.entry(topic.clone()).or_default() += 1;
     }
     kafka::await_deliveries(deliveries)
         .await
-        .context("cannot write the tombstones")?;
-    Ok(erased)
+        .context("cannot write the tombstones")
 }
 
 /// Prints what [`erase`] did, and when the append-only topics will have lost the referral.

@@ -9,11 +9,7 @@
 //! is idempotent, and `--dry-run` only counts.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureRecord;
 use safeclock_common::config::Settings;
 use safeclock_common::kafka::{self, read_compacted_partition, Topic};
 use safeclock_common::schema::to_jiff;
@@ -61,15 +57,9 @@ pub async fn expire(
     let s = settings.clone();
     let name = topic.clone();
     let (found, expired) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let client: BaseConsumer =
-            kafka::client_config(&s.kafka, &s.kafka.consumer_properties).create()?;
-        let md = client
-            .fetch_metadata(Some(&name), Duration::from_secs(30))
-            .with_context(|| format!("cannot describe topic {name}"))?;
-        let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
         let mut found = Expired::new();
         let mut expired = Vec::new();
-        for p in 0..i32::try_from(partitions)? {
+        for p in 0..crate::erase::partitions(&s, &name)? {
             let (latest, _) = read_compacted_partition(&s, &name, p, "safeclock-outcomes-expire")?;
             for (key, value) in latest {
                 let Some(value) = value else { continue };
@@ -113,21 +103,13 @@ pub async fn expire(
         return Ok(found);
     }
     let producer = kafka::producer(settings)?;
-    let mut deliveries = Vec::with_capacity(expired.len());
-    for (partition, key) in &expired {
-        deliveries.push(
-            kafka::try_enqueue(
-                &producer,
-                FutureRecord::<str, [u8]>::to(&topic)
-                    .key(key.as_str())
-                    .partition(*partition),
-            )
-            .await?,
-        );
-    }
-    kafka::await_deliveries(deliveries)
-        .await
-        .context("cannot write the tombstones")?;
+    crate::erase::write_tombstones(
+        &producer,
+        expired
+            .iter()
+            .map(|(p, k)| (topic.as_str(), *p, k.as_str())),
+    )
+    .await?;
     Ok(found)
 }
 

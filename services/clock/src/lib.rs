@@ -176,10 +176,7 @@ impl ClockService {
         consumer.context().restores_state(restored.clone());
         let producer = kafka::producer_with(&settings, settings.clock.transactional_id.as_deref())?;
         kafka::check_copartitioned(&settings, Topic::ReferralEvents, Topic::ClockState).await?;
-        let erasures = {
-            let settings = settings.clone();
-            tokio::task::spawn_blocking(move || ErasureFeed::load(&settings, SERVICE)).await??
-        };
+        let erasures = ErasureFeed::start(&settings, SERVICE).await?;
         let writer = Writer {
             producer: producer.clone(),
             topics: OutputTopics {
@@ -344,7 +341,7 @@ impl Core {
         let forgotten: usize = self
             .engines
             .values_mut()
-            .map(|e| e.forget_matching(|id| new.iter().any(|h| erased.names(h, id))))
+            .map(|e| e.forget_matching(erased.any_of(&new)))
             .sum();
         self.consumer_metrics
             .erasures_applied

@@ -119,6 +119,11 @@ impl ErasedSet {
         !self.hashes.is_empty() && self.hashes.contains(&self.key.of(referral_id))
     }
 
+    /// A test of referral ids against `hashes` (new erasures) that hashes each id once.
+    pub fn any_of<'a>(&'a self, hashes: &'a [ReferralHash]) -> impl Fn(&str) -> bool + 'a {
+        move |referral_id| hashes.contains(&self.key.of(referral_id))
+    }
+
     /// Whether `referral_id` is the one `hash` names.
     pub fn names(&self, hash: &ReferralHash, referral_id: &str) -> bool {
         &self.key.of(referral_id) == hash
@@ -222,6 +227,15 @@ impl ErasureFeed {
             "erasures loaded: records of these referrals are refused"
         );
         Ok(feed)
+    }
+
+    /// [`ErasureFeed::load`] off the async runtime's threads, for a service's start.
+    ///
+    /// # Errors
+    /// As [`ErasureFeed::load`].
+    pub async fn start(settings: &Settings, service: &'static str) -> anyhow::Result<Self> {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || Self::load(&settings, service)).await?
     }
 
     /// Erasures that arrived since the last call, each once (never blocks).

@@ -282,7 +282,7 @@ fn apply_erasures(
     let erased = erasures.erased();
     let forgotten: usize = engines
         .values_mut()
-        .map(|e| e.forget_matching(|id| new.iter().any(|h| erased.names(h, id))))
+        .map(|e| e.forget_matching(erased.any_of(&new)))
         .sum();
     metrics
         .erasures_applied
@@ -448,10 +448,7 @@ pub async fn run(
     ) + Duration::from_secs(2);
     let producer = kafka::producer(&settings)?;
     kafka::check_copartitioned(&settings, Topic::SlaEvents, Topic::EscalationState).await?;
-    let mut erasures = {
-        let settings = settings.clone();
-        tokio::task::spawn_blocking(move || ErasureFeed::load(&settings, SERVICE)).await??
-    };
+    let mut erasures = ErasureFeed::start(&settings, SERVICE).await?;
     let effects = Effects {
         log_topic: settings.topic(Topic::EscalationLog),
         state_topic: settings.topic(Topic::EscalationState),
