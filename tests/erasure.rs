@@ -53,6 +53,14 @@ fn mentions(m: &OwnedMessage, needle: &str) -> bool {
         })
 }
 
+/// Dead letters with reason `erased`.
+fn erased_letters(brokers: &str, dlq: &str) -> usize {
+    scan(brokers, dlq)
+        .iter()
+        .filter(|m| header(m, dlq_headers::REASON).as_deref() == Some("erased"))
+        .count()
+}
+
 fn count_mentioning(brokers: &str, topic: &str, needle: &str) -> usize {
     scan(brokers, topic)
         .iter()
@@ -129,8 +137,6 @@ async fn an_erased_referral_leaves_every_service_and_compacted_topic_and_a_repla
     let open_before = clock.gauge("safeclock_clock_open_clocks");
     let escalations_before = escalator.gauge("safeclock_escalations_open");
     let sla = settings.topic(Topic::SlaEvents);
-    let sla_before = count_mentioning(&brokers, &sla, ERASED);
-    let pages_before = paged(ERASED);
 
     let erased = safeclock::erase::erase(
         &settings,
@@ -166,6 +172,10 @@ async fn an_erased_referral_leaves_every_service_and_compacted_topic_and_a_repla
         escalator.gauge("safeclock_escalations_open") == escalations_before / 2
     })
     .await;
+    // Counted once the erasure is applied: a working-day deadline of the default pack that
+    // happened to fall in the seconds before it could otherwise add a breach (on some days).
+    let sla_before = count_mentioning(&brokers, &sla, ERASED);
+    let pages_before = paged(ERASED);
 
     // A replay of its events: refused, dead-lettered without content; nothing comes back.
     produce(&brokers, &input, ERASED, &erased_event).await;
@@ -174,13 +184,7 @@ async fn an_erased_referral_leaves_every_service_and_compacted_topic_and_a_repla
     wait_for(
         "the replayed events dead-lettered as erased",
         TIMEOUT,
-        || {
-            scan(&brokers, &dlq)
-                .iter()
-                .filter(|m| header(m, dlq_headers::REASON).as_deref() == Some("erased"))
-                .count()
-                == 2
-        },
+        || erased_letters(&brokers, &dlq) == 2,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -306,13 +310,7 @@ async fn an_erased_referral_leaves_every_service_and_compacted_topic_and_a_repla
     wait_for(
         "the replay after the restart dead-lettered too",
         TIMEOUT,
-        || {
-            scan(&brokers, &dlq)
-                .iter()
-                .filter(|m| header(m, dlq_headers::REASON).as_deref() == Some("erased"))
-                .count()
-                == 3
-        },
+        || erased_letters(&brokers, &dlq) == 3,
     )
     .await;
     assert_eq!(count_mentioning(&brokers, &sla, ERASED), sla_before);
