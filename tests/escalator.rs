@@ -1,5 +1,6 @@
-//! The escalator against real processes: the tansu broker (`SAFECLOCK_TEST_BROKERS`) and Debian's
-//! Alertmanager (`SAFECLOCK_TEST_ALERTMANAGER`), both started by `scripts/test.sh`. SLA events are
+//! The escalator against real processes: Apache Kafka (`SAFECLOCK_TEST_BROKERS`, and a node of
+//! its own for the test that stops it) and Debian's Alertmanager (`SAFECLOCK_TEST_ALERTMANAGER`),
+//! both started by `scripts/test.sh`. SLA events are
 //! produced directly (the escalator's input contract), so these tests do not depend on the clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,7 +23,7 @@ use safeclock_common::schema::v1::{
 };
 use safeclock_common::service::ServiceDeps;
 use safeclock_tests::{
-    free_port, header, isolated_settings, produce, read_until, reader, real_alertmanager,
+    counter, free_port, header, isolated_settings, produce, read_until, reader, real_alertmanager,
     real_broker, wait_for, RecordingWebhook,
 };
 use tokio_util::sync::CancellationToken;
@@ -477,4 +478,147 @@ async fn an_unreachable_receiver_is_dead_lettered_with_the_reason_and_the_fallba
 
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// A webhook that records each page as it arrives and answers only once `open` is true.
+async fn gated_webhook(
+    bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    open: tokio::sync::watch::Receiver<bool>,
+) -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let (bodies, mut open) = (bodies.clone(), open.clone());
+            async move {
+                bodies.lock().unwrap().push(body);
+                let _ = open.wait_for(|o| *o).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/hook")
+}
+
+/// Pages are delivered while the broker is stopped, so the writes of their outcomes fail (they
+/// are in flight while the escalator goes on): once the broker answers again they are written
+/// from the escalations' current state, and an escalator that crashes after that and restarts
+/// finds nothing pending and pages nobody twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_written_while_the_broker_is_away_are_written_again_and_nobody_is_paged_twice() {
+    let dir = std::env::temp_dir().join(format!("safeclock-esc-away-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Its own node, so stopping it stops no other test (and as in the stall test of
+    // tests/dead_letters.rs, a session long enough that the node does not fence itself).
+    let broker = tokio::task::block_in_place(|| {
+        safeclock_tests::kafka_cluster::KafkaCluster::start(
+            &dir,
+            1,
+            3,
+            &["broker.session.timeout.ms=60000"],
+        )
+    });
+    let brokers = broker.bootstrap().to_string();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let url = gated_webhook(bodies.clone(), open_rx).await;
+    let mut settings = isolated_settings(&brokers);
+    settings.escalator.log_receiver = false;
+    let mut duty = ReceiverSettings::new("duty", ReceiverKind::Webhook);
+    duty.url = Some(url);
+    // Longer than the webhook holds the pages.
+    duty.timeout_ms = 60_000;
+    settings.escalator.receivers = vec![duty];
+    settings.escalator.policies = vec![policy("default", &["duty"])];
+    settings
+        .kafka
+        .producer_properties
+        .insert("message.timeout.ms".into(), "2000".into());
+    // Longer than the stop, so the escalator keeps its partitions through it.
+    settings
+        .kafka
+        .consumer_properties
+        .insert("session.timeout.ms".into(), "30000".into());
+    let sla_topic = settings.topic(Topic::SlaEvents);
+    let log_topic = settings.topic(Topic::EscalationLog);
+    let (shutdown, task, registry) = start(settings.clone()).await;
+
+    let referrals: Vec<String> = (0..5).map(|i| format!("R-AWAY-{i}")).collect();
+    for r in &referrals {
+        produce(
+            &brokers,
+            &sla_topic,
+            r,
+            &sla_event(r, SlaTransition::Breached, &format!("{r}-breach")),
+        )
+        .await;
+    }
+    // Each page has reached the receiver, so its escalation's state (the page pending) is
+    // durable; the receiver holds its answer.
+    wait_for("every page to reach the receiver", TIMEOUT, || {
+        bodies.lock().unwrap().len() == referrals.len()
+    })
+    .await;
+
+    // The broker stops; the receiver answers; the outcomes' writes time out (2 s).
+    broker.pause(1);
+    open_tx.send(true).unwrap();
+    wait_for("the escalator to wait for the broker", TIMEOUT, || {
+        counter(
+            &registry,
+            "safeclock_broker_waits_total",
+            &[("service", "escalator")],
+        ) >= 1.0
+    })
+    .await;
+    broker.resume(1);
+
+    // Every outcome is written once the broker is back.
+    let log = reader(&brokers, &[&log_topic]);
+    read_until(&log, Duration::from_secs(90), |m| {
+        let notified: BTreeSet<String> = m
+            .iter()
+            .filter_map(|r| {
+                serde_json::from_slice::<EscalationRecord>(r.payload().unwrap_or_default()).ok()
+            })
+            .filter(|r| r.action() == EscalationAction::Notified)
+            .map(|r| r.referral_id)
+            .collect();
+        referrals.iter().all(|r| notified.contains(r))
+    })
+    .await;
+
+    // A crash (no hand-over, nothing written on the way out), then a restart: it restores the
+    // escalations with their pages done and sends none again.
+    task.abort();
+    let _ = task.await;
+    drop(shutdown);
+    let (shutdown, task, registry) = start(settings).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pending: i64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "safeclock_escalation_pending_notifications")
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().get_value() as i64)
+        .sum();
+    assert_eq!(pending, 0, "nothing is pending after the restart");
+    let pages = bodies.lock().unwrap().clone();
+    assert_eq!(
+        pages.len(),
+        referrals.len(),
+        "each referral paged once: {pages:?}"
+    );
+    let keys: BTreeSet<String> = pages
+        .iter()
+        .map(|b| b["dedupKey"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(keys.len(), referrals.len(), "{pages:?}");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -684,6 +684,20 @@ impl Engine {
         self.dirty.drain().collect()
     }
 
+    /// Marks `id` to be written again with the next changes (its current state, or a tombstone
+    /// when it is gone): for a write the broker may not have taken.
+    pub fn mark_dirty(&mut self, id: &str) {
+        self.dirty.insert(id.to_string());
+    }
+
+    /// The encoded state to write for `id` (without copying it first); `None` means a
+    /// tombstone.
+    pub fn encode(&self, id: &str) -> Option<Vec<u8>> {
+        self.escalations
+            .get(id)
+            .map(|s| prost::Message::encode_to_vec(&**s))
+    }
+
     /// The state to write for `id`; `None` means a tombstone.
     pub fn export(&self, id: &str) -> Option<EscalationState> {
         self.escalations.get(id).map(|s| (**s).clone())

@@ -21,7 +21,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sha2::{Digest, Sha256};
 
 use super::delivery::{
-    deliver, try_enqueue, BrokerWait, Failure, Interrupted, Output, ProduceError,
+    deliver, try_enqueue, BrokerWait, Failure, Interrupted, Output, ProduceError, Refusal,
 };
 use super::topics::Topic;
 use crate::config::{DeadLetterSettings, Settings};
@@ -526,6 +526,20 @@ impl DeadLetters {
         wait: &BrokerWait,
     ) -> Result<Vec<usize>, Interrupted> {
         let refusals = deliver(&self.producer, outputs, wait).await?;
+        self.dead_letter_refused(outputs, &refusals, wait).await
+    }
+
+    /// Writes the dead letter of each output in `refusals` (refused for good when `outputs` were
+    /// written), as [`DeadLetters::write_or_dead_letter`] does. Returns the refused indices.
+    ///
+    /// # Errors
+    /// As [`deliver`].
+    pub async fn dead_letter_refused(
+        &self,
+        outputs: &[Output],
+        refusals: &[Refusal],
+        wait: &BrokerWait,
+    ) -> Result<Vec<usize>, Interrupted> {
         let refused: Vec<usize> = refusals.iter().map(|r| r.index).collect();
         let mut letters: Vec<Output> = refusals
             .iter()

@@ -76,7 +76,7 @@ pub fn classify(error: &KafkaError) -> Failure {
 }
 
 /// A record the broker did not take, and what that means.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{} a record for {topic}: {source}", describe(*.failure))]
 pub struct ProduceError {
     /// Where the record was going.
@@ -369,19 +369,39 @@ pub async fn deliver_once(
     producer: &FutureProducer,
     outputs: &[Output],
 ) -> Result<Vec<Refusal>, ProduceError> {
+    settle_all(enqueue_all(producer, outputs).await).await
+}
+
+/// Enqueues every output in order (waiting while librdkafka's local queue is full) and returns
+/// each one's delivery future, or why librdkafka refused to enqueue it.
+pub(super) async fn enqueue_all(
+    producer: &FutureProducer,
+    outputs: &[Output],
+) -> Vec<Result<DeliveryFuture, ProduceError>> {
+    let mut pending = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        pending.push(try_enqueue(producer, output.record()).await);
+    }
+    pending
+}
+
+/// Awaits every delivery of [`enqueue_all`]: the outputs refused for good, or the failure that
+/// means nothing is known to be written (a fatal one outranks an unavailable broker).
+pub(super) async fn settle_all(
+    pending: Vec<Result<DeliveryFuture, ProduceError>>,
+) -> Result<Vec<Refusal>, ProduceError> {
     let mut refused = Vec::new();
     let mut failed: Option<ProduceError> = None;
-    for (index, result) in write_all(producer, outputs).await.into_iter().enumerate() {
-        let Err(error) = result else { continue };
-        match error.failure {
-            Failure::Refused => refused.push(Refusal { index, error }),
-            // A fatal failure outranks an unavailable broker.
-            Failure::Fatal => failed = Some(error),
-            Failure::Unavailable => {
-                if failed.is_none() {
-                    failed = Some(error);
-                }
-            }
+    for (index, p) in pending.into_iter().enumerate() {
+        let result = match p {
+            Ok(delivery) => settle(vec![delivery])
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(ProduceError::new("(unknown)", KafkaError::Canceled))),
+            Err(e) => Err(e),
+        };
+        if let Err(error) = result {
+            note_failure(index, error, &mut refused, &mut failed);
         }
     }
     match failed {
@@ -493,25 +513,6 @@ pub async fn deliver(
             Err(e) => wait.pause(attempt, outputs.len(), &e).await?,
         }
     }
-}
-
-/// Enqueues every output in order, then awaits every delivery report.
-async fn write_all(producer: &FutureProducer, outputs: &[Output]) -> Vec<Result<(), ProduceError>> {
-    let mut pending: Vec<Result<DeliveryFuture, ProduceError>> = Vec::with_capacity(outputs.len());
-    for output in outputs {
-        pending.push(try_enqueue(producer, output.record()).await);
-    }
-    let mut outcomes = Vec::with_capacity(pending.len());
-    for p in pending {
-        outcomes.push(match p {
-            Ok(delivery) => settle(vec![delivery])
-                .await
-                .pop()
-                .unwrap_or_else(|| Err(ProduceError::new("(unknown)", KafkaError::Canceled))),
-            Err(e) => Err(e),
-        });
-    }
-    outcomes
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! `client.rs` (client configuration and producers), `consumer.rs` (the service consumer, its
 //! context and readiness, batches, the assignment), `handover.rs` (revoked partitions held until
 //! handed over), `delivery.rs` (enqueue, await, classify failures, wait out a broker),
+//! `pipeline.rs` (writes kept in flight while the service goes on, released in order),
 //! `dead_letters.rs`, `offsets.rs`, and `compacted.rs` (reading a compacted partition for restores).
 
 mod client;
@@ -28,6 +29,7 @@ mod dead_letters;
 mod delivery;
 mod handover;
 mod offsets;
+mod pipeline;
 mod topics;
 
 pub(crate) use client::retry_blocking;
@@ -48,6 +50,7 @@ pub use delivery::{
 };
 pub use handover::Handover;
 pub use offsets::OffsetBook;
+pub use pipeline::{WritePipeline, Written};
 pub use topics::{
     check_copartitioned, ensure_topics, topic_configs, topic_configs_with_retention, Topic,
 };
