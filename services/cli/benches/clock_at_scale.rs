@@ -158,7 +158,7 @@ kind = "webhook"
 # The bench finds each page's deadline by its referral id.
 payload = "referral"
 url = "{hook}"
-concurrency = 32
+concurrency = 128
 rate_per_sec = 100000
 burst = 10000
 [[escalator.policies]]

@@ -13,6 +13,12 @@ use safeclock_common::policy::Policy;
 use safeclock_common::shutdown::{cancel_on_signal, CancellationToken};
 use safeclock_common::telemetry;
 
+/// mimalloc rather than the system allocator: the services allocate and free many small
+/// records per event on several threads, and the escalator grows to millions of states; see
+/// docs/benchmarks.md for what it changed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "safeclock",
