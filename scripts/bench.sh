@@ -44,6 +44,17 @@ trap 'bash scripts/kafka/start.sh --stop "$kafka_dir" >/dev/null 2>&1 || true' E
 SAFECLOCK_TEST_BROKERS=$(sed -n 's/^bootstrap=//p' <<<"$started")
 export SAFECLOCK_TEST_BROKERS
 
+# With the full JIT the broker runs slowly for its first minute or so while it compiles its hot
+# paths: warm it up on a topic of its own first, or the first figures measure the compiler.
+echo "-- warming the broker up (500,000 records, not measured)"
+java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \
+  org.apache.kafka.tools.ProducerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
+  --topic warm-up --num-records 500000 --record-size 250 --throughput -1 \
+  --command-property acks=all linger.ms=5 compression.type=lz4 >/dev/null
+java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \
+  org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$SAFECLOCK_TEST_BROKERS" \
+  --topic warm-up --num-records 500000 >/dev/null
+
 # Kafka's own rates, for records the size of a referral event (about 250 bytes).
 echo "-- Kafka's own perf tools, 500,000 records of 250 bytes, acks=all, 3 partitions"
 java -Dlog4j2.configurationFile=scripts/kafka/log4j2-tools.xml -cp "$SAFECLOCK_KAFKA_LIBS/*" \

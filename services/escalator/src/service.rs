@@ -170,9 +170,7 @@ impl Core {
         let mut again = Vec::new();
         for written in &all {
             match &written.outcome {
-                Err(e) if e.failure == Failure::Fatal => {
-                    return Err(anyhow::anyhow!("the producer can no longer write: {e}"));
-                }
+                Err(e) if e.failure == Failure::Fatal => return Err(fatal(e)),
                 Err(_) => {
                     for output in &written.outputs {
                         if output.topic == self.effects.state_topic {
