@@ -973,17 +973,7 @@ async fn a_broker_stopped_for_a_while_stops_no_service() {
     let dir = std::env::temp_dir().join(format!("safeclock-stall-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let broker = tokio::task::block_in_place(|| {
-        // The node is its own controller: stalled past broker.session.timeout.ms (9 s by
-        // default), it fenced itself on waking and once in three runs stayed fenced for over
-        // 90 s (every partition without a leader). This test is about the services waiting out
-        // a silent broker; a broker stalled past its session, among three, is a fault of the
-        // fault suite.
-        safeclock_tests::kafka_cluster::KafkaCluster::start(
-            &dir,
-            1,
-            3,
-            &["broker.session.timeout.ms=60000"],
-        )
+        safeclock_tests::kafka_cluster::KafkaCluster::start_stoppable(&dir)
     });
     let brokers = broker.bootstrap().to_string();
     let mut s = isolated_settings(&brokers);

@@ -23,8 +23,8 @@ use safeclock_common::schema::v1::{
 };
 use safeclock_common::service::ServiceDeps;
 use safeclock_tests::{
-    counter, free_port, header, isolated_settings, produce, read_until, reader, real_alertmanager,
-    real_broker, wait_for, RecordingWebhook,
+    counter, free_port, gauge, header, isolated_settings, produce, read_until, reader,
+    real_alertmanager, real_broker, wait_for, RecordingWebhook,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -510,15 +510,9 @@ async fn gated_webhook(
 async fn outcomes_written_while_the_broker_is_away_are_written_again_and_nobody_is_paged_twice() {
     let dir = std::env::temp_dir().join(format!("safeclock-esc-away-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Its own node, so stopping it stops no other test (and as in the stall test of
-    // tests/dead_letters.rs, a session long enough that the node does not fence itself).
+    // Its own node, so stopping it stops no other test.
     let broker = tokio::task::block_in_place(|| {
-        safeclock_tests::kafka_cluster::KafkaCluster::start(
-            &dir,
-            1,
-            3,
-            &["broker.session.timeout.ms=60000"],
-        )
+        safeclock_tests::kafka_cluster::KafkaCluster::start_stoppable(&dir)
     });
     let brokers = broker.bootstrap().to_string();
     let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -597,14 +591,11 @@ async fn outcomes_written_while_the_broker_is_away_are_written_again_and_nobody_
     drop(shutdown);
     let (shutdown, task, registry) = start(settings).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pending: i64 = registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "safeclock_escalation_pending_notifications")
-        .flat_map(|f| f.get_metric())
-        .map(|m| m.get_gauge().get_value() as i64)
-        .sum();
-    assert_eq!(pending, 0, "nothing is pending after the restart");
+    assert_eq!(
+        gauge(&registry, "safeclock_escalation_pending_notifications"),
+        0,
+        "nothing is pending after the restart"
+    );
     let pages = bodies.lock().unwrap().clone();
     assert_eq!(
         pages.len(),

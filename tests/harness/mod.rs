@@ -241,6 +241,17 @@ pub fn counter(registry: &prometheus::Registry, name: &str, labels: &[(&str, &st
         .sum()
 }
 
+/// The value of gauge `name`, summed over its series (0 if it has none).
+pub fn gauge(registry: &prometheus::Registry, name: &str) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().get_value() as i64)
+        .sum()
+}
+
 /// A consumer reading `topics` from the beginning in a group of its own.
 pub fn reader(brokers: &str, topics: &[&str]) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()
@@ -464,14 +475,7 @@ impl InProcess {
     /// The value of the gauge `name`, summed over its labels (0 if it has no sample), e.g. the
     /// partitions it holds.
     pub fn gauge(&self, name: &str) -> i64 {
-        self.running
-            .registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric())
-            .map(|m| m.get_gauge().get_value() as i64)
-            .sum()
+        gauge(&self.running.registry, name)
     }
 
     /// Graceful stop, as on SIGTERM.

@@ -332,23 +332,21 @@ impl Core {
     /// Drops the state of the referrals erased since the last tick; their tombstones go out
     /// with this tick's writes.
     fn apply_erasures(&mut self) {
-        let new = self.erasures.poll_new();
-        if new.is_empty() {
-            return;
-        }
         let started = Instant::now();
-        let erased = self.erasures.erased();
-        let forgotten: usize = self
-            .engines
-            .values_mut()
-            .map(|e| e.forget_matching(erased.any_of(&new)))
-            .sum();
-        self.consumer_metrics
-            .erasures_applied
-            .with_label_values(&[SERVICE])
-            .inc_by(u64::try_from(new.len()).unwrap_or(u64::MAX));
+        let engines = &mut self.engines;
+        let Some((erasures, forgotten)) =
+            self.erasures
+                .apply_new(&self.consumer_metrics, SERVICE, |matches| {
+                    engines
+                        .values_mut()
+                        .map(|e| e.forget_matching(matches))
+                        .sum()
+                })
+        else {
+            return;
+        };
         tracing::info!(
-            erasures = new.len(),
+            erasures,
             referrals_held = forgotten,
             seconds = started.elapsed().as_secs_f64(),
             "erasures applied: the referrals' state dropped and tombstoned, their records refused from now on"

@@ -30,6 +30,7 @@ pub use crate::event_strings::is_code;
 
 use crate::config::Settings;
 use crate::kafka::{client_config, retry_blocking, Topic};
+use crate::metrics::ConsumerMetrics;
 use crate::secret::Secret;
 
 /// The dead-letter reason of a record of an erased referral.
@@ -239,7 +240,7 @@ impl ErasureFeed {
     }
 
     /// Erasures that arrived since the last call, each once (never blocks).
-    pub fn poll_new(&mut self) -> Vec<ReferralHash> {
+    fn poll_new(&mut self) -> Vec<ReferralHash> {
         let mut new = Vec::new();
         while let Some(m) = self.consumer.poll(Duration::ZERO) {
             let Ok(m) = m else { continue };
@@ -250,6 +251,28 @@ impl ErasureFeed {
             }
         }
         new
+    }
+
+    /// Applies the erasures that arrived since the last call, if any: `forget` is given a
+    /// matcher of their referral ids and drops what the service holds of them (returning how
+    /// many items it dropped), and they are counted in `safeclock_erasures_applied_total`.
+    /// Returns how many erasures arrived and how many items were dropped.
+    pub fn apply_new(
+        &mut self,
+        metrics: &ConsumerMetrics,
+        service: &str,
+        forget: impl FnOnce(&dyn Fn(&str) -> bool) -> usize,
+    ) -> Option<(usize, usize)> {
+        let new = self.poll_new();
+        if new.is_empty() {
+            return None;
+        }
+        let forgotten = forget(&self.erased.any_of(&new));
+        metrics
+            .erasures_applied
+            .with_label_values(&[service])
+            .inc_by(u64::try_from(new.len()).unwrap_or(u64::MAX));
+        Some((new.len(), forgotten))
     }
 
     /// Every referral erased so far.

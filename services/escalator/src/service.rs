@@ -505,22 +505,20 @@ impl Core {
     /// Drops the escalations of the referrals erased since the last tick (deliveries already
     /// under way finish); their tombstones go out with the tick's writes.
     fn apply_erasures(&mut self) {
-        let new = self.erasures.poll_new();
-        if new.is_empty() {
+        let engines = &mut self.engines;
+        let Some((erasures, forgotten)) =
+            self.erasures
+                .apply_new(&self.consumer_metrics, SERVICE, |matches| {
+                    engines
+                        .values_mut()
+                        .map(|e| e.forget_matching(matches))
+                        .sum()
+                })
+        else {
             return;
-        }
-        let erased = self.erasures.erased();
-        let forgotten: usize = self
-            .engines
-            .values_mut()
-            .map(|e| e.forget_matching(erased.any_of(&new)))
-            .sum();
-        self.consumer_metrics
-            .erasures_applied
-            .with_label_values(&[SERVICE])
-            .inc_by(u64::try_from(new.len()).unwrap_or(u64::MAX));
+        };
         tracing::info!(
-            erasures = new.len(),
+            erasures,
             escalations_held = forgotten,
             "erasures applied: the referrals' escalations dropped and tombstoned, their SLA events refused from now on"
         );

@@ -99,9 +99,4 @@ impl<T: Send + Sync + 'static> WritePipeline<T> {
     pub fn is_empty(&self) -> bool {
         self.in_flight.is_empty()
     }
-
-    /// How many writes are in flight.
-    pub fn len(&self) -> usize {
-        self.in_flight.len()
-    }
 }
