@@ -23,6 +23,10 @@ use safeclock_common::service::ServiceDeps;
 use safeclock_common::shutdown::CancellationToken;
 use safeclock_common::time::SystemTime;
 
+/// The allocator of the `safeclock` binary that runs intake in production, for both measurements.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn event(prefix: &str, i: usize) -> serde_json::Value {
