@@ -26,6 +26,14 @@
 //! same ids (consumers de-duplicate); a crash between 2 and 3 re-reads inputs the restored state
 //! has already seen, which are ignored as duplicates. No transition is lost either way.
 //!
+//! A tick has no input offsets to store, so its step 2 is left in flight while the next tick's
+//! step 1 goes out (outside a transaction): a breach due meanwhile waits for one acknowledgement,
+//! not two. The order above still holds for every state (it is sent only once its tick's SLA
+//! events are acknowledged), and the in-flight states are settled before any batch, hand-over or
+//! stop. A state the broker did not take is written again from the referral's **current** state
+//! (never from its older copy, which would become the latest on the compacted changelog); until
+//! then a crash is the crash between 1 and 2 above.
+//!
 //! # No record stops a partition
 //! - An invalid record is dead-lettered with its reason (bounded: a value over
 //!   `dead_letters.max_payload_bytes` keeps its length, SHA-256 and a prefix).
@@ -68,7 +76,7 @@ use safeclock_common::erasure::ErasureFeed;
 use safeclock_common::event::{transition_label, Plausibility};
 use safeclock_common::kafka::{
     self, BrokerWait, DeadLetters, Interrupted, OffsetBook, Output, ProduceError, Refusal,
-    ServiceConsumer, Topic,
+    ServiceConsumer, Topic, WritePipeline,
 };
 use safeclock_common::metrics::{ConsumerMetrics, SlaLabelBounds};
 use safeclock_common::ops::ReadinessHandle;
@@ -185,7 +193,12 @@ impl ClockService {
                 changelog: settings.topic(Topic::ClockState),
                 policy: policy.clone(),
             },
-            dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+            dead_letters: DeadLetters::new(
+                producer.clone(),
+                &settings,
+                SERVICE,
+                consumer_metrics.clone(),
+            ),
             wait: BrokerWait::new(
                 SERVICE,
                 deps.readiness.component("clock-outputs"),
@@ -199,6 +212,8 @@ impl ClockService {
                 .producer_message_max_bytes()
                 .saturating_sub(FRAMING),
             learned: HashMap::new(),
+            tick_states: WritePipeline::new(producer, 1),
+            rewrite: std::collections::BTreeSet::new(),
         };
         // The configuration refuses limits whose largest state record passes 256 KiB; a
         // producer limit set lower than that is allowed, but states past it are dead-lettered
@@ -265,7 +280,7 @@ impl ClockService {
                 biased;
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(wake) => core.on_tick(&consumer).await?,
-                revoked = handover.revoked() => core.hand_over(&consumer, &handover, &revoked),
+                revoked = handover.revoked() => core.hand_over(&consumer, &handover, &revoked).await?,
                 batch = kafka::next_batch(&consumer, settings.clock.max_batch) => {
                     core.on_batch(&consumer, &batch).await?
                 }
@@ -274,6 +289,7 @@ impl ClockService {
                 break;
             }
         }
+        core.settle_before_stop().await;
         kafka::commit_stored(&consumer, SERVICE);
         tracing::info!("clock stopped");
         Ok(())
@@ -369,13 +385,17 @@ impl Core {
                 .flat_map(|e| e.on_tick(now))
                 .collect(),
         );
-        let flow = if !plan.tick.is_empty() || self.engines.values().any(Engine::has_dirty) {
+        let flow = if !plan.tick.is_empty()
+            || self.engines.values().any(Engine::has_dirty)
+            || self.writer.has_rewrites()
+        {
             self.writer
                 .make_durable(
                     &mut plan,
                     &mut self.engines,
                     &[] as &[BorrowedMessage<'_>],
                     None,
+                    States::InFlight,
                 )
                 .await?
         } else {
@@ -392,15 +412,19 @@ impl Core {
         Ok(flow)
     }
 
-    /// Every batch's and tick's effects are already durable: commits the offsets that reflect
-    /// them and drops the revoked partitions' engines, so the next owner restores and resumes
-    /// exactly here.
-    fn hand_over(
+    /// Settles the last tick's states (and writes again any the broker did not take), commits
+    /// the offsets that reflect every batch's durable effects and drops the revoked partitions'
+    /// engines, so the next owner restores and resumes exactly here.
+    async fn hand_over(
         &mut self,
         consumer: &ServiceConsumer,
         handover: &kafka::Handover<'_>,
         revoked: &TopicPartitionList,
-    ) -> Flow {
+    ) -> anyhow::Result<Flow> {
+        // Even when told to stop meanwhile, the partitions are handed over: the offsets cover
+        // only batches, whose states are durable, and a state not settled fires its tick's
+        // transitions again at the next owner, under the same ids.
+        let flow = self.settle_states().await?;
         let partitions = kafka::Handover::partitions(revoked, &self.input);
         if !self.writer.transactional {
             kafka::commit_stored(consumer, SERVICE);
@@ -412,7 +436,38 @@ impl Core {
         );
         handover.release(revoked);
         update_gauges(&self.engines, &self.metrics);
-        Flow::Continue
+        Ok(flow)
+    }
+
+    /// Settles the last tick's states and writes again, awaited, those the broker did not take.
+    async fn settle_states(&mut self) -> anyhow::Result<Flow> {
+        self.writer.settle_tick_states().await?;
+        if !self.writer.has_rewrites() {
+            return Ok(Flow::Continue);
+        }
+        self.writer
+            .make_durable(
+                &mut Plan::default(),
+                &mut self.engines,
+                &[] as &[BorrowedMessage<'_>],
+                None,
+                States::Awaited,
+            )
+            .await
+    }
+
+    /// On stop, the last tick's states, for at most [`STOP_SETTLE`]: a state not settled fires
+    /// its tick's transitions again after the restart, under the same ids.
+    async fn settle_before_stop(&mut self) {
+        match tokio::time::timeout(STOP_SETTLE, self.settle_states()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error.message = %e, "the last tick's states could not be settled before the stop: its transitions fire again after the restart");
+            }
+            Err(_) => {
+                tracing::warn!("the last tick's states were not settled in time before the stop: its transitions fire again after the restart");
+            }
+        }
     }
 
     /// Applies a batch, makes its effects durable, then stores its offsets.
@@ -439,6 +494,7 @@ impl Core {
                 &mut self.engines,
                 batch,
                 Some((&offsets, consumer)),
+                States::Awaited,
             )
             .await?;
         if matches!(flow, Flow::Continue) && !self.writer.transactional {
@@ -556,6 +612,12 @@ struct Writer {
     limit: usize,
     /// Per topic, a lower limit learned from the broker refusing a record of that size.
     learned: HashMap<String, usize>,
+    /// The state records of the last tick, sent once its outputs were acknowledged and not yet
+    /// settled, with the referral each is of (see the delivery contract).
+    tick_states: WritePipeline<Vec<ReferralKey>>,
+    /// Referrals whose state the broker did not take: written again, from their current state,
+    /// with the next changes.
+    rewrite: std::collections::BTreeSet<ReferralKey>,
 }
 
 impl Writer {
@@ -570,6 +632,8 @@ impl Writer {
     /// Makes the plan's effects durable: outputs and dead letters, then states (then, in a
     /// transaction, the offsets), refusing the records whose effects the broker will never take
     /// and waiting out a broker that is away. `batch` is the input of a batch (empty for a tick).
+    /// With `mode` [`States::InFlight`] (a tick, outside a transaction) the states are sent
+    /// but not waited for: the next call settles them.
     ///
     /// # Errors
     /// When the producer can no longer write at all, or an output cannot be serialised.
@@ -579,7 +643,12 @@ impl Writer {
         engines: &mut BTreeMap<i32, Engine>,
         batch: &[impl Message],
         offsets: Option<(&OffsetBook, &ServiceConsumer)>,
+        mode: States,
     ) -> anyhow::Result<Flow> {
+        let in_flight = mode == States::InFlight && !self.transactional;
+        if !in_flight {
+            self.settle_tick_states().await?;
+        }
         // Pauses for a broker that was away (in a transaction; outside one, `deliver` waits
         // by itself): the next pause is longer.
         let mut pauses = 0u32;
@@ -589,6 +658,7 @@ impl Writer {
                     plan.changed.insert((*p, referral));
                 }
             }
+            plan.changed.extend(std::mem::take(&mut self.rewrite));
             let states = self.fit_states(plan, engines, batch);
             let outputs = plan.outputs(&self.topics)?;
             if let Some(i) = outputs
@@ -621,6 +691,19 @@ impl Writer {
                 continue;
             }
             // Outputs first: state must never claim effects the broker does not hold.
+            if in_flight {
+                // The previous tick's states went out before these outputs: settled by now.
+                self.settle_tick_states().await?;
+                self.metrics
+                    .state_writes
+                    .inc_by(u64::try_from(states.len()).unwrap_or(u64::MAX));
+                if !states.is_empty() {
+                    let (records, keys) = states.into_iter().unzip();
+                    self.tick_states.submit(records, keys).await;
+                }
+                self.count_emitted(plan);
+                return Ok(Flow::Continue);
+            }
             let state_records: Vec<Output> = states.iter().map(|(o, _)| o.clone()).collect();
             let refusals = match self.write(&state_records, pauses + 1).await {
                 Written::Done(refusals) => refusals,
@@ -651,17 +734,69 @@ impl Writer {
             if self.transactional {
                 self.wait.recovered(pauses + 1);
             }
-            for e in plan.events() {
-                self.metrics
-                    .emitted
-                    .with_label_values(&[transition_label(e.transition())])
-                    .inc();
-            }
+            self.count_emitted(plan);
             self.metrics
                 .state_writes
                 .inc_by(u64::try_from(states.len()).unwrap_or(u64::MAX));
             return Ok(Flow::Continue);
         }
+    }
+
+    fn count_emitted(&self, plan: &Plan) {
+        for e in plan.events() {
+            self.metrics
+                .emitted
+                .with_label_values(&[transition_label(e.transition())])
+                .inc();
+        }
+    }
+
+    /// Whether states the broker did not take wait to be written again.
+    fn has_rewrites(&self) -> bool {
+        !self.rewrite.is_empty()
+    }
+
+    /// Waits for the last tick's states. One the broker did not take is written again, from its
+    /// referral's current state, with the next changes (a tick comes within
+    /// `clock.tick_interval_ms`); one it refuses as too large is fitted under the lowered limit
+    /// the same way (a tick's state has no record to refuse, so it is dead-lettered); one it
+    /// refuses otherwise is dead-lettered now. Either way the changelog keeps the previous state
+    /// meanwhile, as after a crash between steps 1 and 2 of the delivery contract.
+    ///
+    /// # Errors
+    /// When the producer can no longer write at all.
+    async fn settle_tick_states(&mut self) -> anyhow::Result<()> {
+        while !self.tick_states.is_empty() {
+            let written = self.tick_states.next().await;
+            match written.outcome {
+                Ok(refusals) => {
+                    for Refusal { index, error } in refusals {
+                        let output = &written.outputs[index];
+                        if error.is_too_large() {
+                            self.learn(&output.topic, output.size());
+                            self.rewrite.insert(written.release[index].clone());
+                            continue;
+                        }
+                        let letter = self.dead_letters.letter_for_output(output, &error);
+                        match kafka::deliver(&self.producer, &[letter], &self.wait).await {
+                            Ok(refused) if !refused.is_empty() => give_up_letter(&error),
+                            Ok(_) | Err(Interrupted::Shutdown) => {}
+                            Err(Interrupted::Fatal(e)) => return Err(e.into()),
+                        }
+                    }
+                }
+                Err(e) if e.failure == kafka::Failure::Fatal => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(
+                        states = written.release.len(),
+                        error.message = %e,
+                        "the broker did not take a tick's states: writing them again from the referrals' current state"
+                    );
+                    self.rewrite.extend(written.release);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The changelog record of every changed referral. A referral whose state would be over the
@@ -910,6 +1045,15 @@ impl Writer {
     }
 }
 
+/// Whether [`Writer::make_durable`] waits for the states it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum States {
+    /// Acknowledged before it returns (a batch: its offsets follow them).
+    Awaited,
+    /// Sent behind the outputs and settled by the next call (a tick, outside a transaction).
+    InFlight,
+}
+
 /// What became of a write.
 enum Written {
     /// Acknowledged, but for these refusals.
@@ -993,6 +1137,9 @@ fn update_census(
 /// to fail, which stops the service.
 const ABORT_ATTEMPTS: u32 = 10;
 
+/// How long a stop waits for the last tick's states.
+const STOP_SETTLE: Duration = Duration::from_secs(10);
+
 /// How often [`update_census`] runs.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -1031,7 +1178,12 @@ mod tests {
                 changelog: "clock-state".into(),
                 policy: policy.clone(),
             },
-            dead_letters: DeadLetters::new(producer, &settings, SERVICE, consumer_metrics.clone()),
+            dead_letters: DeadLetters::new(
+                producer.clone(),
+                &settings,
+                SERVICE,
+                consumer_metrics.clone(),
+            ),
             wait: BrokerWait::new(
                 SERVICE,
                 readiness.component("clock-outputs"),
@@ -1042,6 +1194,8 @@ mod tests {
             metrics: ClockMetrics::register(&registry).unwrap(),
             limit,
             learned: HashMap::new(),
+            tick_states: WritePipeline::new(producer, 1),
+            rewrite: std::collections::BTreeSet::new(),
         };
         (writer, Engine::new(policy.rules, policy.calendars))
     }
