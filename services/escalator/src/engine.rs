@@ -572,7 +572,6 @@ impl Engine {
         if kind != NotificationKind::Refresh {
             st.done.push(p.delivery_id.clone());
         }
-        let job = job_for(st, &p);
         match outcome {
             Outcome::Delivered { attempts } => {
                 if kind == NotificationKind::Refresh {
@@ -618,7 +617,7 @@ impl Engine {
                 dl.error = error.clone();
                 actions.push(Action::Audit(Box::new(dl)));
                 actions.push(Action::DeadLetter {
-                    job,
+                    job: job_for(st, &p),
                     error: error.clone(),
                 });
                 let fallback = self
@@ -1008,7 +1007,8 @@ fn fill_delivery(r: &mut EscalationRecord, p: &PendingNotification, attempts: u3
 
 /// An audit record of `st` (delivery fields empty).
 pub fn record(st: &EscalationState, action: EscalationAction, now_ms: i64) -> EscalationRecord {
-    let e = st.event.clone().unwrap_or_default();
+    let none = SlaEvent::default();
+    let e = st.event.as_ref().unwrap_or(&none);
     let at = Timestamp::from_millisecond(now_ms).unwrap_or(Timestamp::UNIX_EPOCH);
     let mut r = EscalationRecord {
         escalation_id: st.escalation_id.clone(),
