@@ -1,6 +1,6 @@
-//! Integration tests against a real Kafka-protocol broker process (tansu, started on a free
-//! loopback port by `scripts/test.sh`, address in `SAFECLOCK_TEST_BROKERS`). Each test has its
-//! own topics and consumer groups.
+//! Integration tests against a real Apache Kafka broker process (started on a free loopback port
+//! by `scripts/test.sh`, address in `SAFECLOCK_TEST_BROKERS`). Each test has its own topics and
+//! consumer groups.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use safeclock_tests::scenario::end_to_end;

@@ -174,3 +174,75 @@ async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_
         got.len()
     );
 }
+
+/// Every SLA event id on the output topic, as many times as it was written: read from the start
+/// until nothing new arrives for `quiet`.
+async fn sla_event_writes(settings: &Settings, quiet: Duration) -> Vec<String> {
+    let consumer = reader(
+        &settings.kafka.brokers,
+        &[&settings.topic(Topic::SlaEvents)],
+    );
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(quiet, rdkafka::consumer::StreamConsumer::recv(&consumer)).await
+        {
+            Ok(Ok(m)) => ids.push(decode_sla_event(m.payload().unwrap()).unwrap().sla_event_id),
+            Ok(Err(e)) => eprintln!("reader: {e}"),
+            Err(_) if !ids.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    ids.sort();
+    ids
+}
+
+// A tick's states go out behind its SLA events and are not waited for: the next tick, a
+// hand-over or a stop settles them. They must still reach the changelog: an instance that takes
+// partitions over, or starts after a graceful stop, restores the breaches as fired and fires
+// none of them again. (The breaches here are overdue when their referrals arrive, so each fires
+// on a tick.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn breaches_fired_on_ticks_are_not_fired_again_after_a_hand_over_or_a_stop() {
+    let brokers = real_broker();
+    let t0 = Timestamp::from_second(safeclock_tests::now().as_second()).unwrap();
+    let settings = settings(&brokers);
+    let input = settings.topic(Topic::ReferralEvents);
+    let first = start(&settings).await;
+    phase(&brokers, &input, t0, 0).await;
+    let written = sla_event_writes(&settings, Duration::from_secs(5)).await;
+    assert!(written.len() > REFERRALS_PER_PHASE, "{written:?}");
+    let mut once = written.clone();
+    once.dedup();
+    assert_eq!(once, written, "an SLA event written twice by one instance");
+
+    // A hand-over to a second instance, then a graceful stop of each and a fresh start.
+    let second = start(&settings).await;
+    wait_for("the second instance to take partitions", TIMEOUT, || {
+        partitions(&second) > 0 && partitions(&first) + partitions(&second) == 6
+    })
+    .await;
+    first.stop().await;
+    wait_for(
+        "the second instance to hold every partition",
+        TIMEOUT,
+        || partitions(&second) == 6,
+    )
+    .await;
+    second.stop().await;
+    let third = start(&settings).await;
+    wait_for(
+        "the third instance to hold every partition",
+        TIMEOUT,
+        || partitions(&third) == 6,
+    )
+    .await;
+    // Several ticks of the restored state.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sla_event_writes(&settings, Duration::from_secs(5)).await;
+    third.stop().await;
+    assert_eq!(
+        after, written,
+        "SLA events written again after the hand-overs and the restart"
+    );
+}
