@@ -13,6 +13,7 @@ use safeclock::app::Service;
 use safeclock_common::config::Settings;
 use safeclock_common::event::decode_sla_event;
 use safeclock_common::kafka::Topic;
+use safeclock_common::schema::v1::SlaEvent;
 use safeclock_tests::scenario::{contacted, received};
 use safeclock_tests::{isolated_settings, produce, reader, real_broker, wait_for, InProcess};
 
@@ -77,6 +78,31 @@ async fn phase(brokers: &str, topic: &str, t0: Timestamp, phase: usize) {
     .await;
 }
 
+/// Every SLA event on the output topic, as many times as it was written: read from the start
+/// until `done` holds and then nothing new arrives for `quiet` (or the timeout).
+async fn read_sla_events(
+    settings: &Settings,
+    quiet: Duration,
+    done: impl Fn(&[SlaEvent]) -> bool,
+) -> Vec<SlaEvent> {
+    let consumer = reader(
+        &settings.kafka.brokers,
+        &[&settings.topic(Topic::SlaEvents)],
+    );
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(quiet, rdkafka::consumer::StreamConsumer::recv(&consumer)).await
+        {
+            Ok(Ok(m)) => events.push(decode_sla_event(m.payload().unwrap()).unwrap()),
+            Ok(Err(e)) => eprintln!("reader: {e}"),
+            Err(_) if !events.is_empty() && done(&events) => break,
+            Err(_) => {}
+        }
+    }
+    events
+}
+
 /// (SLA event id, what it is) for every SLA event on the output topic: read until `done` holds
 /// and then nothing new arrives for `quiet`.
 async fn sla_events(
@@ -84,28 +110,27 @@ async fn sla_events(
     quiet: Duration,
     done: impl Fn(&BTreeSet<(String, String)>) -> bool,
 ) -> BTreeSet<(String, String)> {
-    let consumer = reader(
-        &settings.kafka.brokers,
-        &[&settings.topic(Topic::SlaEvents)],
-    );
-    let mut events = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        match tokio::time::timeout(quiet, rdkafka::consumer::StreamConsumer::recv(&consumer)).await
-        {
-            Ok(Ok(m)) => {
-                let e = decode_sla_event(m.payload().unwrap()).unwrap();
+    let by_id = |events: &[SlaEvent]| -> BTreeSet<(String, String)> {
+        events
+            .iter()
+            .map(|e| {
                 let what = format!("{} {} {:?}", e.referral_id, e.rule_id, e.transition());
-                events.insert((e.sla_event_id, what));
-            }
-            Ok(Err(e)) => eprintln!("reader: {e}"),
-            Err(_) if !events.is_empty() && done(&events) => return events,
-            Err(_) => {}
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return events;
-        }
-    }
+                (e.sla_event_id.clone(), what)
+            })
+            .collect()
+    };
+    by_id(&read_sla_events(settings, quiet, |events| done(&by_id(events))).await)
+}
+
+/// Every SLA event id on the output topic, as many times as it was written, sorted.
+async fn sla_event_writes(settings: &Settings, quiet: Duration) -> Vec<String> {
+    let mut ids: Vec<String> = read_sla_events(settings, quiet, |_| true)
+        .await
+        .into_iter()
+        .map(|e| e.sla_event_id)
+        .collect();
+    ids.sort();
+    ids
 }
 
 fn settings(brokers: &str) -> Arc<Settings> {
@@ -173,28 +198,6 @@ async fn scaling_the_clock_from_one_to_three_instances_and_back_yields_the_same_
         expected.len(),
         got.len()
     );
-}
-
-/// Every SLA event id on the output topic, as many times as it was written: read from the start
-/// until nothing new arrives for `quiet`.
-async fn sla_event_writes(settings: &Settings, quiet: Duration) -> Vec<String> {
-    let consumer = reader(
-        &settings.kafka.brokers,
-        &[&settings.topic(Topic::SlaEvents)],
-    );
-    let mut ids = Vec::new();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout(quiet, rdkafka::consumer::StreamConsumer::recv(&consumer)).await
-        {
-            Ok(Ok(m)) => ids.push(decode_sla_event(m.payload().unwrap()).unwrap().sla_event_id),
-            Ok(Err(e)) => eprintln!("reader: {e}"),
-            Err(_) if !ids.is_empty() => break,
-            Err(_) => {}
-        }
-    }
-    ids.sort();
-    ids
 }
 
 // A tick's states go out behind its SLA events and are not waited for: the next tick, a

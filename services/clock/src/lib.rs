@@ -770,19 +770,20 @@ impl Writer {
             let written = self.tick_states.next().await;
             match written.outcome {
                 Ok(refusals) => {
-                    for Refusal { index, error } in refusals {
+                    let (too_large, refused): (Vec<Refusal>, Vec<Refusal>) =
+                        refusals.into_iter().partition(|r| r.error.is_too_large());
+                    for Refusal { index, .. } in too_large {
                         let output = &written.outputs[index];
-                        if error.is_too_large() {
-                            self.learn(&output.topic, output.size());
-                            self.rewrite.insert(written.release[index].clone());
-                            continue;
-                        }
-                        let letter = self.dead_letters.letter_for_output(output, &error);
-                        match kafka::deliver(&self.producer, &[letter], &self.wait).await {
-                            Ok(refused) if !refused.is_empty() => give_up_letter(&error),
-                            Ok(_) | Err(Interrupted::Shutdown) => {}
-                            Err(Interrupted::Fatal(e)) => return Err(e.into()),
-                        }
+                        self.learn(&output.topic, output.size());
+                        self.rewrite.insert(written.release[index].clone());
+                    }
+                    match self
+                        .dead_letters
+                        .dead_letter_refused(&written.outputs, &refused, &self.wait)
+                        .await
+                    {
+                        Ok(_) | Err(Interrupted::Shutdown) => {}
+                        Err(Interrupted::Fatal(e)) => return Err(e.into()),
                     }
                 }
                 Err(e) if e.failure == kafka::Failure::Fatal => return Err(e.into()),
